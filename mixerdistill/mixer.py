@@ -1,0 +1,128 @@
+"""The SequenceMixer interface: what a student layer must provide to replace attention.
+
+Layout conventions used everywhere in mixerdistill:
+  hidden states  (B, T, D)        B batch, T tokens, D model width
+  per-head data  (B, T, H, ·)     H heads
+  mixing matrix  (B, H, T, T)     row i mixes tokens j ≤ i into token i
+
+Every mixer can be written as ``y = M(u) · v``. ``mixing_matrix`` materialises M (stage 1 of MOHAWK,
+``inspect``), ``forward`` is the fast path (chunked / kernel), and ``step`` is constant-memory recurrent
+decoding. ``materialised_forward`` computes the output through M so tests can check all three agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+State = dict[str, torch.Tensor]
+"""A mixer's recurrent state: named tensors whose sizes do not depend on the sequence length
+(except for softmax attention, whose state is its KV cache)."""
+
+RotaryEmbedding = tuple[torch.Tensor, torch.Tensor] | None
+"""The teacher's rotary (cos, sin), each (B, T, rotary_dim), or None for families without RoPE."""
+
+
+class MixerConfig(BaseModel):
+    """Base of every mixer's pydantic ``Config``; the recipe's ``student.mixer`` block is validated by it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """The shape of one teacher attention layer, which a student mixer must fit into."""
+
+    hidden_size: int  # D
+    num_heads: int  # H (query heads)
+    num_kv_heads: int  # key/value heads (GQA when < num_heads)
+    head_dim: int  # per-head width of q, k, v
+    rotary_dim: int  # how many leading dims of each head get RoPE (Phi: partial rotary); 0 = none
+    layer_idx: int
+    attention_bias: bool = False  # q/k/v projections carry biases
+    output_bias: bool = False  # output projection carries a bias
+    softmax_scale: float | None = None  # None means 1/sqrt(head_dim)
+
+    @property
+    def scale(self) -> float:
+        return self.softmax_scale if self.softmax_scale is not None else self.head_dim**-0.5
+
+
+@dataclass
+class AttentionWeights:
+    """A teacher attention layer's projections in (out_features, in_features) layout.
+
+    q: (H·d, D)   k, v: (H_kv·d, D)   o: (D, H·d); biases are None when the family has none.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+
+
+class SequenceMixer(nn.Module):
+    """Base class of every student (and teacher-side) sequence mixer.
+
+    Subclasses set ``Config`` (a ``MixerConfig``) and implement the abstract methods below. Their
+    constructor takes ``(geometry: AttentionGeometry, config: Config)``.
+    """
+
+    Config: ClassVar[type[MixerConfig]] = MixerConfig
+
+    def __init__(self, geometry: AttentionGeometry, config: MixerConfig):
+        super().__init__()
+        self.geometry = geometry
+        self.config = config
+
+    # -- the fast path -------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
+                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+        """(B, T, D) → (B, T, D) output and the state after the last token.
+
+        With ``state`` given, the sequence continues from it (chunked prefill after a prefix).
+        """
+        raise NotImplementedError
+
+    # -- the matrix view -----------------------------------------------------------------------
+    def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
+        """(B, T, D) → M (B, H, T, T), lower-triangular, such that the pre-projection output is M @ v."""
+        raise NotImplementedError
+
+    def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
+        """(B, T, D) → (B, T, D) computed through ``mixing_matrix``; equals ``forward`` up to float error."""
+        raise NotImplementedError
+
+    def matrix_parameters(self) -> list[nn.Parameter]:
+        """Parameters that shape M: the ones stage 1 trains. Default: all of them."""
+        return list(self.parameters())
+
+    # -- recurrent decoding --------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> State:
+        """The state before the first token."""
+        raise NotImplementedError
+
+    def step(self, hidden_state: torch.Tensor, state: State,
+             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+        """One token: (B, D) and state → (B, D) output and the next state. ``rotary`` is (B, rotary_dim) pairs."""
+        raise NotImplementedError
+
+    # -- construction from a teacher -----------------------------------------------------------
+    @classmethod
+    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
+                       config: MixerConfig) -> "SequenceMixer":
+        """A mixer initialised from a teacher attention layer. Default: a fresh mixer (no transfer)."""
+        return cls(geometry, config)
+
+    def extra_repr(self) -> str:
+        fields: dict[str, Any] = self.config.model_dump()
+        return ", ".join(f"{k}={v}" for k, v in fields.items())

@@ -1,0 +1,124 @@
+"""Student construction: a copy of the teacher whose attention modules are swapped for sequence mixers.
+
+The student stays the teacher's transformers class (``forward``, ``generate`` and ``save_pretrained``
+keep working). Each replaced attention module becomes a ``MixerLayer``, which speaks the family's
+attention call convention and keeps the mixer's recurrent state in the generation cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixerdistill.mixer import SequenceMixer
+from mixerdistill.teacher import TeacherAdapter
+
+ATTENTION = "attention"  # what `student.mixers` counts a kept teacher attention layer as
+
+
+class MixerLayer(nn.Module):
+    """Sits where a teacher attention module was; calls ``mixer`` with the teacher's inputs.
+
+    Called as ``forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kw)``
+    and returns ``(output, None)`` like a transformers attention module. With a cache (``generate``),
+    the mixer state lives on the cache's layer object, and a (B, 1, T, 1) placeholder is appended to
+    the cache so its sequence-length bookkeeping stays right for every layer.
+    """
+
+    def __init__(self, mixer: SequenceMixer, layer_idx: int):
+        super().__init__()
+        self.mixer = mixer
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if cache is None:
+            output, _ = self.mixer(hidden_states, rotary=position_embeddings)
+            return output, None
+        seen = cache.get_seq_length(self.layer_idx) if len(cache.layers) > self.layer_idx else 0
+        state = None
+        if seen > 0:
+            state = getattr(cache.layers[self.layer_idx], "mixer_state", None)
+            if state is None:
+                raise RuntimeError(f"layer {self.layer_idx}: cache holds {seen} tokens but no mixer state")
+        output, new_state = self.mixer(hidden_states, state=state, rotary=position_embeddings)
+        batch, length = hidden_states.shape[:2]
+        placeholder = hidden_states.new_zeros(batch, 1, length, 1)
+        cache.update(placeholder, placeholder, self.layer_idx)
+        cache.layers[self.layer_idx].mixer_state = new_state
+        return output, None
+
+
+@dataclass
+class StudentSpec:
+    """How to rebuild a student from its teacher: stored as ``student.json`` beside the weights."""
+
+    mixer: str
+    mixer_config: dict[str, Any]
+    keep_attention: list[int] = field(default_factory=list)
+    adapter: str = ""
+    teacher: dict[str, Any] = field(default_factory=dict)  # the recipe's teacher block
+    teacher_config: dict[str, Any] = field(default_factory=dict)  # transformers config.to_dict()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "StudentSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def build_student(teacher: nn.Module, adapter: TeacherAdapter, mixer_cls: type[SequenceMixer],
+                  mixer_config, keep_attention: list[int], transfer: bool = True) -> nn.Module:
+    """A deep copy of ``teacher`` with every layer not in ``keep_attention`` using ``mixer_cls``.
+
+    With ``transfer`` the mixer is built by ``mixer_cls.from_attention`` from the teacher's q/k/v/o;
+    otherwise it starts from the mixer's own initialisation.
+    """
+    student = copy.deepcopy(teacher)
+    layers = adapter.layers(student)
+    bad = [i for i in keep_attention if not 0 <= i < len(layers)]
+    if bad:
+        from mixerdistill.errors import UserError
+
+        raise UserError(f"keep_attention {bad} out of range: the teacher has {len(layers)} layers")
+    for idx, layer in enumerate(layers):
+        if idx in keep_attention:
+            continue
+        geometry = adapter.geometry(student.config, idx)
+        attention = adapter.attention(layer)
+        if transfer:
+            mixer = mixer_cls.from_attention(adapter.attention_weights(attention), geometry, mixer_config)
+        else:
+            mixer = mixer_cls(geometry, mixer_config)
+        reference = next(attention.parameters())
+        mixer.to(device=reference.device, dtype=reference.dtype)
+        adapter.set_attention(layer, MixerLayer(mixer, idx))
+    return student
+
+
+def mixer_layers(student: nn.Module, adapter: TeacherAdapter) -> dict[int, SequenceMixer]:
+    """{layer index: mixer} for every replaced layer."""
+    found = {}
+    for idx, layer in enumerate(adapter.layers(student)):
+        module = adapter.attention(layer)
+        if isinstance(module, MixerLayer):
+            found[idx] = module.mixer
+    return found
+
+
+def mixer_counts(student: nn.Module, adapter: TeacherAdapter, mixer_name: str) -> dict[str, int]:
+    """How many layers use each mixer, kept attention counted as 'attention'."""
+    counts: Counter = Counter()
+    replaced = mixer_layers(student, adapter)
+    for idx in range(len(adapter.layers(student))):
+        counts[mixer_name if idx in replaced else ATTENTION] += 1
+    return dict(counts)
