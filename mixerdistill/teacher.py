@@ -63,8 +63,17 @@ class TeacherAdapter:
 
     def run_block(self, layer: nn.Module, hidden_states: torch.Tensor, rotary: RotaryEmbedding,
                   position_ids: torch.Tensor) -> torch.Tensor:
-        """One decoder block on (B, T, D) without a cache, causal; returns (B, T, D)."""
-        output = layer(hidden_states, attention_mask=None, position_ids=position_ids,
+        """One decoder block on (B, T, D) without a cache, causal; returns (B, T, D).
+
+        A teacher attention module gets the causal mask its attention implementation needs (eager
+        attention is not causal without one); a student mixer ignores the mask.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        config = getattr(self.attention(layer), "config", None)
+        mask = None if config is None else create_causal_mask(
+            config=config, inputs_embeds=hidden_states, attention_mask=None, cache=None, position_ids=position_ids)
+        output = layer(hidden_states, attention_mask=mask, position_ids=position_ids,
                        position_embeddings=rotary)
         return output[0] if isinstance(output, tuple) else output
 

@@ -1,0 +1,38 @@
+"""The ``mixerdistill`` command line: one module per command group, user errors exit with code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from mixerdistill.console import stderr_console
+from mixerdistill.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Distil a pretrained Transformer into subquadratic sequence mixers (MOHAWK).")
+
+TRACEBACK_VARIABLE = "MIXERDISTILL_TRACEBACK"
+
+
+@app.callback()
+def _options(traceback: bool = typer.Option(False, "--traceback", help="Show full tracebacks of errors.")):
+    if traceback:
+        os.environ[TRACEBACK_VARIABLE] = "1"
+
+
+def _register_commands() -> None:
+    from mixerdistill.cli import plugins, run  # noqa: F401  (each module adds its commands to `app`)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _register_commands()
+    try:
+        app(args=argv, prog_name="mixerdistill", standalone_mode=True)
+    except UserError as error:
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        stderr_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+        sys.exit(2)

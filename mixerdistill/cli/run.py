@@ -1,0 +1,54 @@
+"""``mixerdistill run`` and ``mixerdistill validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mixerdistill.cli import app
+from mixerdistill.console import stderr_console, stdout_console
+
+SET_HELP = "Override a recipe field: dotted.path=value (YAML value; list items by index). Repeatable."
+
+
+@app.command("validate")
+def validate_command(recipes: list[Path] = typer.Argument(..., help="Recipe YAML files."),
+                     overrides: list[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Check recipes against the schema; every problem is reported as a dotted YAML path."""
+    from mixerdistill.errors import RecipeError, UserError
+    from mixerdistill.recipe import load_recipe
+
+    failed = []
+    for path in recipes:
+        try:
+            load_recipe(path, overrides)
+            stdout_console.print(f"[green]ok[/] {path}")
+        except RecipeError as error:
+            failed.append(str(error))
+    if failed:
+        raise UserError("\n".join(failed))
+
+
+@app.command("run")
+def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+                output: Path = typer.Option(None, "--output", "-o", help="Run directory (default: output.dir "
+                                                                         "of the recipe, else runs/<name>)."),
+                overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+                resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT; finished "
+                                                                     "stages are not redone."),
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in OUTPUT."),
+                progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")):
+    """Distil a student as the recipe says: teacher → student → stages → report."""
+    from mixerdistill.errors import UserError
+    from mixerdistill.recipe import load_recipe
+    from mixerdistill.report import render_report
+    from mixerdistill.run import execute
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    recipe = load_recipe(recipe_path, overrides)
+    directory = output or recipe.output.dir or Path("runs") / recipe.name
+    report = execute(recipe, Path(directory), resume=resume, overwrite=overwrite, show_progress=progress)
+    typer.echo(render_report(report))
+    stderr_console.print(f"[bold]wrote[/] {directory}/report.json, report.md, metrics.jsonl and checkpoints")

@@ -1,0 +1,194 @@
+"""Data: sources of documents, tokenisation, and fixed-length token batches.
+
+A ``DataSource`` (a plugin) yields documents for training and, optionally, a held-out split. ``TokenData``
+turns them into one token stream per split (documents joined by EOS), cut into windows of ``seq_len``
+tokens. The training order is a seeded permutation of windows; held-out tokens are never trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mixerdistill.errors import UserError
+
+TOKENIZE_PIECE_CHARS = 20_000  # long documents are tokenised in pieces cut at line breaks
+
+
+class DataSourceConfig(BaseModel):
+    """Base of every data source's pydantic Config."""
+
+    model_config = ConfigDict(extra="forbid")
+    heldout_fraction: float = Field(
+        0.05, gt=0, lt=1,
+        description="Share of the token stream held out for evaluation when the source has no held-out split.")
+
+
+class DataSource:
+    """Documents for training and evaluation. Subclasses set ``Config`` and implement ``documents``."""
+
+    Config: ClassVar[type[DataSourceConfig]] = DataSourceConfig
+    streaming: ClassVar[bool] = False  # True: training documents are read lazily, never all at once
+
+    def __init__(self, config: DataSourceConfig):
+        self.config = config
+
+    def documents(self, split: str) -> Iterable[str] | None:
+        """Documents of ``split`` ('train' or 'heldout'); None for 'heldout' means: split it off the stream."""
+        raise NotImplementedError
+
+
+class PathsConfig(DataSourceConfig):
+    """Mixin for sources reading local files given as glob patterns."""
+
+    paths: list[str] = Field(min_length=1, description="Files or glob patterns (recursive ** allowed).")
+    heldout_paths: list[str] = Field(default_factory=list,
+                                     description="Files held out for evaluation (then heldout_fraction is unused).")
+
+    @field_validator("paths", "heldout_paths")
+    @classmethod
+    def _patterns_match(cls, patterns: list[str]) -> list[str]:
+        missing = [p for p in patterns if not expand_paths([p])]
+        if missing:
+            raise ValueError(f"no file matches {', '.join(repr(p) for p in missing)}")
+        return patterns
+
+
+def expand_paths(patterns: list[str]) -> list[Path]:
+    """Sorted files matching the glob patterns (a plain path matches itself)."""
+    files: list[Path] = []
+    for pattern in patterns:
+        files += sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True)
+                        if Path(p).is_file())
+    return files
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0–255 (id 0, the NUL byte, doubles as end-of-text). For tiny test teachers."""
+
+    eos_token_id = 0
+    vocab_size = 256
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "byte_tokenizer.json").write_text('{"type": "bytes"}\n')
+
+
+def tokenize_documents(tokenizer, documents: Iterable[str]) -> torch.Tensor:
+    """One (N,) int64 stream: each document's tokens followed by EOS."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pieces: list[list[int]] = []
+    for document in documents:
+        for piece in _split_at_lines(document, TOKENIZE_PIECE_CHARS):
+            pieces.append(tokenizer.encode(piece, add_special_tokens=False))
+        pieces.append([eos])
+    if not pieces:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.tensor([t for piece in pieces for t in piece], dtype=torch.long)
+
+
+def _split_at_lines(text: str, size: int) -> Iterator[str]:
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        yield text[start:end]
+        start = end
+
+
+class TokenData:
+    """The train and held-out token streams of one data source.
+
+    Finite sources are tokenised once; a streaming source's training text is tokenised as batches are
+    drawn, with a seeded shuffle buffer of windows.
+    """
+
+    SHUFFLE_WINDOWS = 4096
+
+    def __init__(self, source: DataSource, tokenizer):
+        self.source = source
+        self.tokenizer = tokenizer
+        heldout_documents = source.documents("heldout")
+        self.train: torch.Tensor | None = None
+        if source.streaming:
+            if heldout_documents is None:
+                raise UserError("a streaming data source needs its own held-out split")
+            self.heldout = tokenize_documents(tokenizer, heldout_documents)
+            return
+        train = tokenize_documents(tokenizer, source.documents("train"))
+        if heldout_documents is None:
+            cut = int(len(train) * (1 - source.config.heldout_fraction))
+            train, heldout = train[:cut], train[cut:]
+        else:
+            heldout = tokenize_documents(tokenizer, heldout_documents)
+        if len(train) == 0:
+            raise UserError("the data source gave no training text")
+        self.train = train
+        self.heldout = heldout
+
+    def train_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int = 0
+                      ) -> Iterator[torch.Tensor]:
+        """Endless (batch_size, seq_len) batches of training windows in a seeded order.
+
+        Each pass over finite data is a fresh permutation of the windows (seed + pass number);
+        ``start_batch`` skips that many batches (resuming).
+        """
+        if self.train is None:
+            yield from self._streamed_batches(batch_size, seq_len, seed, start_batch)
+            return
+        windows = len(self.train) // seq_len
+        if windows < batch_size:
+            raise UserError(f"the training text has {len(self.train)} tokens: too few for a batch of "
+                            f"{batch_size} × {seq_len}; lower batch_size or seq_len, or add text")
+        per_pass = windows // batch_size
+        index = start_batch
+        while True:
+            epoch, position = divmod(index, per_pass)
+            order = torch.randperm(windows, generator=torch.Generator().manual_seed(seed + epoch))
+            chosen = order[position * batch_size:(position + 1) * batch_size]
+            starts = chosen * seq_len
+            yield torch.stack([self.train[s:s + seq_len] for s in starts.tolist()])
+            index += 1
+
+    def _streamed_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int
+                          ) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        buffer: list[torch.Tensor] = []
+        pending = torch.zeros(0, dtype=torch.long)
+        produced = 0
+        while True:
+            for document in self.source.documents("train"):
+                pending = torch.cat([pending, tokenize_documents(self.tokenizer, [document])])
+                while len(pending) >= seq_len:
+                    buffer.append(pending[:seq_len])
+                    pending = pending[seq_len:]
+                while len(buffer) >= self.SHUFFLE_WINDOWS:
+                    picks = torch.randperm(len(buffer), generator=generator)[:batch_size].tolist()
+                    batch = torch.stack([buffer[i] for i in picks])
+                    for i in sorted(picks, reverse=True):
+                        buffer.pop(i)
+                    if produced >= start_batch:
+                        yield batch
+                    produced += 1
+
+    def heldout_windows(self, seq_len: int, max_tokens: int) -> torch.Tensor:
+        """(N, seq_len) consecutive held-out windows covering at most ``max_tokens`` tokens."""
+        count = min(len(self.heldout), max_tokens) // seq_len
+        if count == 0:
+            raise UserError(f"the held-out text has {len(self.heldout)} tokens: too few for one window of "
+                            f"{seq_len} (eval.seq_len)")
+        return self.heldout[:count * seq_len].view(count, seq_len)

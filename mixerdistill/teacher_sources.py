@@ -1,0 +1,53 @@
+"""Loading a teacher (model + tokenizer) from any recipe source: config, hub, local folder, GGUF package."""
+
+from __future__ import annotations
+
+import torch
+
+from mixerdistill.data import ByteTokenizer
+from mixerdistill.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_from_dict(model_type: str, values: dict):
+    """A transformers config of ``model_type`` built from keyword arguments."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError as error:
+        raise UserError(f"teacher.model_type: {error}") from None
+
+
+def load_teacher(spec):
+    """(model in eval mode with gradients off, tokenizer) for a recipe ``teacher`` block."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[spec.dtype]
+    if spec.source == "config":
+        config = config_from_dict(spec.model_type, {"attn_implementation": "eager", **spec.config})
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = ByteTokenizer()
+        if config.vocab_size < tokenizer.vocab_size:
+            raise UserError(f"teacher.config.vocab_size is {config.vocab_size}; the byte tokenizer needs ≥ 256")
+    elif spec.source in ("hub", "local"):
+        where = spec.name if spec.source == "hub" else str(spec.path)
+        if spec.source == "local" and not spec.path.is_dir():
+            raise UserError(f"teacher.path: no such folder: {spec.path}")
+        options = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code} \
+            if spec.source == "hub" else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **options)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **options)
+        except OSError as error:
+            raise UserError(f"teacher: cannot load '{where}': {error}") from None
+    elif spec.source == "gguf_package":
+        from mixerdistill.gguf_teacher import load_gguf_package_teacher
+
+        model, tokenizer = load_gguf_package_teacher(spec.package, spec.file, dtype=dtype)
+    else:  # the schema admits no other source
+        raise AssertionError(spec.source)
+    model.eval().requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,93 @@
+"""Built-in data sources: local text files, local JSON-lines files, and Hugging Face datasets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from pydantic import Field
+
+from mixerdistill.data import DataSource, DataSourceConfig, PathsConfig, expand_paths
+from mixerdistill.errors import UserError
+from mixerdistill.hookspecs import hookimpl
+
+
+class TextFiles(DataSource):
+    """Plain UTF-8 text files, one document per file."""
+
+    class Config(PathsConfig):
+        pass
+
+    def documents(self, split: str):
+        if split == "heldout" and not self.config.heldout_paths:
+            return None
+        patterns = self.config.paths if split == "train" else self.config.heldout_paths
+        held = {p.resolve() for p in expand_paths(self.config.heldout_paths)}
+        files = [p for p in expand_paths(patterns) if split == "heldout" or p.resolve() not in held]
+        return (path.read_text(encoding="utf-8", errors="replace") for path in files)
+
+
+class JsonLines(DataSource):
+    """JSON-lines files, one document per line, its text under ``text_field``."""
+
+    class Config(PathsConfig):
+        text_field: str = Field("text", description="Key of the text in each JSON object.")
+
+    def documents(self, split: str):
+        if split == "heldout" and not self.config.heldout_paths:
+            return None
+        patterns = self.config.paths if split == "train" else self.config.heldout_paths
+        return self._read(expand_paths(patterns))
+
+    def _read(self, files) -> Iterator[str]:
+        for path in files:
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)[self.config.text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        raise UserError(f"{path}:{number}: not a JSON object with a "
+                                        f"'{self.config.text_field}' string ({error})") from None
+
+
+class HubDataset(DataSource):
+    """A Hugging Face dataset, streamed (needs network access and `pip install datasets`)."""
+
+    streaming = True
+
+    class Config(DataSourceConfig):
+        path: str = Field(description="Dataset id, e.g. 'allenai/c4'.")
+        name: str | None = Field(None, description="Dataset configuration, e.g. 'en'.")
+        split: str = Field("train", description="Split used for training.")
+        heldout_split: str | None = Field("validation", description="Split used for evaluation; null: "
+                                                                    "hold out the first heldout_documents of `split`.")
+        heldout_documents: int = Field(2000, ge=1, description="How many documents the held-out split keeps.")
+        train_documents: int | None = Field(None, ge=1, description="Cap on training documents (streamed).")
+        text_field: str = Field("text", description="Column holding the text.")
+
+    def _stream(self, split: str):
+        try:
+            import datasets
+        except ImportError:
+            raise UserError("data.source 'hf' needs the `datasets` package: pip install 'mixerdistill[hub]'") from None
+        return datasets.load_dataset(self.config.path, self.config.name, split=split, streaming=True)
+
+    def documents(self, split: str):
+        config = self.config
+        if split == "heldout":
+            stream = self._stream(config.heldout_split or config.split)
+            return (row[config.text_field] for _, row in zip(range(config.heldout_documents), stream))
+        stream = self._stream(config.split)
+        skip = 0 if config.heldout_split else config.heldout_documents
+        limit = None if config.train_documents is None else skip + config.train_documents
+        return (row[config.text_field] for i, row in enumerate(stream)
+                if i >= skip and (limit is None or i < limit))
+
+
+@hookimpl
+def register_datasets(register):
+    register("text", TextFiles)
+    register("jsonl", JsonLines)
+    register("hf", HubDataset)

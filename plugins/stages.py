@@ -1,0 +1,159 @@
+"""The three MOHAWK stages.
+
+1. matrix_orientation      ‖A_teacher − M_student‖_F per (batch, head), every replaced layer at once
+2. hidden_state_alignment  ‖student block(x) − teacher block(x)‖₂ per token, every replaced layer at once
+3. knowledge_distillation  KL(teacher softmax ‖ student softmax) on the logits, end to end
+
+Stages 1 and 2 are layer-local: one teacher forward gives every layer's input and target, the layer
+losses are summed and one backward trains all layers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from mixerdistill.hookspecs import hookimpl
+from mixerdistill.plugins import get_mixer
+from mixerdistill.stages import OptimizerConfig, Stage, StageConfig
+from mixerdistill.teacher import trace_teacher
+
+
+def _positions(input_ids: torch.Tensor) -> torch.Tensor:
+    batch, length = input_ids.shape
+    return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
+
+
+class MatrixOrientation(Stage):
+    """Stage 1: match each teacher attention matrix with the student mixer's materialised matrix."""
+
+    class Config(StageConfig):
+        optimizer: OptimizerConfig = Field(
+            default_factory=lambda: OptimizerConfig(lr=2e-4, weight_decay=0.0),
+            description="AdamW settings. Weight decay defaults to 0 here: projection rows that do not shape "
+                        "the matrix get no gradient in this stage and would only be decayed.")
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        attention_cls = get_mixer("attention")
+        adapter, teacher = context.adapter, context.teacher
+        for idx in context.mixers:
+            if idx not in context.teacher_attention:
+                attention = adapter.attention(adapter.layers(teacher)[idx])
+                mixer = attention_cls.from_attention(adapter.attention_weights(attention),
+                                                     adapter.geometry(teacher.config, idx),
+                                                     attention_cls.Config())
+                reference = next(attention.parameters())
+                context.teacher_attention[idx] = mixer.to(reference.device, reference.dtype).requires_grad_(False)
+
+    def trainable_parameters(self):
+        return [p for mixer in self.context.mixers.values() for p in mixer.matrix_parameters()]
+
+    def loss(self, input_ids):
+        context = self.context
+        trace = trace_teacher(context.teacher, context.adapter, input_ids, record={"mixer_inputs"},
+                              layers=set(context.mixers))
+        total = 0.0
+        metrics = {}
+        for idx, mixer in context.mixers.items():
+            hidden = trace.mixer_inputs[idx]  # (B, T, D), already normalised
+            with torch.no_grad():
+                target = context.teacher_attention[idx].mixing_matrix(hidden, trace.rotary)  # (B, H, T, T)
+            matrix = mixer.mixing_matrix(hidden, trace.rotary)  # (B, H, T, T)
+            distance = torch.linalg.matrix_norm(matrix - target, ord="fro").mean()
+            metrics[f"layer_{idx}"] = distance.item()
+            total = total + distance
+        return total, metrics
+
+
+class HiddenStateAlignment(Stage):
+    """Stage 2: match each student block's output to the teacher's, given the teacher's block input."""
+
+    class Config(StageConfig):
+        target: Literal["block", "mixer"] = Field(
+            "block", description="'block': whole decoder block output; 'mixer': the mixer's output only.")
+        trainable: list[Literal["mixer", "mlp", "norms"]] = Field(
+            default_factory=lambda: ["mixer"],
+            description="Parameter groups of the replaced blocks that learn (MOHAWK: the mixer only).")
+
+    def trainable_parameters(self):
+        context = self.context
+        layers = context.adapter.layers(context.student)
+        parameters = []
+        for idx, mixer in context.mixers.items():
+            if "mixer" in self.config.trainable:
+                parameters += list(mixer.parameters())
+            if "mlp" in self.config.trainable:
+                parameters += list(context.adapter.mlp(layers[idx]).parameters())
+            if "norms" in self.config.trainable:
+                parameters += [p for norm in context.adapter.norms(layers[idx]) for p in norm.parameters()]
+        return parameters
+
+    def loss(self, input_ids):
+        context = self.context
+        record = {"block_inputs", "block_outputs"} if self.config.target == "block" else {
+            "mixer_inputs", "mixer_outputs"}
+        trace = trace_teacher(context.teacher, context.adapter, input_ids, record=record,
+                              layers=set(context.mixers))
+        layers = context.adapter.layers(context.student)
+        positions = _positions(input_ids)
+        total = 0.0
+        metrics = {}
+        for idx, mixer in context.mixers.items():
+            if self.config.target == "block":
+                output = context.adapter.run_block(layers[idx], trace.block_inputs[idx], trace.rotary, positions)
+                target = trace.block_outputs[idx]
+            else:
+                output, _ = mixer(trace.mixer_inputs[idx], rotary=trace.rotary)
+                target = trace.mixer_outputs[idx]
+            distance = (output - target).norm(dim=-1).mean()  # per-token L2, averaged over (B, T)
+            metrics[f"layer_{idx}"] = distance.item()
+            total = total + distance
+        return total, metrics
+
+
+class KnowledgeDistillation(Stage):
+    """Stage 3: end-to-end distillation from the teacher's logits."""
+
+    class Config(StageConfig):
+        temperature: float = Field(1.0, gt=0, description="Softmax temperature of teacher and student.")
+        kd_weight: float = Field(1.0, ge=0, description="Weight of the distillation (KL) term.")
+        ce_weight: float = Field(0.0, ge=0, description="Weight of the next-token cross-entropy on the text.")
+        freeze_mlp: bool = Field(False, description="Keep every MLP frozen at the teacher's weights.")
+
+    def trainable_parameters(self):
+        context = self.context
+        frozen = set()
+        if self.config.freeze_mlp:
+            frozen = {id(p) for layer in context.adapter.layers(context.student)
+                      for p in context.adapter.mlp(layer).parameters()}
+        return [p for p in context.student.parameters() if id(p) not in frozen]
+
+    def loss(self, input_ids):
+        context = self.context
+        temperature = self.config.temperature
+        with torch.no_grad():
+            teacher_logits = context.teacher(input_ids=input_ids, use_cache=False).logits
+        student_logits = context.student(input_ids=input_ids, use_cache=False).logits
+        vocab = student_logits.shape[-1]
+        student_log_probs = F.log_softmax(student_logits.float().view(-1, vocab) / temperature, dim=-1)
+        teacher_log_probs = F.log_softmax(teacher_logits.float().view(-1, vocab) / temperature, dim=-1)
+        kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
+        kl = kl * temperature**2
+        metrics = {"kl": kl.item()}
+        total = self.config.kd_weight * kl
+        if self.config.ce_weight > 0:
+            ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
+            metrics["ce"] = ce.item()
+            total = total + self.config.ce_weight * ce
+        return total, metrics
+
+
+@hookimpl
+def register_stages(register):
+    register("matrix_orientation", MatrixOrientation)
+    register("hidden_state_alignment", HiddenStateAlignment)
+    register("knowledge_distillation", KnowledgeDistillation)

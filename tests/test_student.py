@@ -1,0 +1,94 @@
+"""Student surgery: attention swapped for AttentionMixer with weight transfer must reproduce the teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.phi.modeling_phi import PhiAttention
+
+from mixerdistill.student import MixerLayer, build_student, mixer_counts, mixer_layers
+from mixerdistill_plugins.attention import AttentionMixer
+from mixerdistill_plugins.llama import LlamaAdapter
+from mixerdistill_plugins.phi import PhiAdapter
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+             num_attention_heads=4, attn_implementation="eager", bos_token_id=1, eos_token_id=2)
+
+# family → (teacher builder, adapter, attention class, teacher name of the output projection)
+FAMILIES = {
+    "llama": (lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SMALL)),
+              LlamaAdapter(), LlamaAttention, "o_proj"),
+    "phi": (lambda: PhiForCausalLM(PhiConfig(partial_rotary_factor=0.5, **SMALL)),
+            PhiAdapter(), PhiAttention, "dense"),
+}
+KEEP = [1]
+REPLACED = [0, 2]
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def setup(request):
+    torch.manual_seed(0)
+    build, adapter, attention_cls, output_name = FAMILIES[request.param]
+    teacher = build().eval()
+    before = {name: p.clone() for name, p in teacher.state_dict().items()}
+    student = build_student(teacher, adapter, AttentionMixer, AttentionMixer.Config(), keep_attention=KEEP).eval()
+    return teacher, student, adapter, attention_cls, output_name, before
+
+
+def test_surgery(setup):
+    teacher, student, adapter, attention_cls, output_name, before = setup
+    assert sorted(mixer_layers(student, adapter)) == REPLACED
+    assert mixer_counts(student, adapter, "attention_mixer") == {"attention_mixer": 2, "attention": 1}
+    teacher_params = dict(teacher.named_parameters())
+    student_params = dict(student.named_parameters())
+    for idx in REPLACED:
+        module = adapter.attention(adapter.layers(student)[idx])
+        assert isinstance(module, MixerLayer) and isinstance(module.mixer, AttentionMixer)
+        for mine, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
+                             ("o_proj", output_name)):
+            for kind in ("weight", "bias"):
+                name = f"model.layers.{idx}.self_attn.mixer.{mine}.{kind}"
+                source = f"model.layers.{idx}.self_attn.{theirs}.{kind}"
+                assert (name in student_params) == (source in teacher_params)
+                if name in student_params:
+                    assert torch.equal(student_params[name], teacher_params[source])
+        assert not any(name.startswith(f"model.layers.{idx}.self_attn.{output_name}") for name in student_params)
+    for idx in KEEP:
+        kept = adapter.attention(adapter.layers(student)[idx])
+        assert type(kept) is attention_cls
+        prefix = f"model.layers.{idx}."
+        for name, param in student_params.items():
+            if name.startswith(prefix):
+                assert torch.equal(param, teacher_params[name])
+                assert param.data_ptr() != teacher_params[name].data_ptr()  # a copy, not shared
+    # everything that is not a replaced attention layer is copied unchanged
+    replaced = tuple(f"model.layers.{idx}.self_attn." for idx in REPLACED)
+    assert {n for n in student_params if not n.startswith(replaced)} == \
+           {n for n in teacher_params if not n.startswith(replaced)}
+    # the teacher is untouched
+    assert all(type(adapter.attention(layer)) is attention_cls for layer in adapter.layers(teacher))
+    after = teacher.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_student_reproduces_teacher(setup):
+    teacher, student, *_ = setup
+    input_ids = torch.randint(3, 256, (2, 10))
+    with torch.no_grad():
+        expected, actual = teacher(input_ids).logits, student(input_ids).logits
+    assert ((actual - expected).norm() / expected.norm()).item() <= 1e-5
+
+
+def test_generate_with_and_without_cache(setup):
+    teacher, student, *_ = setup
+    input_ids = torch.randint(3, 256, (2, 6))
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = teacher.generate(input_ids, **settings)
+    cached = student.generate(input_ids, use_cache=True, **settings)
+    uncached = student.generate(input_ids, use_cache=False, **settings)
+    assert expected.shape == (2, 14)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, expected)
