@@ -32,7 +32,7 @@ NOVELS = {
     "persuasion": "Persuasion",
 }
 _DATA_DIR = Path("usr/lib/R/site-library/janeaustenr/data")
-_FALLBACK = ("Without it, point the recipe's data at local text files instead: "
+_FALLBACK = ("Alternatively, point the recipe's data at local text files: "
              "`data: {source: text, paths: [...]}`.")
 
 
@@ -47,6 +47,7 @@ def austen_novels() -> dict[str, str]:
 
 
 def _cached_entry() -> Path | None:
+    """The cached corpus, if any (the last by name if several package versions were cached)."""
     entries = sorted(cache_dir("corpora").glob("janeaustenr-*"))
     return entries[-1] if entries else None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mixerdistill.errors import UserError
 
@@ -52,11 +52,21 @@ class PathsConfig(DataSourceConfig):
 
     @field_validator("paths", "heldout_paths")
     @classmethod
-    def _patterns_match(cls, patterns: list[str]) -> list[str]:
+    def _patterns_match(cls, patterns: list[str], info: ValidationInfo) -> list[str]:
+        patterns = [resolve_input_path(p, info) for p in patterns]
         missing = [p for p in patterns if not expand_paths([p])]
         if missing:
             raise ValueError(f"no file matches {', '.join(repr(p) for p in missing)}")
         return patterns
+
+
+def resolve_input_path(path: str, info: ValidationInfo) -> str:
+    """A recipe's relative input path, made absolute against the recipe file's folder."""
+    base = (info.context or {}).get("base_dir")
+    expanded = Path(path).expanduser()
+    if base is None or expanded.is_absolute():
+        return str(expanded)
+    return str(Path(base) / expanded)
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:

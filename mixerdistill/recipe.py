@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
+from mixerdistill.data import resolve_input_path
 from mixerdistill.errors import RecipeError
 from mixerdistill.plugins import registry, suggest
 
@@ -54,7 +55,15 @@ class LocalTeacher(TeacherCommon):
     """A model saved with save_pretrained in a local folder."""
 
     source: Literal["local"]
-    path: Path = Field(description="Folder holding config.json, weights and tokenizer.")
+    path: Path = Field(description="Folder holding config.json, weights and tokenizer (relative to the recipe).")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_recipe(cls, path: Path, info: ValidationInfo) -> Path:
+        path = Path(resolve_input_path(str(path), info))
+        if not path.is_dir():
+            raise ValueError(f"no such folder: {path}")
+        return path
 
 
 class GgufPackageTeacher(TeacherCommon):
@@ -161,20 +170,22 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if data is None:
         data = {}
     apply_overrides(data, overrides, source=str(path))
-    return validate_recipe(data, source=str(path))
+    return validate_recipe(data, source=str(path), base_dir=path.resolve().parent)
 
 
-def validate_recipe(data: Any, source: str | None = None) -> Recipe:
+def validate_recipe(data: Any, source: str | None = None, base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping; relative input paths are taken relative to ``base_dir`` (the recipe's folder)."""
     if not isinstance(data, dict):
         raise RecipeError([("", f"a recipe must be a mapping of fields, got {type(data).__name__}")], source)
+    context = {"base_dir": base_dir}
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context=context)
     except ValidationError as error:
         problems = [_describe(Recipe, e) for e in error.errors()]
         # Plugin blocks that did validate can still be checked, so every problem is reported at once.
-        problems += _plugin_problems_from_raw(data)
+        problems += _plugin_problems_from_raw(data, context)
         raise RecipeError(_unique(problems), source)
-    problems = _validate_plugin_blocks(recipe)
+    problems = _validate_plugin_blocks(recipe, context)
     if problems:
         raise RecipeError(problems, source)
     return recipe
@@ -187,14 +198,14 @@ def _plugin_blocks(recipe: Recipe):
         yield f"stages.{i}", stage
 
 
-def _validate_plugin_blocks(recipe: Recipe) -> list[tuple[str, str]]:
+def _validate_plugin_blocks(recipe: Recipe, context: dict) -> list[tuple[str, str]]:
     problems = []
     for path, block in _plugin_blocks(recipe):
-        problems += _validate_block(path, block)
+        problems += _validate_block(path, block, context)
     return problems
 
 
-def _plugin_problems_from_raw(data: dict) -> list[tuple[str, str]]:
+def _plugin_problems_from_raw(data: dict, context: dict) -> list[tuple[str, str]]:
     """Check the plugin blocks of a recipe that failed the core schema, where they are well formed."""
     problems = []
     candidates = [("student.mixer", MixerBlock, (data.get("student") or {}).get("mixer")
@@ -208,11 +219,11 @@ def _plugin_problems_from_raw(data: dict) -> list[tuple[str, str]]:
             block = block_cls.model_validate(raw)
         except ValidationError:
             continue
-        problems += _validate_block(path, block)
+        problems += _validate_block(path, block, context)
     return problems
 
 
-def _validate_block(path: str, block: PluginBlock) -> list[tuple[str, str]]:
+def _validate_block(path: str, block: PluginBlock, context: dict) -> list[tuple[str, str]]:
     kind, key = PLUGIN_BLOCKS[type(block)]
     plugins = registry(kind)
     name = getattr(block, key)
@@ -221,7 +232,7 @@ def _validate_block(path: str, block: PluginBlock) -> list[tuple[str, str]]:
                                   f"available: {', '.join(plugins.names())}")]
     config_cls = plugins.get(name).Config
     try:
-        block._config = config_cls.model_validate(block.model_extra or {})
+        block._config = config_cls.model_validate(block.model_extra or {}, context=context)
     except ValidationError as error:
         return [_describe(config_cls, e, prefix=path) for e in error.errors()]
     return []
@@ -240,11 +251,16 @@ def _describe(model: type[BaseModel], error: dict, prefix: str = "") -> tuple[st
             message += f"; allowed: {', '.join(fields)}"
     elif error["type"] == "missing":
         message = "required field is missing"
-    elif error["type"] == "union_tag_invalid":
-        tag = error.get("ctx", {}).get("tag", "")
-        expected = error.get("ctx", {}).get("expected_tags", "")
-        options = [t.strip(" '") for t in str(expected).split(",")]
-        message = f"unknown source '{tag}'{suggest(str(tag), options)}; expected one of {expected}"
+    elif error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        context = error.get("ctx", {})
+        discriminator = str(context.get("discriminator", "source")).strip("'")
+        path = f"{path}.{discriminator}"
+        if error["type"] == "union_tag_not_found":
+            message = "required field is missing"
+        else:
+            tag, expected = context.get("tag", ""), context.get("expected_tags", "")
+            options = [t.strip(" '") for t in str(expected).split(",")]
+            message = f"unknown {discriminator} '{tag}'{suggest(str(tag), options)}; expected one of {expected}"
     elif "input" in error and error["type"] not in ("missing",):
         message = f"{message} (got {error['input']!r})"
     return path, message

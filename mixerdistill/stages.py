@@ -66,9 +66,14 @@ class ScheduleConfig(BaseModel):
 
 
 class StageConfig(BaseModel):
-    """Fields every stage has; a stage's own Config subclasses this."""
+    """Fields every stage has; a stage's own Config subclasses this.
+
+    ``optimizer_defaults`` lets a stage change AdamW defaults; they apply whether or not the recipe
+    gives an ``optimizer`` block, unless the recipe sets the field itself.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    optimizer_defaults: ClassVar[dict] = {}
     tokens: int = Field(gt=0, description="Training tokens for this stage (steps = tokens / (batch_size·seq_len)).")
     batch_size: int = Field(4, ge=1, description="Sequences per step.")
     seq_len: int = Field(256, ge=2, description="Tokens per sequence.")
@@ -76,6 +81,15 @@ class StageConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null: no clipping.")
     seed: int | None = Field(None, description="Data-order seed; default: recipe seed + stage index.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_optimizer_defaults(cls, data):
+        if cls.optimizer_defaults and isinstance(data, dict):
+            given = data.get("optimizer", {})
+            if isinstance(given, dict):
+                data = {**data, "optimizer": {**cls.optimizer_defaults, **given}}
+        return data
 
     def steps(self) -> int:
         return max(1, -(-self.tokens // (self.batch_size * self.seq_len)))

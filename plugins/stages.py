@@ -10,7 +10,7 @@ losses are summed and one backward trains all layers.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from pydantic import Field
 
 from mixerdistill.hookspecs import hookimpl
 from mixerdistill.plugins import get_mixer
-from mixerdistill.stages import OptimizerConfig, Stage, StageConfig
+from mixerdistill.stages import Stage, StageConfig
 from mixerdistill.teacher import trace_teacher
 
 
@@ -31,10 +31,9 @@ class MatrixOrientation(Stage):
     """Stage 1: match each teacher attention matrix with the student mixer's materialised matrix."""
 
     class Config(StageConfig):
-        optimizer: OptimizerConfig = Field(
-            default_factory=lambda: OptimizerConfig(lr=2e-4, weight_decay=0.0),
-            description="AdamW settings. Weight decay defaults to 0 here: projection rows that do not shape "
-                        "the matrix get no gradient in this stage and would only be decayed.")
+        # Weight decay defaults to 0 here: projection rows that do not shape the matrix get no
+        # gradient in this stage and would only be decayed. lr 2e-4 is the published stage-1 rate.
+        optimizer_defaults: ClassVar[dict] = {"lr": 2e-4, "weight_decay": 0.0}
 
     def __init__(self, config, context):
         super().__init__(config, context)

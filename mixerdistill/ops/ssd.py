@@ -54,8 +54,8 @@ def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.
     pad = n_chunks * chunk_size - length
 
     def chunks(t: torch.Tensor) -> torch.Tensor:  # (B, T, H, ·) → (B, H, c, Q, ·)
-        t = F.pad(t, (0, 0, 0, 0, 0, pad))
-        return t.view(batch, n_chunks, chunk_size, heads, -1).permute(0, 3, 1, 2, 4)
+        t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+        return t.reshape(batch, n_chunks, chunk_size, heads, -1).permute(0, 3, 1, 2, 4).contiguous()
 
     x_c, B_c, C_c = chunks(x), chunks(B), chunks(C)  # (B, H, c, Q, P|N)
     log_a_c = chunks(log_a.unsqueeze(-1)).squeeze(-1)  # (B, H, c, Q)
@@ -70,8 +70,8 @@ def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.
     to_end = torch.exp(cum[..., -1:] - cum).to(x.dtype)  # (B, H, c, Q)
     chunk_states = (B_c * to_end[..., None]).transpose(-1, -2) @ x_c  # (B, H, c, N, P)
 
-    # 3. Between chunks: the state entering chunk z is Σ_{c ≤ z} (decay from the end of chunk c) · state_c,
-    #    with the initial state as chunk "−1"; one matmul with the segsum matrix over chunks.
+    # 3. Between chunks: the state entering chunk z is Σ_{w < z} (decay from the end of chunk w to the start
+    #    of chunk z) · state_w, the initial state counting as chunk −1; one matmul with a segsum over chunks.
     if initial_state is None:
         initial_state = x.new_zeros(batch, heads, B.shape[-1], x.shape[-1])
     chunk_states = torch.cat([initial_state.unsqueeze(2).to(x.dtype), chunk_states], dim=2)  # (B, H, c+1, N, P)
