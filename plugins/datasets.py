@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mixerdistill.data import DataSource, DataSourceConfig, PathsConfig, expand_paths
 from mixerdistill.errors import UserError
 from mixerdistill.hookspecs import hookimpl
+from mixerdistill.plugins import suggest
 
 
 class TextFiles(DataSource):
@@ -86,8 +87,38 @@ class HubDataset(DataSource):
                 if i >= skip and (limit is None or i < limit))
 
 
+class AustenNovels(DataSource):
+    """Jane Austen's six novels (fetched once from Debian's r-cran-janeaustenr); one novel held out."""
+
+    class Config(DataSourceConfig):
+        heldout: str = Field("Persuasion", description="Novel used only for evaluation, never for training.")
+        train: list[str] | None = Field(None, description="Novels to train on; default: all but the held-out one.")
+
+        @model_validator(mode="after")
+        def _known_titles(self):
+            from mixerdistill.austen import NOVELS
+
+            titles = list(NOVELS.values())
+            for title in [self.heldout, *(self.train or [])]:
+                if title not in titles:
+                    raise ValueError(f"unknown novel '{title}'{suggest(title, titles)}; novels: {', '.join(titles)}")
+            if self.heldout in (self.train or []):
+                raise ValueError(f"'{self.heldout}' is held out and cannot also be trained on")
+            return self
+
+    def documents(self, split: str):
+        from mixerdistill.austen import austen_novels
+
+        novels = austen_novels()
+        if split == "heldout":
+            return [novels[self.config.heldout]]
+        titles = self.config.train or [t for t in novels if t != self.config.heldout]
+        return [novels[t] for t in titles]
+
+
 @hookimpl
 def register_datasets(register):
     register("text", TextFiles)
     register("jsonl", JsonLines)
     register("hf", HubDataset)
+    register("austen", AustenNovels)
