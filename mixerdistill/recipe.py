@@ -138,8 +138,8 @@ class Recipe(Strict):
     student: StudentSpec
     data: DataBlock
     stages: list[StageBlock] = Field(default_factory=list, description="Stages, run in order.")
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation after the stages.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where and what the run writes.")
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in, plugin blocks included (what `recipe.yaml` records)."""

@@ -77,8 +77,8 @@ class StageConfig(BaseModel):
     tokens: int = Field(gt=0, description="Training tokens for this stage (steps = tokens / (batch_size·seq_len)).")
     batch_size: int = Field(4, ge=1, description="Sequences per step.")
     seq_len: int = Field(256, ge=2, description="Tokens per sequence.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW settings.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null: no clipping.")
     seed: int | None = Field(None, description="Data-order seed; default: recipe seed + stage index.")
 
