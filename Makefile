@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/mixerdistill run recipes/tiny.yaml --output runs/demo --overwrite
+	$(BIN)/mixerdistill run recipes/smollm2_mamba.yaml --output runs/demo --overwrite
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup

@@ -119,6 +119,8 @@ class EvalSpec(Strict):
     seq_len: int = Field(256, ge=2, description="Sequence length of perplexity windows.")
     batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
     after_each_stage: bool = Field(True, description="Also measure perplexity after transfer and each stage.")
+    every_tokens: int | None = Field(None, ge=1, description="Also measure it every this many training tokens "
+                                                             "(a perplexity-vs-tokens curve); null: never.")
     prompt: str | None = Field("Once upon a time", description="Prompt for a greedy sample in the report; null skips it.")
     max_new_tokens: int = Field(32, ge=1, description="Length of that sample.")
 

@@ -38,6 +38,11 @@ def render_report(report: dict) -> str:
         lines.append(f"| {stage['index']} | {stage['name']} | {_number(stage['steps'])} | {_number(stage['tokens'])} "
                      f"| {_number(stage['seconds'], 1)} | {_number(stage['tokens_per_second'], 0)} "
                      f"| {_number(stage['loss_first'], 4)} | {_number(stage['loss_last'], 4)} |")
+    curve = report.get("curve")
+    if curve:
+        lines += ["", "## Held-out perplexity during training", "", "| training tokens | stage | perplexity |",
+                  "|---:|---:|---:|"]
+        lines += [f"| {_number(p['tokens'])} | {p['stage_index']} | {_number(p['perplexity'])} |" for p in curve]
     samples = report.get("samples")
     if samples:
         lines += ["", "## Greedy continuation", "", f"Prompt: `{samples['prompt']}`", "",

@@ -132,6 +132,28 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         report["student"]["perplexity_after_transfer"] = measure(student)
     _write_report(output, report)
 
+    report["curve"] = [p for p in previous.get("curve", []) if p["stage_index"] in
+                       {0} | {s["index"] for s in previous.get("stages", [])}]
+    if recipe.eval.every_tokens and not report["curve"] and report["student"]["perplexity_after_transfer"]:
+        report["curve"].append({"stage_index": 0, "tokens": 0,
+                                "perplexity": report["student"]["perplexity_after_transfer"]})
+
+    def curve_point(index: int, config):
+        """An on_step callback adding held-out perplexity every ``eval.every_tokens`` training tokens."""
+        every = recipe.eval.every_tokens
+        if not every or eval_windows is None:
+            return None
+        earlier = sum(s.config.tokens_rounded() for s in recipe.stages[:index - 1])
+        step_tokens = config.batch_size * config.seq_len
+
+        def on_step(step: int, tokens: int) -> dict | None:
+            if (earlier + tokens) // every == (earlier + tokens - step_tokens) // every:
+                return None
+            value = measure(student)
+            report["curve"].append({"stage_index": index, "tokens": earlier + tokens, "perplexity": value})
+            return {"perplexity": value}
+        return on_step
+
     finished = {entry["index"]: entry for entry in previous.get("stages", [])}
     context = StageContext(teacher=teacher, student=student, adapter=adapter,
                            mixers=mixer_layers(student, adapter))
@@ -150,7 +172,7 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         log(f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × "
             f"{config.batch_size} × {config.seq_len} tokens")
         result = train_stage(stage, block.name, student, batches, output / "metrics.jsonl", device,
-                             show_progress=show_progress)
+                             show_progress=show_progress, on_step=curve_point(index, config))
         entry = {"index": index, "name": block.name, "steps": result.steps, "tokens": result.tokens,
                  "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 2),
                  "loss_first": result.loss_first, "loss_last": result.loss_last,

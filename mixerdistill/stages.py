@@ -94,6 +94,10 @@ class StageConfig(BaseModel):
     def steps(self) -> int:
         return max(1, -(-self.tokens // (self.batch_size * self.seq_len)))
 
+    def tokens_rounded(self) -> int:
+        """Tokens actually trained: whole steps of batch_size × seq_len."""
+        return self.steps() * self.batch_size * self.seq_len
+
 
 @dataclass
 class StageContext:

@@ -16,7 +16,10 @@ from mixerdistill.mixer import AttentionGeometry, AttentionWeights, RotaryEmbedd
 
 
 class TeacherAdapter:
-    """Base adapter: subclasses fill in the family-specific lookups."""
+    """Base adapter. The defaults follow the common transformers decoder layout
+    (``model.model.layers[i]`` with ``self_attn``, ``input_layernorm``, ``mlp`` and
+    ``model.model.rotary_emb``); subclasses override what their family does differently.
+    """
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()  # `config.model_type` values this adapter handles
@@ -24,25 +27,29 @@ class TeacherAdapter:
     # -- structure -----------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks, in order."""
-        raise NotImplementedError
+        return model.model.layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
         """The attention module (or the student mixer that replaced it) of one block."""
-        raise NotImplementedError
+        return layer.self_attn
 
     def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
         """Put ``module`` where the block's attention was."""
-        raise NotImplementedError
+        layer.self_attn = module
 
     def mixer_norm(self, layer: nn.Module) -> nn.Module:
         """The norm applied to the block input before attention."""
-        raise NotImplementedError
+        return layer.input_layernorm
 
     def mlp(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return layer.mlp
 
     def norms(self, layer: nn.Module) -> list[nn.Module]:
         """Every norm inside one block (frozen in stage 2 by default)."""
+        raise NotImplementedError
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm after the last block, before the LM head."""
         raise NotImplementedError
 
     def geometry(self, config, layer_idx: int) -> AttentionGeometry:
@@ -59,7 +66,7 @@ class TeacherAdapter:
     def rotary(self, model: nn.Module, hidden_states: torch.Tensor,
                position_ids: torch.Tensor) -> RotaryEmbedding:
         """(cos, sin) for ``position_ids`` (B, T), as the family's model computes them."""
-        raise NotImplementedError
+        return model.model.rotary_emb(hidden_states, position_ids)
 
     def run_block(self, layer: nn.Module, hidden_states: torch.Tensor, rotary: RotaryEmbedding,
                   position_ids: torch.Tensor) -> torch.Tensor:
@@ -136,8 +143,10 @@ def trace_teacher(model: nn.Module, adapter: TeacherAdapter, input_ids: torch.Te
     wanted = set(range(len(blocks))) if layers is None else set(layers)
     handles = []
 
-    def hidden_from(args, kwargs):
-        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def record_input(store: dict, idx: int, args, kwargs) -> None:
+        store[idx] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+        if trace.rotary is None and kwargs.get("position_embeddings") is not None:
+            trace.rotary = tuple(t.detach() for t in kwargs["position_embeddings"])
 
     for idx, block in enumerate(blocks):
         if idx not in wanted:
@@ -145,9 +154,7 @@ def trace_teacher(model: nn.Module, adapter: TeacherAdapter, input_ids: torch.Te
         attention = adapter.attention(block)
         if "mixer_inputs" in record or "mixer_outputs" in record:
             def attention_pre(module, args, kwargs, _idx=idx):
-                trace.mixer_inputs[_idx] = hidden_from(args, kwargs).detach()
-                if trace.rotary is None and kwargs.get("position_embeddings") is not None:
-                    trace.rotary = tuple(t.detach() for t in kwargs["position_embeddings"])
+                record_input(trace.mixer_inputs, _idx, args, kwargs)
 
             def attention_post(module, args, kwargs, output, _idx=idx):
                 out = output[0] if isinstance(output, tuple) else output
@@ -158,9 +165,7 @@ def trace_teacher(model: nn.Module, adapter: TeacherAdapter, input_ids: torch.Te
                 handles.append(attention.register_forward_hook(attention_post, with_kwargs=True))
 
         def block_pre(module, args, kwargs, _idx=idx):
-            trace.block_inputs[_idx] = hidden_from(args, kwargs).detach()
-            if trace.rotary is None and kwargs.get("position_embeddings") is not None:
-                trace.rotary = tuple(t.detach() for t in kwargs["position_embeddings"])
+            record_input(trace.block_inputs, _idx, args, kwargs)
 
         def block_post(module, args, kwargs, output, _idx=idx):
             out = output[0] if isinstance(output, tuple) else output

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +49,14 @@ def build_optimizer(parameters: list[nn.Parameter], config) -> torch.optim.AdamW
 
 
 def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[torch.Tensor],
-                metrics_path: Path, device: torch.device, show_progress: bool = True) -> StageResult:
+                metrics_path: Path, device: torch.device, show_progress: bool = True,
+                on_step: Callable[[int, int], dict | None] | None = None) -> StageResult:
     """Run ``stage`` for its configured number of steps on ``batches`` and return its figures.
 
     Only the stage's trainable parameters require gradients while it runs; every step appends one
-    JSON line to ``metrics_path``.
+    JSON line to ``metrics_path``. ``on_step(step, tokens)`` runs after each optimizer step (e.g. a
+    periodic evaluation); what it returns is added to that step's JSON line. Its time is not counted
+    in the stage's seconds.
     """
     config = stage.config
     parameters = _unique(stage.trainable_parameters())
@@ -72,6 +75,7 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
     losses: list[float] = []
     model.train()
     start = time.perf_counter()
+    paused = 0.0
     progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console,
@@ -93,11 +97,16 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - paused
                 tokens = (step + 1) * tokens_per_step
                 record = {"stage": name, "step": step + 1, "tokens": tokens, "loss": losses[-1],
                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                           "tokens_per_second": tokens / elapsed, "seconds": elapsed, **extra}
+                if on_step is not None:
+                    pause_start = time.perf_counter()
+                    record.update(on_step(step + 1, tokens) or {})
+                    model.train()
+                    paused += time.perf_counter() - pause_start
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 progress.update(task, advance=1, loss=f"{losses[-1]:.4g}", speed=f"{tokens / elapsed:.0f}")
@@ -105,7 +114,7 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
         for p, flag in previous.items():
             p.requires_grad_(flag)
         model.eval()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - paused
     return StageResult(name, total_steps, total_steps * tokens_per_step, seconds, losses[0], losses[-1])
 
 

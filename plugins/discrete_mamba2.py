@@ -38,6 +38,10 @@ class DiscreteMamba2(SequenceMixer):
         D_init: float = Field(1.0, description="initial skip D, per head")
         a_init: float = Field(0.9, gt=0.0, lt=1.0,
                               description="initial decay a, set through A_log_bias: exp(−softplus(A_log_bias)) = a")
+        bc_transfer: Literal["attention", "average"] = Field(
+            "attention", description="from_attention: 'attention' sets C ← q/√d, B ← k (MOHAWK); 'average' "
+                                     "starts B and C at a constant so that M is a normalised moving average "
+                                     "of x with decay a_init (x ← v and out_proj ← o either way)")
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
         config = config if config is not None else self.Config()
@@ -71,6 +75,19 @@ class DiscreteMamba2(SequenceMixer):
         H, P, N = self.num_heads, self.head_dim, self.d_state
         rows = self.in_proj.weight.split([H * P, H * N, H * N, H * P, H])
         return dict(zip(("x", "B", "C", "z", "A_log"), rows))[name]
+
+    def _start_as_moving_average(self) -> None:
+        """B, C rows 0 and conv biases √(1 − a)·e₀ on the B and C channels: C_i·B_j = 1 − a for all i, j."""
+        H, P, N = self.num_heads, self.head_dim, self.d_state
+        level = math.sqrt(1 - self.config.a_init)
+        with torch.no_grad():
+            self._rows("B").zero_()
+            self._rows("C").zero_()
+            bias_B, bias_C = self.conv1d.bias[H * P:].view(2, H, N).unbind(0)
+            bias_B.zero_()
+            bias_C.zero_()
+            bias_B[:, 0] = level
+            bias_C[:, 0] = level
 
     # -- shared pieces -------------------------------------------------------------------------
     def _project(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None):
@@ -159,6 +176,12 @@ class DiscreteMamba2(SequenceMixer):
                        config: Config | None = None) -> "DiscreteMamba2":
         """Transfer: C ← q · scale (1/√d folded into C), B ← k, x ← v, out_proj ← o; z and A_log rows 0.
 
+        With ``bc_transfer: average`` the B and C rows start at zero and the conv biases of the B and C
+        channels at √(1 − a) on state dimension 0, so C_i·B_j = 1 − a and M = L ∘ (C Bᵀ) starts as an
+        exponential moving average of x whose rows sum to ≈ 1, like attention's rows. Without softmax the
+        transferred q·k scores are unnormalised and far from attention; the average is a closer start
+        (SmolLM2-135M held-out perplexity right after transfer: ~3e3 against ~7e6, teacher 45).
+
         K/V heads are repeated for grouped-query attention as transformers' ``repeat_kv`` does (kv head g
         serves query heads g·H/H_kv … (g+1)·H/H_kv − 1). q/k/v biases are dropped (in_proj has none);
         the o bias is copied. Needs N = P = head_dim and H = num_heads.
@@ -178,8 +201,11 @@ class DiscreteMamba2(SequenceMixer):
 
         with torch.no_grad():
             mixer._rows("x").copy_(repeat_kv(weights.v))
-            mixer._rows("B").copy_(repeat_kv(weights.k))
-            mixer._rows("C").copy_(weights.q * geometry.scale)
+            if mixer.config.bc_transfer == "attention":
+                mixer._rows("B").copy_(repeat_kv(weights.k))
+                mixer._rows("C").copy_(weights.q * geometry.scale)
+            else:
+                mixer._start_as_moving_average()
             mixer._rows("z").zero_()
             mixer._rows("A_log").zero_()
             mixer.out_proj.weight.copy_(weights.o)

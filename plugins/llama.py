@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import AttentionGeometry, AttentionWeights, RotaryEmbedding
+from mixerdistill.mixer import AttentionGeometry, AttentionWeights
 from mixerdistill.teacher import TeacherAdapter
 
 
@@ -20,23 +20,11 @@ class LlamaAdapter(TeacherAdapter):
     name = "llama"
     model_types = ("llama", "qwen2", "mistral")
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
-        layer.self_attn = module
-
-    def mixer_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    def mlp(self, layer: nn.Module) -> nn.Module:
-        return layer.mlp
-
     def norms(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.input_layernorm, layer.post_attention_layernorm]
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
 
     def geometry(self, config, layer_idx: int) -> AttentionGeometry:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -59,10 +47,6 @@ class LlamaAdapter(TeacherAdapter):
             q=q.weight.detach(), k=k.weight.detach(), v=v.weight.detach(), o=o.weight.detach(),
             q_bias=_bias(q), k_bias=_bias(k), v_bias=_bias(v), o_bias=_bias(o),
         )
-
-    def rotary(self, model: nn.Module, hidden_states: torch.Tensor,
-               position_ids: torch.Tensor) -> RotaryEmbedding:
-        return model.model.rotary_emb(hidden_states, position_ids)
 
 
 @hookimpl

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import AttentionGeometry, AttentionWeights, RotaryEmbedding
+from mixerdistill.mixer import AttentionGeometry, AttentionWeights
 from mixerdistill.teacher import TeacherAdapter
 
 
@@ -16,23 +15,11 @@ class PhiAdapter(TeacherAdapter):
     name = "phi"
     model_types = ("phi",)
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
-        layer.self_attn = module
-
-    def mixer_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    def mlp(self, layer: nn.Module) -> nn.Module:
-        return layer.mlp
-
     def norms(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.input_layernorm]
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.final_layernorm
 
     def geometry(self, config, layer_idx: int) -> AttentionGeometry:
         if getattr(config, "qk_layernorm", False):
@@ -60,10 +47,6 @@ class PhiAdapter(TeacherAdapter):
             q=q.weight.detach(), k=k.weight.detach(), v=v.weight.detach(), o=o.weight.detach(),
             q_bias=q.bias.detach(), k_bias=k.bias.detach(), v_bias=v.bias.detach(), o_bias=o.bias.detach(),
         )
-
-    def rotary(self, model: nn.Module, hidden_states: torch.Tensor,
-               position_ids: torch.Tensor) -> RotaryEmbedding:
-        return model.model.rotary_emb(hidden_states, position_ids)
 
 
 @hookimpl

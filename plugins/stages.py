@@ -77,6 +77,10 @@ class HiddenStateAlignment(Stage):
         trainable: list[Literal["mixer", "mlp", "norms"]] = Field(
             default_factory=lambda: ["mixer"],
             description="Parameter groups of the replaced blocks that learn (MOHAWK: the mixer only).")
+        distance: Literal["l2", "relative"] = Field(
+            "l2", description="Per-token distance: 'l2' is ‖out − target‖₂ (MOHAWK); 'relative' divides it by "
+                              "‖target‖₂, so tokens with massive activations (e.g. attention sinks, norms "
+                              "of 1e4 in SmolLM2's middle layers) do not drown out the rest.")
 
     def trainable_parameters(self):
         context = self.context
@@ -108,7 +112,10 @@ class HiddenStateAlignment(Stage):
             else:
                 output, _ = mixer(trace.mixer_inputs[idx], rotary=trace.rotary)
                 target = trace.mixer_outputs[idx]
-            distance = (output - target).norm(dim=-1).mean()  # per-token L2, averaged over (B, T)
+            distance = (output - target).norm(dim=-1)  # (B, T) per-token L2
+            if self.config.distance == "relative":
+                distance = distance / target.norm(dim=-1).clamp_min(1e-6)
+            distance = distance.mean()
             metrics[f"layer_{idx}"] = distance.item()
             total = total + distance
         return total, metrics
@@ -121,15 +128,26 @@ class KnowledgeDistillation(Stage):
         temperature: float = Field(1.0, gt=0, description="Softmax temperature of teacher and student.")
         kd_weight: float = Field(1.0, ge=0, description="Weight of the distillation (KL) term.")
         ce_weight: float = Field(0.0, ge=0, description="Weight of the next-token cross-entropy on the text.")
-        freeze_mlp: bool = Field(False, description="Keep every MLP frozen at the teacher's weights.")
+        freeze: list[Literal["mlp", "norms", "embeddings", "attention"]] = Field(
+            default_factory=list,
+            description="Parameter groups kept at the teacher's weights: MLPs, norms, embeddings (with a "
+                        "tied LM head) and kept attention layers. Freezing saves their weight gradients.")
 
     def trainable_parameters(self):
         context = self.context
-        frozen = set()
-        if self.config.freeze_mlp:
-            frozen = {id(p) for layer in context.adapter.layers(context.student)
-                      for p in context.adapter.mlp(layer).parameters()}
-        return [p for p in context.student.parameters() if id(p) not in frozen]
+        adapter, student = context.adapter, context.student
+        layers = adapter.layers(student)
+        groups = {
+            "mlp": lambda: [p for layer in layers for p in adapter.mlp(layer).parameters()],
+            "norms": lambda: [p for layer in layers for norm in adapter.norms(layer) for p in norm.parameters()]
+            + list(adapter.final_norm(student).parameters()),
+            "embeddings": lambda: list(student.get_input_embeddings().parameters())
+            + list(student.get_output_embeddings().parameters()),
+            "attention": lambda: [p for i, layer in enumerate(layers) if i not in context.mixers
+                                  for p in adapter.attention(layer).parameters()],
+        }
+        frozen = {id(p) for group in self.config.freeze for p in groups[group]()}
+        return [p for p in student.parameters() if id(p) not in frozen]
 
     def loss(self, input_ids):
         context = self.context

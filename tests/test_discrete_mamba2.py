@@ -200,6 +200,20 @@ def test_from_attention_matrix_is_decayed_attention_scores():
     assert rel(out, expected_out) <= 1e-5
 
 
+def test_average_transfer_starts_as_normalised_moving_average():
+    weights, geo = teacher_weights(False), geometry(False)
+    a = 0.7
+    mixer = DiscreteMamba2.from_attention(weights, geo, DiscreteMamba2.Config(a_init=a, bc_transfer="average"))
+    T = 9
+    M = mixer.mixing_matrix(torch.randn(2, T, D_MODEL))  # independent of the input
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    expected = torch.where(j <= i, (1 - a) * a ** (i - j).clamp(min=0).float(), torch.zeros(()))
+    assert rel(M, expected.expand_as(M)) <= 1e-5
+    assert torch.allclose(M.sum(-1)[..., -1], torch.tensor(1 - a**T))  # rows sum to 1 − a^(i+1)
+    x_rows = mixer.in_proj.weight.detach()[: HEADS * HEAD_DIM]
+    assert torch.equal(x_rows[:HEAD_DIM], weights.v[:HEAD_DIM])  # x ← v still transferred
+
+
 @pytest.mark.parametrize("field, value", [("d_state", 4), ("head_dim", 16), ("num_heads", 2)])
 def test_from_attention_rejects_mismatched_shapes(field, value):
     config = DiscreteMamba2.Config(**{field: value})

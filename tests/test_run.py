@@ -36,6 +36,9 @@ def test_tiny_recipe_report(tiny_run: Path):
         assert stage["tokens"] > 0 and stage["seconds"] > 0 and stage["tokens_per_second"] > 0
         assert stage["loss_last"] < stage["loss_first"], stage
     assert "| teacher |" in (tiny_run / "report.md").read_text()
+    curve = report["curve"]  # eval.every_tokens: 16384 in tiny.yaml, 65536 training tokens in all
+    assert [p["tokens"] for p in curve] == [0, 16384, 32768, 49152, 65536]
+    assert curve[-1]["perplexity"] == report["student"]["perplexity"]
     steps = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == sum(s["steps"] for s in report["stages"])
     assert {"stage", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second"} <= set(steps[0])

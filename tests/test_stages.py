@@ -36,7 +36,8 @@ def batches(seed=0):
     ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "target": "mixer"}),
     ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "trainable": ["mixer", "mlp", "norms"]}),
     ("knowledge_distillation", {"optimizer": {"lr": 3e-3}, "ce_weight": 0.5}),
-    ("knowledge_distillation", {"optimizer": {"lr": 3e-3}, "freeze_mlp": True}),
+    ("knowledge_distillation", {"optimizer": {"lr": 3e-3}, "freeze": ["mlp", "norms", "embeddings"]}),
+    ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "distance": "relative"}),
 ])
 def test_stage_loss_falls(tmp_path, name, options):
     teacher = tiny_llama()
@@ -70,10 +71,12 @@ def test_stage_trainable_groups():
     stage2 = trainable("hidden_state_alignment")
     assert stage2 == {id(p) for m in context.mixers.values() for p in m.parameters()}
     assert mlp <= trainable("hidden_state_alignment", trainable=["mixer", "mlp"])
-    assert not mlp & trainable("knowledge_distillation", freeze_mlp=True)
+    assert not mlp & trainable("knowledge_distillation", freeze=["mlp"])
     assert mlp <= trainable("knowledge_distillation")
     embedding = context.student.get_input_embeddings().weight
     assert id(embedding) not in trainable("matrix_orientation")
+    only_mixers = trainable("knowledge_distillation", freeze=["mlp", "norms", "embeddings", "attention"])
+    assert only_mixers == {id(p) for m in context.mixers.values() for p in m.parameters()}
 
 
 def test_warmup_stable_decay_schedule():
