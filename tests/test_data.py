@@ -1,0 +1,81 @@
+"""Data sources and token streams: local text and JSON lines, held-out splits, deterministic order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixerdistill.data import ByteTokenizer, TokenData
+from mixerdistill.errors import UserError
+from mixerdistill.plugins import get_dataset
+
+
+def make_source(name: str, **options):
+    source_cls = get_dataset(name)
+    return source_cls(source_cls.Config.model_validate(options))
+
+
+def test_text_files_with_heldout_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha " * 200)
+    (tmp_path / "b.txt").write_text("beta " * 200)
+    (tmp_path / "held.txt").write_text("gamma " * 50)
+    source = make_source("text", paths=[str(tmp_path / "*.txt")], heldout_paths=[str(tmp_path / "held.txt")])
+    data = TokenData(source, ByteTokenizer())
+    assert b"gamma" not in bytes(data.train[data.train > 0].tolist())  # held-out file never trained on
+    assert bytes(data.heldout[:5].tolist()) == b"gamma"
+    assert len(data.train) == 1200 + 1000 + 2  # two documents, each followed by EOS
+
+
+def test_heldout_fraction_splits_the_stream(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 999)
+    data = TokenData(make_source("text", paths=[str(tmp_path / "a.txt")], heldout_fraction=0.2), ByteTokenizer())
+    assert len(data.train) == 800 and len(data.heldout) == 200
+
+
+def test_jsonl_source_and_bad_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"document {i} " * 20}) for i in range(10)) + "\n")
+    data = TokenData(make_source("jsonl", paths=[str(path)], text_field="body"), ByteTokenizer())
+    assert bytes(data.train[:10].tolist()) == b"document 0"
+    path.write_text('{"body": "fine"}\nnot json\n')
+    with pytest.raises(UserError, match=r"docs.jsonl:2"):
+        TokenData(make_source("jsonl", paths=[str(path)], text_field="body"), ByteTokenizer())
+
+
+def test_missing_files_fail_validation(tmp_path):
+    with pytest.raises(ValueError, match="no file matches"):
+        get_dataset("text").Config.model_validate({"paths": [str(tmp_path / "none*.txt")]})
+
+
+def test_batches_are_seeded_and_cover_each_pass(tmp_path):
+    letters = torch.randint(97, 123, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    (tmp_path / "a.txt").write_text("".join(map(chr, letters)))
+    data = TokenData(make_source("text", paths=[str(tmp_path / "a.txt")], heldout_fraction=0.1), ByteTokenizer())
+    first = [b for _, b in zip(range(6), data.train_batches(4, 100, seed=3))]
+    again = [b for _, b in zip(range(6), data.train_batches(4, 100, seed=3))]
+    other = [b for _, b in zip(range(6), data.train_batches(4, 100, seed=4))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    # 3600 training tokens = 36 windows = 9 batches per pass: one pass uses every window once.
+    one_pass = torch.cat([b for _, b in zip(range(9), data.train_batches(4, 100, seed=0))])
+    assert len({tuple(w.tolist()) for w in one_pass}) == 36
+    resumed = next(data.train_batches(4, 100, seed=3, start_batch=5))
+    assert torch.equal(resumed, first[5])
+
+
+def test_too_little_text_is_a_clear_error(tmp_path):
+    (tmp_path / "a.txt").write_text("short")
+    data = TokenData(make_source("text", paths=[str(tmp_path / "a.txt")], heldout_fraction=0.5), ByteTokenizer())
+    with pytest.raises(UserError, match="too few"):
+        next(data.train_batches(4, 100, seed=0))
+
+
+def test_austen_config_checks_titles():
+    config = get_dataset("austen").Config
+    assert config().heldout == "Persuasion"
+    with pytest.raises(ValueError, match="did you mean 'Persuasion'"):
+        config(heldout="Persuasions")
+    with pytest.raises(ValueError, match="held out"):
+        config(train=["Emma", "Persuasion"])
