@@ -5,6 +5,7 @@ Regenerate with ``python -m mixerdistill.reference > docs/recipes.md``; a test f
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -30,7 +31,7 @@ def _type_name(annotation) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(annotation)).replace("'", '"')
-    if origin in (typing.Union, __import__("types").UnionType):
+    if origin in (typing.Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin in (list, tuple, dict):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from mixerdistill.console import stderr_console
+from mixerdistill.errors import UserError
 from mixerdistill.stages import Stage
 
 
@@ -34,8 +35,8 @@ class StageResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or gradient became NaN/inf."""
+class NonFiniteLoss(UserError):
+    """The loss or gradient became NaN/inf (usually: learning rate too high)."""
 
 
 def build_optimizer(parameters: list[nn.Parameter], config) -> torch.optim.AdamW:
@@ -87,7 +88,7 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                 input_ids = next(batches).to(device)
                 loss, extra = stage.loss(input_ids)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"stage '{name}', step {step}: loss is {loss.item()}")
+                    raise NonFiniteLoss(f"stage '{name}', step {step}: loss is {loss.item()} (try a lower lr)")
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     parameters, config.grad_clip if config.grad_clip is not None else math.inf)

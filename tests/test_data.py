@@ -79,3 +79,28 @@ def test_austen_config_checks_titles():
         config(heldout="Persuasions")
     with pytest.raises(ValueError, match="held out"):
         config(train=["Emma", "Persuasion"])
+
+
+def test_hub_dataset_streams_without_reading_everything(monkeypatch):
+    """The `hf` source streams: a stand-in `datasets` module yields endless documents."""
+    import itertools
+    import sys
+    import types
+
+    opened = []
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        assert streaming
+        opened.append(split)
+        if split == "validation":
+            return ({"text": f"held out {i}. " * 5} for i in range(1000))
+        return ({"text": f"train document {i}. " * 5} for i in itertools.count())
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    source = make_source("hf", path="org/corpus", heldout_documents=3)
+    data = TokenData(source, ByteTokenizer())
+    assert data.train is None and bytes(data.heldout[:10].tolist()) == b"held out 0"
+    data.SHUFFLE_WINDOWS = 8
+    batch = next(data.train_batches(2, 32, seed=0))
+    assert batch.shape == (2, 32) and b"train document" in bytes(batch.flatten().tolist())
+    assert opened == ["validation", "train"]

@@ -9,6 +9,7 @@ from conftest import tiny_llama
 from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.stages import ScheduleConfig, StageContext
 from mixerdistill.student import build_student, mixer_layers
+from mixerdistill.teacher import trace_teacher
 from mixerdistill.training import train_stage
 from mixerdistill_plugins.llama import LlamaAdapter
 
@@ -89,3 +90,19 @@ def test_warmup_stable_decay_schedule():
     assert cosine.factor(0, 10) == pytest.approx(1.0) and cosine.factor(10, 10) == pytest.approx(0.1)
     with pytest.raises(ValueError):
         ScheduleConfig(name="wsd", warmup=0.6, decay=0.5)
+
+
+def test_sink_tokens_drop_sink_columns_from_the_stage1_target():
+    teacher = tiny_llama()
+    context = context_for(teacher)
+    stage_cls = get_stage("matrix_orientation")
+    ids = next(batches())
+    everything_sink = stage_cls(stage_cls.Config(tokens=1, sink_tokens=ids.shape[1]), context)
+    loss, _ = everything_sink.loss(ids)  # the target is all zeros: the loss is the student's own norm
+    trace = trace_teacher(teacher, context.adapter, ids, record={"mixer_inputs"})
+    expected = sum(torch.linalg.matrix_norm(m.mixing_matrix(trace.mixer_inputs[i])).mean()
+                   for i, m in context.mixers.items())
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    plain, _ = stage_cls(stage_cls.Config(tokens=1), context).loss(ids)
+    one_sink, _ = stage_cls(stage_cls.Config(tokens=1, sink_tokens=1), context).loss(ids)
+    assert not torch.allclose(plain, one_sink)
