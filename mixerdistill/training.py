@@ -49,6 +49,16 @@ def build_optimizer(parameters: list[nn.Parameter], config) -> torch.optim.AdamW
                              eps=config.eps)
 
 
+def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> dict[nn.Parameter, bool]:
+    """Make ``parameters`` the only ones of ``model`` that require gradients; returns the previous flags."""
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in parameters:
+        p.requires_grad_(True)
+    return previous
+
+
 def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[torch.Tensor],
                 metrics_path: Path, device: torch.device, show_progress: bool = True,
                 on_step: Callable[[int, int], dict | None] | None = None) -> StageResult:
@@ -63,11 +73,7 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
     parameters = _unique(stage.trainable_parameters())
     if not parameters:
         raise ValueError(f"stage '{name}' has no trainable parameters")
-    previous = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in parameters:
-        p.requires_grad_(True)
+    previous = train_only(model, parameters)
     optimizer = build_optimizer(parameters, config.optimizer)
     total_steps = config.steps()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
