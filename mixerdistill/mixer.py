@@ -77,6 +77,8 @@ class SequenceMixer(nn.Module):
     """
 
     Config: ClassVar[type[MixerConfig]] = MixerConfig
+    state_grows: ClassVar[bool] = False
+    """True for mixers whose state grows with the tokens seen (softmax attention's KV cache)."""
 
     def __init__(self, geometry: AttentionGeometry, config: MixerConfig):
         super().__init__()
@@ -126,3 +128,18 @@ class SequenceMixer(nn.Module):
     def extra_repr(self) -> str:
         fields: dict[str, Any] = self.config.model_dump()
         return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def copy_projection(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Copy a teacher projection into ``linear`` (no grad); a bias the teacher lacks becomes 0."""
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if linear.bias is not None:
+            linear.bias.copy_(bias if bias is not None else torch.zeros_like(linear.bias))
+
+
+def repeat_kv_rows(geometry: AttentionGeometry, weight: torch.Tensor) -> torch.Tensor:
+    """(H_kv·d, D) → (H·d, D): a k/v projection repeated for grouped-query attention, as transformers'
+    ``repeat_kv`` does (kv head g serves query heads g·H/H_kv … (g+1)·H/H_kv − 1)."""
+    d, groups = geometry.head_dim, geometry.num_heads // geometry.num_kv_heads
+    return weight.view(geometry.num_kv_heads, d, -1).repeat_interleave(groups, dim=0).flatten(0, 1)

@@ -50,6 +50,8 @@ class AttentionMixer(SequenceMixer):
     class Config(MixerConfig):
         """No options: the geometry fixes everything."""
 
+    state_grows = True  # the KV cache
+
     def __init__(self, geometry: AttentionGeometry, config: MixerConfig):
         super().__init__(geometry, config)
         g = geometry

@@ -19,12 +19,16 @@ from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
 from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding, SequenceMixer,
-                                State)
+                                State, repeat_kv_rows)
+from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
+from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
 from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_step
 
 
 class DiscreteMamba2(SequenceMixer):
     """Discrete Mamba-2 (Bick et al., 2024): M = L ∘ (C Bᵀ) per head, applied to x."""
+
+    decay_per_state: bool = False  # True: one decay per (head, state dimension), as in ``semiseparable``
 
     class Config(MixerConfig):
         d_state: int | None = Field(None, ge=1, description="N, state size per head (None: the teacher's head_dim)")
@@ -42,6 +46,7 @@ class DiscreteMamba2(SequenceMixer):
             "attention", description="from_attention: 'attention' sets C ← q/√d, B ← k (MOHAWK); 'average' "
                                      "starts B and C at a constant so that M is a normalised moving average "
                                      "of x with decay a_init (x ← v and out_proj ← o either way)")
+        kernel: KernelChoice = Field("auto", description=KERNEL_HELP)
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
         config = config if config is not None else self.Config()
@@ -51,12 +56,13 @@ class DiscreteMamba2(SequenceMixer):
         self.d_state = N = config.d_state or geometry.head_dim
         self.d_conv = config.d_conv
         self.conv_dim = H * P + 2 * H * N  # channels of x‖B‖C
+        self.decay_dim = H * N if self.decay_per_state else H  # width of A_log
         D_model = geometry.hidden_size
 
-        self.in_proj = nn.Linear(D_model, 2 * H * P + 2 * H * N + H, bias=False)  # → x, B, C, z, A_log
+        self.in_proj = nn.Linear(D_model, 2 * H * P + 2 * H * N + self.decay_dim, bias=False)  # → x, B, C, z, A_log
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
                                 padding=self.d_conv - 1, bias=True)
-        self.A_log_bias = nn.Parameter(torch.full((H,), math.log(1 / config.a_init - 1)))  # softplus⁻¹(−log a)
+        self.A_log_bias = nn.Parameter(torch.full((self.decay_dim,), math.log(1 / config.a_init - 1)))  # softplus⁻¹(−log a)
         self.z_bias = nn.Parameter(torch.full((H * P,), config.gate_bias_init))
         self.D = nn.Parameter(torch.full((H,), config.D_init))
         self.out_proj = nn.Linear(H * P, D_model, bias=geometry.output_bias)
@@ -73,7 +79,7 @@ class DiscreteMamba2(SequenceMixer):
     def _rows(self, name: str) -> torch.Tensor:
         """The rows of ``in_proj.weight`` that produce ``name`` (x, B, C, z or A_log), as a view."""
         H, P, N = self.num_heads, self.head_dim, self.d_state
-        rows = self.in_proj.weight.split([H * P, H * N, H * N, H * P, H])
+        rows = self.in_proj.weight.split([H * P, H * N, H * N, H * P, self.decay_dim])
         return dict(zip(("x", "B", "C", "z", "A_log"), rows))[name]
 
     def _start_as_moving_average(self) -> None:
@@ -91,28 +97,25 @@ class DiscreteMamba2(SequenceMixer):
 
     # -- shared pieces -------------------------------------------------------------------------
     def _project(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None):
-        """(B, T, D) → x (B, T, H, P), B, C (B, T, H, N), z (B, T, H·P), log_a (B, T, H), conv state.
+        """(B, T, D) → x (B, T, H, P), B, C (B, T, H, N), z (B, T, H·P), log_a, conv state.
 
-        ``conv_state`` (B, conv_dim, d_conv−1): the pre-conv x‖B‖C of the tokens before this sequence
-        (None: zeros). The returned conv state holds the last d_conv−1 pre-conv inputs.
+        log_a is (B, T, H), or (B, T, H, N) when ``decay_per_state``. ``conv_state`` (B, conv_dim, d_conv−1):
+        the pre-conv x‖B‖C of the tokens before this sequence (None: zeros); the returned conv state holds
+        the last d_conv−1 pre-conv inputs.
         """
         batch, length, _ = hidden_states.shape
         H, P, N = self.num_heads, self.head_dim, self.d_state
-        xBC, z, A_log = self.in_proj(hidden_states).split([self.conv_dim, H * P, H], dim=-1)
-        xBC = xBC.transpose(1, 2)  # (B, conv_dim, T)
-        if conv_state is None:
-            conv_state = xBC.new_zeros(batch, self.conv_dim, self.d_conv - 1)
-            conv_out = self.conv1d(xBC)[..., :length]  # padding d_conv−1 on both sides; keep the causal part
-        else:
-            conv_out = F.conv1d(torch.cat([conv_state, xBC], dim=-1), self.conv1d.weight, self.conv1d.bias,
-                                groups=self.conv_dim)
-        keep = self.d_conv - 1
-        seen = torch.cat([conv_state, xBC[..., max(length - keep, 0):]], dim=-1)
-        new_conv_state = seen[..., seen.shape[-1] - keep:]
+        xBC, z, A_log = self.in_proj(hidden_states).split([self.conv_dim, H * P, self.decay_dim], dim=-1)
+        conv_out, new_conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                                 conv_state, kernel=self.config.kernel)  # (B, conv_dim, T)
         x, B, C = conv_out.transpose(1, 2).split([H * P, H * N, H * N], dim=-1)
-        log_a = -F.softplus(A_log + self.A_log_bias)  # (B, T, H)
         return (x.reshape(batch, length, H, P), B.reshape(batch, length, H, N), C.reshape(batch, length, H, N),
-                z, log_a, new_conv_state)
+                z, self._log_a(A_log), new_conv_state)
+
+    def _log_a(self, A_log: torch.Tensor) -> torch.Tensor:
+        """(…, decay_dim) → log decay −softplus(A_log + A_log_bias): (…, H) or (…, H, N)."""
+        log_a = -F.softplus(A_log + self.A_log_bias)
+        return log_a.unflatten(-1, (self.num_heads, self.d_state)) if self.decay_per_state else log_a
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """SSD output y and x (…, H, P), gate z (…, H·P) → out_proj((y + D x) ⊙ silu(z + z_bias)), (…, D)."""
@@ -124,18 +127,19 @@ class DiscreteMamba2(SequenceMixer):
                 rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and the state after the last token (chunked SSD); ``rotary`` is unused."""
         x, B, C, z, log_a, conv_state = self._project(hidden_states, None if state is None else state["conv"])
-        y, ssm_state = ssd(x, log_a, B, C, self.config.chunk_size, None if state is None else state["ssm"])
+        y, ssm_state = ssd(x, log_a, B, C, self.config.chunk_size, None if state is None else state["ssm"],
+                           kernel=self.config.kernel)
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → M (B, H, T, T) = L ∘ (C Bᵀ); the pre-gate output is M @ x + D x."""
         _, B, C, _, log_a, _ = self._project(hidden_states)
-        return ssd_materialised_matrix(log_a, B, C)
+        return ssd_materialised_matrix(log_a, B, C, self.config.chunk_size)
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → (B, T, D) = out_proj((M @ x + D x) ⊙ silu(z + z_bias))."""
         x, B, C, z, log_a, _ = self._project(hidden_states)
-        M = ssd_materialised_matrix(log_a, B, C)  # (B, H, T, T)
+        M = ssd_materialised_matrix(log_a, B, C, self.config.chunk_size)  # (B, H, T, T)
         y = (M @ x.transpose(1, 2)).transpose(1, 2)  # (B, T, H, P)
         return self._output(y, x, z)
 
@@ -162,14 +166,12 @@ class DiscreteMamba2(SequenceMixer):
         """One token (B, D) and the state → (B, D) and the next state; ``rotary`` is unused."""
         batch = hidden_state.shape[0]
         H, P, N = self.num_heads, self.head_dim, self.d_state
-        xBC, z, A_log = self.in_proj(hidden_state).split([self.conv_dim, H * P, H], dim=-1)
-        window = torch.cat([state["conv"], xBC.unsqueeze(-1)], dim=-1)  # (B, conv_dim, d_conv)
-        conv_out = (window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias  # (B, conv_dim)
+        xBC, z, A_log = self.in_proj(hidden_state).split([self.conv_dim, H * P, self.decay_dim], dim=-1)
+        conv_out, conv_state = causal_conv1d_step(xBC, self.conv1d.weight, self.conv1d.bias, state["conv"])
         x, B, C = conv_out.split([H * P, H * N, H * N], dim=-1)
         x = x.reshape(batch, H, P)
-        log_a = -F.softplus(A_log + self.A_log_bias)  # (B, H)
-        y, ssm_state = ssd_step(x, log_a, B.reshape(batch, H, N), C.reshape(batch, H, N), state["ssm"])
-        return self._output(y, x, z), {"conv": window[..., 1:], "ssm": ssm_state}
+        y, ssm_state = ssd_step(x, self._log_a(A_log), B.reshape(batch, H, N), C.reshape(batch, H, N), state["ssm"])
+        return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
@@ -194,15 +196,10 @@ class DiscreteMamba2(SequenceMixer):
         if wrong:
             raise ValueError(f"from_attention needs d_state = head_dim = the teacher's head_dim and num_heads = "
                              f"the teacher's num_heads; got {', '.join(wrong)}")
-        group = geometry.num_heads // geometry.num_kv_heads
-
-        def repeat_kv(w: torch.Tensor) -> torch.Tensor:  # (H_kv·d, D) → (H·d, D)
-            return w.view(geometry.num_kv_heads, d, -1).repeat_interleave(group, dim=0).flatten(0, 1)
-
         with torch.no_grad():
-            mixer._rows("x").copy_(repeat_kv(weights.v))
+            mixer._rows("x").copy_(repeat_kv_rows(geometry, weights.v))
             if mixer.config.bc_transfer == "attention":
-                mixer._rows("B").copy_(repeat_kv(weights.k))
+                mixer._rows("B").copy_(repeat_kv_rows(geometry, weights.k))
                 mixer._rows("C").copy_(weights.q * geometry.scale)
             else:
                 mixer._start_as_moving_average()

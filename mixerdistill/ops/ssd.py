@@ -13,8 +13,12 @@ Three paths that must agree: ``ssd_materialised_matrix`` (the T × T matrix, sta
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+from mixerdistill.ops.kernels import KernelChoice, kernel_module
 
 
 def segsum(log_a: torch.Tensor) -> torch.Tensor:
@@ -29,11 +33,18 @@ def segsum(log_a: torch.Tensor) -> torch.Tensor:
     return (cumsum[..., :, None] - cumsum[..., None, :]).masked_fill(~causal, float("-inf"))
 
 
-def ssd_materialised_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def ssd_materialised_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                            chunk_size: int = 64) -> torch.Tensor:
     """The SSD mixing matrix M = L ∘ (C Bᵀ), L[i, j] = exp(Σ_{k=j+1..i} log_a_k) (lower-triangular).
 
     log_a: (B, T, H) ≤ 0    B, C: (B, T, H, N)    →    M: (B, H, T, T), dtype of C.
+    With log_a (B, T, H, N), a decay per state dimension, this is
+    ``mixerdistill.ops.diagonal.diagonal_materialised_matrix`` (``chunk_size`` bounds its memory).
     """
+    if log_a.dim() == 4:
+        from mixerdistill.ops.diagonal import diagonal_materialised_matrix
+
+        return diagonal_materialised_matrix(log_a, B, C, chunk_size)
     decay = torch.exp(segsum(log_a.transpose(1, 2))).to(C.dtype)  # (B, H, T, T)
     scores = C.transpose(1, 2) @ B.permute(0, 2, 3, 1)  # (B, H, T, N) @ (B, H, N, T) → (B, H, T, T)
     return scores * decay
@@ -91,18 +102,47 @@ def ssd_step(x_t: torch.Tensor, log_a_t: torch.Tensor, B_t: torch.Tensor, C_t: t
              state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence: S ← a S + B xᵀ, y = Cᵀ S.
 
-    x_t: (B, H, P)   log_a_t: (B, H)   B_t, C_t: (B, H, N)   state: (B, H, N, P)
-    → y_t: (B, H, P), new state: (B, H, N, P).
+    x_t: (B, H, P)   log_a_t: (B, H), or (B, H, N) for a decay per state dimension
+    B_t, C_t: (B, H, N)   state: (B, H, N, P)   →   y_t: (B, H, P), new state: (B, H, N, P).
     """
-    a_t = torch.exp(log_a_t).to(state.dtype)[..., None, None]  # (B, H, 1, 1)
+    a_t = torch.exp(log_a_t).to(state.dtype)
+    a_t = a_t[..., None] if log_a_t.dim() == 3 else a_t[..., None, None]  # (B, H, N, 1) or (B, H, 1, 1)
     state = a_t * state + B_t.unsqueeze(-1) * x_t.unsqueeze(-2)  # (B, H, N, P)
     y_t = (C_t.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, 1, N) @ (B, H, N, P) → (B, H, P)
     return y_t, state
 
 
 def ssd(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-        initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast path mixers call: same arguments and results as ``ssd_chunked``."""
-    # Kernel seam: on CUDA a later issue selects mamba-ssm's mamba_chunk_scan_combined here (imported
-    # lazily, falling back to ssd_chunked with a one-time warning); for now every device runs the reference.
-    return ssd_chunked(x, log_a, B, C, chunk_size, initial_state)
+        initial_state: torch.Tensor | None = None, kernel: KernelChoice = "auto",
+        library: Literal["mamba_ssm", "fla"] = "mamba_ssm") -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast path mixers call: same arguments and results as ``ssd_chunked``.
+
+    ``log_a`` (B, T, H) is a scalar decay per head; (B, T, H, N) a decay per state dimension, computed by
+    ``mixerdistill.ops.diagonal.diagonal_chunked`` (kernel: fla's ``chunk_gla``). For scalar decays the
+    kernel comes from ``library``: mamba-ssm's ``mamba_chunk_scan_combined`` (needs a < 1 everywhere: it
+    is fed dt = −log a and x / dt) or fla's ``chunk_simple_gla`` (any a ≤ 1, e.g. linear attention's a = 1).
+    See ``mixerdistill.ops.kernels`` for ``kernel``.
+    """
+    if log_a.dim() == 4:
+        fla_gla = kernel_module(kernel, "fla.ops.gla", "diagonal-decay SSM", x)
+        if fla_gla is None:
+            from mixerdistill.ops.diagonal import diagonal_chunked
+
+            return diagonal_chunked(x, log_a, B, C, chunk_size, initial_state)
+        return fla_gla.chunk_gla(C, B, x, log_a, scale=1.0, initial_state=initial_state, output_final_state=True)
+    if library == "fla":
+        fla_simple = kernel_module(kernel, "fla.ops.simple_gla", "SSD", x)
+        if fla_simple is not None:
+            return fla_simple.chunk_simple_gla(C, B, x, g=log_a, scale=1.0, initial_state=initial_state,
+                                               output_final_state=True)
+        return ssd_chunked(x, log_a, B, C, chunk_size, initial_state)
+    mamba = kernel_module(kernel, "mamba_ssm.ops.triton.ssd_combined", "SSD", x)
+    if mamba is None:
+        return ssd_chunked(x, log_a, B, C, chunk_size, initial_state)
+    dt = (-log_a).clamp(min=1e-6)  # (B, T, H): decay exp(dt · A) with A = −1; the kernel's input is dt · x
+    y, final_state = mamba.mamba_chunk_scan_combined(
+        x / dt.unsqueeze(-1).to(x.dtype), dt, -torch.ones(x.shape[2], device=x.device, dtype=torch.float32),
+        B, C, chunk_size,
+        initial_states=None if initial_state is None else initial_state.transpose(-1, -2).contiguous(),
+        return_final_states=True)
+    return y, final_state.transpose(-1, -2)  # the kernel's states are (B, H, P, N)

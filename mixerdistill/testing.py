@@ -1,0 +1,197 @@
+"""Test helpers for mixers, as a pytest plugin (loaded automatically once mixerdistill is installed).
+
+``check_mixer(MixerClass)`` is the conformance check every mixer must pass; a plugin author calls it from
+their own tests. It builds the mixer on a tiny attention geometry in float64, perturbs its parameters
+away from any special initialisation, and asserts that
+
+  * ``mixing_matrix`` is (B, H, T, T), finite and zero above the diagonal;
+  * ``forward``, ``materialised_forward`` and a loop of ``step`` give the same outputs;
+  * the state after ``forward`` equals the state after the ``step`` loop, key by key and shape by shape,
+    and (unless ``state_grows``) has the shapes of ``init_state``: constant memory;
+  * ``forward`` continues from a state: two calls on a split sequence equal one call on all of it;
+  * gradients flow: every parameter gets a finite gradient from ``forward``, the same one as through
+    ``materialised_forward``; a loss on ``mixing_matrix`` reaches some of ``matrix_parameters`` and no
+    parameter outside them.
+
+Fixtures: ``tiny_geometry`` (the geometry the check uses), ``tiny_teacher`` (a random 2-layer Llama,
+grouped-query attention, byte-sized vocabulary) and ``register_plugin`` (registers a plugin object or
+module in the process-wide plugin manager for one test, so recipes run in-process can name its mixers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+GEOMETRY = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=8, layer_idx=0,
+                attention_bias=False, output_bias=True)
+
+
+def tiny_geometry_value():
+    from mixerdistill.mixer import AttentionGeometry
+
+    return AttentionGeometry(**GEOMETRY)
+
+
+def rotary_for(length: int, rotary_dim: int, batch: int, dtype):
+    """(cos, sin), each (B, T, rotary_dim), in transformers' half-split RoPE convention; None for rotary_dim 0."""
+    import torch
+
+    if rotary_dim == 0:
+        return None
+    inverse = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inverse[None, :]
+    angles = torch.cat([angles, angles], dim=-1).to(dtype)  # (T, rotary_dim)
+    return angles.cos().expand(batch, -1, -1), angles.sin().expand(batch, -1, -1)
+
+
+def relative_error(actual, expected) -> float:
+    """‖actual − expected‖ / ‖expected‖ (absolute when the reference is 0)."""
+    scale = expected.norm().item()
+    difference = (actual - expected).norm().item()
+    return difference / scale if scale > 0 else difference
+
+
+@dataclass
+class ConformanceReport:
+    """What ``check_mixer`` measured; every error is relative to the reference's scale."""
+
+    mixer: str
+    errors: dict[str, float] = field(default_factory=dict)
+    state_shapes: dict[str, tuple] = field(default_factory=dict)
+
+
+def check_mixer(mixer_cls, config=None, geometry=None, *, batch: int = 2, length: int = 19, cut: int = 7,
+                seed: int = 0, perturbation: float = 0.1, tolerance: float = 1e-6) -> ConformanceReport:
+    """Run the conformance check on ``mixer_cls`` (see the module docstring); raises AssertionError on failure.
+
+    ``config`` defaults to ``mixer_cls.Config()``; ``geometry`` to ``tiny_geometry``. Pick a ``length``
+    longer than the mixer's chunk size, or set a small chunk size in ``config``, so chunk boundaries are
+    crossed. Runs in float64, where all three paths agree to ~1e-12, so ``tolerance`` can be tight.
+    """
+    import torch
+
+    geometry = geometry if geometry is not None else tiny_geometry_value()
+    config = config if config is not None else mixer_cls.Config()
+    name = mixer_cls.__name__
+    report = ConformanceReport(name)
+
+    def close(label: str, actual, expected) -> None:
+        assert actual.shape == expected.shape, f"{name}: {label}: shape {tuple(actual.shape)} ≠ {tuple(expected.shape)}"
+        error = relative_error(actual, expected)
+        report.errors[label] = error
+        assert error <= tolerance, f"{name}: {label} differ by {error:.3g} (relative), tolerance {tolerance:g}"
+
+    torch.manual_seed(seed)
+    mixer = mixer_cls(geometry, config).to(torch.float64)
+    with torch.no_grad():
+        for parameter in mixer.parameters():
+            parameter.add_(perturbation * torch.randn_like(parameter))
+    u = torch.randn(batch, length, geometry.hidden_size, dtype=torch.float64)
+    rotary = rotary_for(length, geometry.rotary_dim, batch, torch.float64)
+
+    # The matrix view.
+    with torch.no_grad():
+        M = mixer.mixing_matrix(u, rotary)
+    assert M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (length, length), \
+        f"{name}: mixing_matrix must be (B, H, T, T) = ({batch}, H, {length}, {length}), got {tuple(M.shape)}"
+    assert torch.isfinite(M).all(), f"{name}: mixing_matrix has non-finite entries"
+    assert torch.equal(M.triu(1), torch.zeros_like(M)), f"{name}: mixing_matrix is not causal (entries above the diagonal)"
+
+    # Three paths, one output.
+    with torch.no_grad():
+        out, state = mixer(u, rotary=rotary)
+        assert out.shape == u.shape, f"{name}: forward must return (B, T, D), got {tuple(out.shape)}"
+        close("forward vs materialised_forward", out, mixer.materialised_forward(u, rotary))
+        stepped = mixer.init_state(batch, device=u.device, dtype=u.dtype)
+        initial_shapes = {key: tuple(value.shape) for key, value in stepped.items()}
+        outputs = []
+        for t in range(length):
+            token_rotary = None if rotary is None else tuple(r[:, t] for r in rotary)
+            o_t, stepped = mixer.step(u[:, t], stepped, rotary=token_rotary)
+            outputs.append(o_t)
+        close("forward vs step", torch.stack(outputs, dim=1), out)
+
+        # States: the same keys, shapes and values by both routes; constant size unless the mixer says not.
+        assert set(state) == set(stepped) == set(initial_shapes), \
+            f"{name}: state keys differ: forward {sorted(state)}, step {sorted(stepped)}, init_state {sorted(initial_shapes)}"
+        for key in state:
+            close(f"state '{key}' forward vs step", state[key], stepped[key])
+            report.state_shapes[key] = tuple(state[key].shape)
+            if not mixer_cls.state_grows:
+                assert tuple(state[key].shape) == initial_shapes[key], \
+                    f"{name}: state '{key}' is {tuple(state[key].shape)} after {length} tokens but " \
+                    f"{initial_shapes[key]} from init_state (set state_grows = True if that is intended)"
+
+        # Chunked prefill: continue from a state.
+        first_rotary = None if rotary is None else tuple(r[:, :cut] for r in rotary)
+        rest_rotary = None if rotary is None else tuple(r[:, cut:] for r in rotary)
+        head, middle = mixer(u[:, :cut], rotary=first_rotary)
+        tail, last = mixer(u[:, cut:], state=middle, rotary=rest_rotary)
+        close("forward continued from a state", torch.cat([head, tail], dim=1), out)
+        for key in state:
+            close(f"state '{key}' after continuing", last[key], state[key])
+
+    # Gradients: through forward and through the matrix, the same, finite and reaching every parameter.
+    weight = torch.randn_like(u)
+    gradients = []
+    for path in (lambda: mixer(u, rotary=rotary)[0], lambda: mixer.materialised_forward(u, rotary)):
+        mixer.zero_grad(set_to_none=True)
+        (path() * weight).sum().backward()
+        gradients.append({n: p.grad for n, p in mixer.named_parameters()})
+    for parameter_name, gradient in gradients[0].items():
+        assert gradient is not None, f"{name}: parameter '{parameter_name}' gets no gradient from forward"
+        assert torch.isfinite(gradient).all(), f"{name}: parameter '{parameter_name}' has a non-finite gradient"
+        close(f"gradient of '{parameter_name}' forward vs materialised", gradient, gradients[1][parameter_name])
+    assert any(g.abs().sum() > 0 for g in gradients[0].values()), f"{name}: every gradient is zero"
+
+    mixer.zero_grad(set_to_none=True)
+    mixer.mixing_matrix(u, rotary).square().sum().backward()
+    matrix_ids = {id(p) for p in mixer.matrix_parameters()}
+    reached = {n for n, p in mixer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    outside = sorted(n for n, p in mixer.named_parameters() if n in reached and id(p) not in matrix_ids)
+    assert not outside, f"{name}: {outside} shape the mixing matrix but are not in matrix_parameters()"
+    assert reached, f"{name}: no parameter shapes the mixing matrix"
+    mixer.zero_grad(set_to_none=True)
+    return report
+
+
+@pytest.fixture
+def tiny_geometry():
+    """The AttentionGeometry ``check_mixer`` uses by default: D 32, 4 heads, 2 kv heads, head_dim 8, RoPE."""
+    return tiny_geometry_value()
+
+
+@pytest.fixture
+def tiny_teacher():
+    """A random LlamaForCausalLM: 2 layers, D 64, 4 heads / 2 kv heads, vocabulary 256 (bytes), eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=0, pad_token_id=0, attn_implementation="eager")
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def register_plugin():
+    """``register_plugin(plugin, name="...")`` registers a plugin (module or object with ``register_*``
+    hookimpls) in the process-wide manager for this test; it is unregistered afterwards."""
+    from mixerdistill.plugins import get_manager
+
+    manager = get_manager()
+    names: list[str] = []
+
+    def register(plugin, name: str = "test_plugin"):
+        info = manager.register(plugin, name)
+        if name not in manager.plugins:
+            raise RuntimeError(f"plugin '{name}' failed to register (see the PluginWarning above)")
+        names.append(name)
+        return info
+
+    yield register
+    for name in names:
+        manager.unregister(name)
