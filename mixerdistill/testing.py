@@ -47,7 +47,9 @@ def rotary_for(length: int, rotary_dim: int, batch: int, dtype):
 
 
 def relative_error(actual, expected) -> float:
-    """‖actual − expected‖ / ‖expected‖ (absolute when the reference is 0)."""
+    """‖actual − expected‖ / ‖expected‖ (absolute when the reference is 0); integer tensors: 0 or inf."""
+    if not expected.is_floating_point():
+        return 0.0 if actual.equal(expected) else float("inf")
     scale = expected.norm().item()
     difference = (actual - expected).norm().item()
     return difference / scale if scale > 0 else difference
