@@ -142,15 +142,21 @@ class Recipe(Strict):
     stages: list[StageBlock] = Field(default_factory=list, description="Stages, run in order.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation after the stages.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where and what the run writes.")
+    ablation: list[MixerBlock] = Field(
+        default_factory=list, description="Mixer families that `mixerdistill ablate` compares: each one replaces "
+                                          "student.mixer in turn, on the same teacher, data and stages. "
+                                          "`mixerdistill run` ignores it.")
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in, plugin blocks included (what `recipe.yaml` records)."""
-        data = self.model_dump(mode="json", exclude={"student", "data", "stages"})
+        data = self.model_dump(mode="json", exclude={"student", "data", "stages", "ablation"})
         student = self.student.model_dump(mode="json", exclude={"mixer"})
         student["mixer"] = {"name": self.student.mixer.name, **self.student.mixer.config.model_dump(mode="json")}
         data["student"] = student
         data["data"] = {"source": self.data.source, **self.data.config.model_dump(mode="json")}
         data["stages"] = [{"name": s.name, **s.config.model_dump(mode="json")} for s in self.stages]
+        if self.ablation:
+            data["ablation"] = [{"name": m.name, **m.config.model_dump(mode="json")} for m in self.ablation]
         return data
 
 
@@ -198,6 +204,8 @@ def _plugin_blocks(recipe: Recipe):
     yield "data", recipe.data
     for i, stage in enumerate(recipe.stages):
         yield f"stages.{i}", stage
+    for i, mixer in enumerate(recipe.ablation):
+        yield f"ablation.{i}", mixer
 
 
 def _validate_plugin_blocks(recipe: Recipe, context: dict) -> list[tuple[str, str]]:
@@ -216,6 +224,9 @@ def _plugin_problems_from_raw(data: dict, context: dict) -> list[tuple[str, str]
     stages = data.get("stages")
     if isinstance(stages, list):
         candidates += [(f"stages.{i}", StageBlock, s) for i, s in enumerate(stages)]
+    ablation = data.get("ablation")
+    if isinstance(ablation, list):
+        candidates += [(f"ablation.{i}", MixerBlock, m) for i, m in enumerate(ablation)]
     for path, block_cls, raw in candidates:
         try:
             block = block_cls.model_validate(raw)

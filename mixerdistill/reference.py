@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from mixerdistill import recipe as schema
-from mixerdistill.plugins import registry
+from mixerdistill.plugins import get_manager, registry
 
 HEADER = """# Recipe reference
 
@@ -74,9 +74,16 @@ def _defaults_note(config_cls) -> list[str]:
     return ["", f"This stage changes the optimizer defaults: {spelled}."]
 
 
+def builtin_names(kind: str) -> list[str]:
+    """Names of ``kind`` registered by mixerdistill's own plugins (the reference ignores installed extras)."""
+    manager = get_manager()
+    owners = manager.registries[kind].owners
+    return [name for name in manager.registries[kind].names() if manager.plugins[owners[name]].builtin]
+
+
 def render_recipe_reference() -> str:
     lines = [HEADER, "## Top level", ""]
-    lines += _table(schema.Recipe, "", skip=("teacher", "student", "data", "stages"))
+    lines += _table(schema.Recipe, "", skip=("teacher", "student", "data", "stages", "ablation"))
     lines += ["", "## `teacher`", "", "One of the sources below, chosen by `teacher.source`."]
     for source in (schema.ConfigTeacher, schema.HubTeacher, schema.LocalTeacher, schema.GgufPackageTeacher):
         tag = typing.get_args(source.model_fields["source"].annotation)[0]
@@ -93,11 +100,13 @@ def render_recipe_reference() -> str:
         if path == "student.mixer":
             lines += ["", "## `student.mixer`", "", "The `name` field names a mixer plugin; its fields follow."]
         plugins = registry(kind)
-        for name in plugins.names():
+        for name in builtin_names(kind):
             config_cls = plugins.get(name).Config
             doc = (plugins.get(name).__doc__ or "").strip().splitlines()[0]
             lines += ["", f"{title} `{key}: {name}`", "", doc, ""]
             lines += _table(config_cls, f"{path}.") + _defaults_note(config_cls)
+    lines += ["", "## `ablation`", "", schema.Recipe.model_fields["ablation"].description,
+              "Each entry is a `student.mixer` block: `name` and that mixer's fields."]
     lines += ["", "## `eval`", ""] + _table(schema.EvalSpec, "eval.")
     lines += ["", "## `output`", ""] + _table(schema.OutputSpec, "output.")
     return "\n".join(lines) + "\n"
