@@ -34,6 +34,7 @@ def write(tmp_path: Path, recipe: dict) -> Path:
     return path
 
 
+@pytest.mark.slow  # three stage-1 runs in subprocesses
 def test_ablate_writes_table_chart_and_distances(tmp_path: Path):
     result = run_cli("ablate", str(write(tmp_path, TINY)), "--output", str(tmp_path / "out"), "--no-progress")
     assert result.returncode == 0, result.stderr
