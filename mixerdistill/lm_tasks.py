@@ -26,7 +26,7 @@ import yaml
 
 from mixerdistill.cache import cache_dir, publish_dir
 
-GENERATOR_VERSION = 1  # bump when the generated data changes, so cached task folders are rebuilt
+GENERATOR_VERSION = 2  # bump when the generated data changes, so cached task folders are rebuilt
 TASK_NAMES = ("austen_ppl", "austen_cloze", "austen_choice")
 PASSAGE_CHARS = 2000  # austen_ppl: paragraphs are gathered into passages of at least this many characters
 CLOZE_MIN_WORDS = 40  # austen_cloze: paragraphs shorter than this give too little context
@@ -36,7 +36,7 @@ CHOICES = 4
 
 _HEADING = re.compile(r"^(chapter|volume)\b|^(the )?end\b|^finis\b", re.IGNORECASE)
 _TITLES = ("Mr", "Mrs", "Dr", "St", "Col", "Capt", "Sir", "Esq", "Messrs", "Lieut", "Gen", "Rev")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’_)]*\s+(?=[\"'“‘_(]?[A-Z])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?P<close>[\"'”’_)]*)\s+(?=[\"'“‘_(]?[A-Z])")
 _LAST_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]+)(?P<tail>[.!?][\"'”’_]*)$", re.DOTALL)
 
 
@@ -54,10 +54,10 @@ def sentences(paragraph: str) -> list[str]:
     """Split a paragraph into sentences, keeping abbreviations such as "Mr. Elliot" together."""
     pieces, start = [], 0
     for match in _SENTENCE_END.finditer(paragraph):
-        before = paragraph[start:match.start()].rstrip("\"'”’_)")
+        before = paragraph[start:match.start()]
         if before.split() and before.split()[-1].rstrip(".") in _TITLES:
             continue
-        pieces.append(paragraph[start:match.start()].strip())
+        pieces.append(paragraph[start:match.end("close")].strip())
         start = match.end()
     pieces.append(paragraph[start:].strip())
     return [p for p in pieces if p]
@@ -68,8 +68,9 @@ def ppl_documents(paras: list[str]) -> list[dict]:
     documents, current = [], []
     for paragraph in paras:
         current.append(paragraph)
-        if sum(len(p) + 2 for p in current) >= PASSAGE_CHARS:
-            documents.append({"text": "\n\n".join(current)})
+        passage = "\n\n".join(current)
+        if len(passage) >= PASSAGE_CHARS:
+            documents.append({"text": passage})
             current = []
     return documents
 
