@@ -78,6 +78,7 @@ def write_run_plots(directory: Path) -> list[str]:
             axis.plot(layers, last, marker="o", markersize=3, label="end of stage")
             axis.set_title(f"stage {index}: {name}", fontsize=9)
             axis.set_xlabel("layer")
+            axis.xaxis.get_major_locator().set_params(integer=True)
             axis.legend(fontsize=8)
         axes[0][0].set_ylabel("distance to teacher")
         figure.tight_layout()
