@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from torch import nn
@@ -95,7 +96,11 @@ class MixerdistillLM(HFLM):
             checkpoint = find_checkpoint(pretrained)
             tokenizer = load_tokenizer(checkpoint)
             pretrained = load_teacher_of(checkpoint) if teacher else load_student(checkpoint)[0]
-            pretrained.to(pick_device(device or "auto"))
+            # lm-eval's command line asks for "cuda:0" unless told otherwise; like its own HF model, fall
+            # back to the CPU where CUDA is absent.
+            if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
+                device = "auto"
+            pretrained.to(pick_device(device))
         elif tokenizer is None:
             raise ValueError("a model given in memory needs its tokenizer")
         kwargs.pop("dtype", None)  # the weights keep the precision of the run
