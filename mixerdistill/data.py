@@ -78,6 +78,22 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return files
 
 
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+def _byte_characters() -> list[str]:
+    """The printable character standing for each byte value in byte-level BPE vocabularies (GPT-2's map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters, spare = [], 256
+    for byte in range(256):
+        if byte in printable:
+            characters.append(chr(byte))
+        else:
+            characters.append(chr(spare))
+            spare += 1
+    return characters
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0–255 (id 0, the NUL byte, doubles as end-of-text). For tiny test teachers."""
 
@@ -93,7 +109,20 @@ class ByteTokenizer:
 
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / "byte_tokenizer.json").write_text('{"type": "bytes"}\n')
+        (Path(directory) / BYTE_TOKENIZER_FILE).write_text('{"type": "bytes"}\n')
+
+    def to_transformers(self):
+        """The same tokenizer as a transformers ``PreTrainedTokenizerFast`` (byte-level BPE without merges:
+        the same ids), for libraries that need one, such as lm-eval."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        characters = _byte_characters()
+        backend = Tokenizer(models.BPE(vocab={c: byte for byte, c in enumerate(characters)}, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        eos = characters[self.eos_token_id]
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos)
 
 
 def tokenize_documents(tokenizer, documents: Iterable[str]) -> torch.Tensor:

@@ -114,6 +114,19 @@ class StudentSpec(Strict):
         "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not.")
 
 
+class LmEvalSpec(Strict):
+    """lm-eval tasks scored on the final student (and its teacher) after the stages."""
+
+    tasks: list[str] = Field(default_factory=list,
+                             description="lm-eval tasks or groups, e.g. [austen_ppl, austen_cloze, austen_choice] "
+                                         "(offline) or [arc_easy, piqa] (from the hub); empty: none.")
+    limit: float | None = Field(None, gt=0, description="Examples per task (below 1: a fraction of each); "
+                                                        "null: all.")
+    with_teacher: bool = Field(True, description="Also score the teacher with the same settings.")
+    batch_size: int = Field(1, ge=1, description="Requests per forward pass.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null: each task's default.")
+
+
 class EvalSpec(Strict):
     tokens: int = Field(8192, ge=0, description="Held-out tokens for perplexity (0 skips it).")
     seq_len: int = Field(256, ge=2, description="Sequence length of perplexity windows.")
@@ -123,6 +136,7 @@ class EvalSpec(Strict):
                                                              "(a perplexity-vs-tokens curve); null: never.")
     prompt: str | None = Field("Once upon a time", description="Prompt for a greedy sample in the report; null skips it.")
     max_new_tokens: int = Field(32, ge=1, description="Length of that sample.")
+    lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec, description="lm-eval benchmarks after the stages.")
 
 
 class OutputSpec(Strict):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from mixerdistill.errors import UserError
 
-def _number(value, digits: int = 2) -> str:
+PLOTS = {"loss.png": "Training loss per stage", "layer_distances.png": "Per-layer distances, start and end of stage"}
+EVAL_FILE = "eval.json"
+MOHAWK_STAGES = {"matrix_orientation": "1", "hidden_state_alignment": "2", "knowledge_distillation": "3"}
+
+
+def format_number(value, digits: int = 2) -> str:
     if value is None:
         return "–"
+    if isinstance(value, str):
+        return value
     if isinstance(value, float):
         return f"{value:,.{digits}f}" if abs(value) < 1e6 else f"{value:.3g}"
     return f"{value:,}"
@@ -17,14 +26,14 @@ def render_report(report: dict) -> str:
     teacher, student = report["teacher"], report["student"]
     lines = [f"# Run report: {report.get('recipe', '')}", ""]
     mixers = ", ".join(f"{count} × {name}" for name, count in student.get("mixers", {}).items())
-    lines += [f"Student: {mixers} ({_number(student.get('parameters'))} parameters); "
-              f"teacher: {teacher.get('adapter')} ({_number(teacher.get('parameters'))} parameters).", ""]
+    lines += [f"Student: {mixers} ({format_number(student.get('parameters'))} parameters); "
+              f"teacher: {teacher.get('adapter')} ({format_number(teacher.get('parameters'))} parameters).", ""]
     lines += ["## Held-out perplexity", "", "| model | perplexity | × teacher |", "|---|---:|---:|"]
     reference = teacher.get("perplexity")
 
     def row(label, value):
         ratio = value / reference if value is not None and reference else None
-        lines.append(f"| {label} | {_number(value)} | {_number(ratio)} |")
+        lines.append(f"| {label} | {format_number(value)} | {format_number(ratio)} |")
 
     row("teacher", reference)
     row("student after weight transfer", student.get("perplexity_after_transfer"))
@@ -35,14 +44,24 @@ def render_report(report: dict) -> str:
               "| # | stage | steps | tokens | seconds | tokens/s | loss first | loss last |",
               "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for stage in report.get("stages", []):
-        lines.append(f"| {stage['index']} | {stage['name']} | {_number(stage['steps'])} | {_number(stage['tokens'])} "
-                     f"| {_number(stage['seconds'], 1)} | {_number(stage['tokens_per_second'], 0)} "
-                     f"| {_number(stage['loss_first'], 4)} | {_number(stage['loss_last'], 4)} |")
+        lines.append(f"| {stage['index']} | {stage['name']} | {format_number(stage['steps'])} | {format_number(stage['tokens'])} "
+                     f"| {format_number(stage['seconds'], 1)} | {format_number(stage['tokens_per_second'], 0)} "
+                     f"| {format_number(stage['loss_first'], 4)} | {format_number(stage['loss_last'], 4)} |")
     curve = report.get("curve")
     if curve:
         lines += ["", "## Held-out perplexity during training", "", "| training tokens | stage | perplexity |",
                   "|---:|---:|---:|"]
-        lines += [f"| {_number(p['tokens'])} | {p['stage_index']} | {_number(p['perplexity'])} |" for p in curve]
+        lines += [f"| {format_number(p['tokens'])} | {p['stage_index']} | {format_number(p['perplexity'])} |" for p in curve]
+    evaluation = report.get("eval")
+    if evaluation:
+        from mixerdistill.harness import comparison_markdown
+
+        limit = f", limit {evaluation['limit']}" if evaluation.get("limit") is not None else ""
+        lines += ["", "## lm-eval", "", f"Tasks {', '.join(evaluation['tasks'])}{limit}.", ""]
+        lines += comparison_markdown(evaluation)
+    plots = [name for name in PLOTS if name in report.get("plots", [])]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{PLOTS[name]}]({name})" for name in plots]
     samples = report.get("samples")
     if samples:
         lines += ["", "## Greedy continuation", "", f"Prompt: `{samples['prompt']}`", "",
@@ -59,3 +78,50 @@ def write_report_markdown(path: Path, report: dict) -> None:
     from mixerdistill.checkpoint import write_text_atomic
 
     write_text_atomic(path, render_report(report))
+
+
+# -- comparing runs ----------------------------------------------------------------------------
+def summarise_run(directory: Path) -> dict:
+    """A run's headline figures: perplexities, tokens, time, and lm-eval scores (report.json's ``eval``,
+    updated by a later ``mixerdistill eval`` into eval.json)."""
+    directory = Path(directory)
+    try:
+        report = json.loads((directory / "report.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{directory} has no readable report.json: {error}") from None
+    scores = {"student": {}, "teacher": {}}
+    for entry in (report.get("eval"), _read_json(directory / EVAL_FILE)):
+        for who in scores:
+            for task, values in ((entry or {}).get(who) or {}).get("scores", {}).items():
+                scores[who][task] = values
+    stages = report.get("stages", [])
+    return {"run": str(directory), "recipe": report.get("recipe"),
+            "stages": [stage["name"] for stage in stages],
+            "teacher_perplexity": report.get("teacher", {}).get("perplexity"),
+            "student_perplexity": report.get("student", {}).get("perplexity"),
+            "training_tokens": sum(stage["tokens"] for stage in stages),
+            "training_seconds": round(sum(stage["seconds"] for stage in stages), 2),
+            "seconds": report.get("seconds"), "eval": scores}
+
+
+def comparison_table(summaries: list[dict]) -> tuple[list[str], list[tuple[str, list]]]:
+    """(column labels, rows of (name, one value per run)) for ``mixerdistill compare``."""
+    labels = [s["run"] for s in summaries]
+    rows = [("stages", [" + ".join(MOHAWK_STAGES.get(name, name) for name in s["stages"]) or "none"
+                        for s in summaries])]
+    rows += [(name.replace("_", " "), [s[name] for s in summaries])
+             for name in ("teacher_perplexity", "student_perplexity", "training_tokens", "training_seconds",
+                          "seconds")]
+    for who in ("student", "teacher"):
+        keys = dict.fromkeys((task, metric) for s in summaries for task, values in s["eval"][who].items()
+                             for metric in values)
+        rows += [(f"{who}: {task} {metric}", [s["eval"][who].get(task, {}).get(metric) for s in summaries])
+                 for task, metric in keys]
+    return labels, rows
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -26,6 +26,7 @@ from mixerdistill.console import stderr_console
 from mixerdistill.data import TokenData
 from mixerdistill.errors import UserError
 from mixerdistill.evaluation import greedy_continuation, perplexity
+from mixerdistill.plots import write_run_plots
 from mixerdistill.plugins import get_dataset, get_mixer, get_stage
 from mixerdistill.recipe import Recipe
 from mixerdistill.report import write_report_markdown
@@ -155,6 +156,7 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         return on_step
 
     finished = {entry["index"]: entry for entry in previous.get("stages", [])}
+    trained = False
     context = StageContext(teacher=teacher, student=student, adapter=adapter,
                            mixers=mixer_layers(student, adapter))
     for index, block in enumerate(recipe.stages, start=1):
@@ -165,6 +167,7 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
             student.to(device)
             report["stages"].append(finished[index])
             continue
+        trained = True
         config = block.config
         stage = get_stage(block.name)(config, context)
         seed = config.seed if config.seed is not None else recipe.seed + index
@@ -195,6 +198,17 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
             "teacher": greedy_continuation(teacher, tokenizer, recipe.eval.prompt, recipe.eval.max_new_tokens, device),
             "student": greedy_continuation(student, tokenizer, recipe.eval.prompt, recipe.eval.max_new_tokens, device),
         }
+    benchmarks = recipe.eval.lm_eval
+    if benchmarks.tasks:
+        if previous.get("eval") and not trained:
+            report["eval"] = previous["eval"]
+        else:
+            from mixerdistill.harness import EvalSettings, evaluate_pair, lm_eval_limit
+
+            settings = EvalSettings(tasks=benchmarks.tasks, limit=lm_eval_limit(benchmarks.limit),
+                                    batch_size=benchmarks.batch_size, num_fewshot=benchmarks.num_fewshot)
+            report["eval"] = evaluate_pair(student, teacher if benchmarks.with_teacher else None, tokenizer, settings)
+    report["plots"] = write_run_plots(output)
     report["seconds"] = round(time.perf_counter() - started, 2)
     _write_report(output, report)
     return report

@@ -99,6 +99,19 @@ class StageConfig(BaseModel):
         return self.steps() * self.batch_size * self.seq_len
 
 
+def teacher_attention_mixer(teacher: nn.Module, adapter: TeacherAdapter, idx: int) -> SequenceMixer:
+    """Layer ``idx`` of the teacher as a frozen softmax-attention SequenceMixer (its matrices are stage 1's
+    targets), on the teacher's device and dtype."""
+    from mixerdistill.plugins import get_mixer
+
+    attention_cls = get_mixer("attention")
+    attention = adapter.attention(adapter.layers(teacher)[idx])
+    mixer = attention_cls.from_attention(adapter.attention_weights(attention), adapter.geometry(teacher.config, idx),
+                                         attention_cls.Config())
+    reference = next(attention.parameters())
+    return mixer.to(reference.device, reference.dtype).requires_grad_(False)
+
+
 @dataclass
 class StageContext:
     """What a stage works on."""

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.plugins import get_mixer
-from mixerdistill.stages import Stage, StageConfig
+from mixerdistill.stages import Stage, StageConfig, teacher_attention_mixer
 from mixerdistill.teacher import trace_teacher
 
 
@@ -42,16 +41,9 @@ class MatrixOrientation(Stage):
 
     def __init__(self, config, context):
         super().__init__(config, context)
-        attention_cls = get_mixer("attention")
-        adapter, teacher = context.adapter, context.teacher
         for idx in context.mixers:
             if idx not in context.teacher_attention:
-                attention = adapter.attention(adapter.layers(teacher)[idx])
-                mixer = attention_cls.from_attention(adapter.attention_weights(attention),
-                                                     adapter.geometry(teacher.config, idx),
-                                                     attention_cls.Config())
-                reference = next(attention.parameters())
-                context.teacher_attention[idx] = mixer.to(reference.device, reference.dtype).requires_grad_(False)
+                context.teacher_attention[idx] = teacher_attention_mixer(context.teacher, context.adapter, idx)
 
     def trainable_parameters(self):
         return [p for mixer in self.context.mixers.values() for p in mixer.matrix_parameters()]

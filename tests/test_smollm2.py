@@ -17,7 +17,7 @@ def test_short_smollm2_run_learns(tmp_path):
                         stage % ("knowledge_distillation", ", freeze: [mlp, norms, embeddings]")])
     result = run_cli("run", str(REPO / "recipes" / "smollm2_mamba.yaml"), "--output", str(output), "--no-progress",
                      "--set", f"stages=[{stages}]", "--set", "eval.tokens=1024", "--set", "eval.seq_len=128",
-                     "--set", "eval.max_new_tokens=8")
+                     "--set", "eval.max_new_tokens=8", "--set", "eval.lm_eval.limit=4")
     assert result.returncode == 0, result.stderr
     report = json.loads((output / "report.json").read_text())
     assert report["student"]["mixers"] == {"discrete_mamba2": 30}
@@ -25,3 +25,8 @@ def test_short_smollm2_run_learns(tmp_path):
     assert report["student"]["perplexity"] < report["student"]["perplexity_after_transfer"]
     assert [s["tokens"] for s in report["stages"]] == [512, 512, 512]
     assert report["samples"]["teacher"].strip()
+    # the recipe's offline lm-eval tasks ran on both models; SmolLM2 reads Austen far better than bytes at random
+    evaluation = report["eval"]
+    assert set(evaluation["student"]["scores"]) == {"austen_ppl", "austen_cloze", "austen_choice"}
+    assert 0 < evaluation["teacher"]["scores"]["austen_ppl"]["bits_per_byte"] < 2
+    assert "## lm-eval" in (output / "report.md").read_text()

@@ -1,0 +1,138 @@
+"""``mixerdistill eval``, ``lm-eval``, ``compare`` and ``inspect``: judging distilled students."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mixerdistill.cli import app
+from mixerdistill.console import stderr_console, stdout_console
+
+
+@app.command("eval")
+def eval_command(
+        target: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOINT",
+                                      help="A run directory (its last stage is used) or a stage checkpoint folder."),
+        tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval tasks or groups, e.g. "
+                                                        "austen_ppl,austen_cloze,austen_choice or arc_easy,piqa."),
+        limit: float = typer.Option(None, "--limit", min=0, help="Examples per task (below 1: a fraction)."),
+        with_teacher: bool = typer.Option(False, "--with-teacher", help="Also score the teacher, same settings."),
+        batch_size: int = typer.Option(1, "--batch-size", min=1, help="Requests per forward pass."),
+        num_fewshot: int = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples (task default)."),
+        device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', 'cuda:1', …"),
+        output: Path = typer.Option(None, "--output", "-o", help="Where to write the scores (default: eval.json "
+                                                                 "in the run directory).")):
+    """Score a student (and its teacher) with lm-eval; prints a side-by-side table, writes eval.json."""
+    from mixerdistill.checkpoint import load_student, write_text_atomic
+    from mixerdistill.errors import UserError
+    from mixerdistill.harness import (EvalSettings, comparison_rows, evaluate_pair, find_checkpoint,
+                                      lm_eval_limit, load_teacher_of, load_tokenizer)
+    from mixerdistill.run import RECIPE_FILE, pick_device
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise UserError("--tasks: give at least one task")
+    checkpoint = find_checkpoint(target)
+    run_dir = checkpoint.parent if (checkpoint.parent / RECIPE_FILE).is_file() else checkpoint
+    torch_device = pick_device(device)
+    stderr_console.print(f"[bold]eval[/]: student from {checkpoint}")
+    tokenizer = load_tokenizer(checkpoint)
+    student, _ = load_student(checkpoint, torch_device)
+    teacher = load_teacher_of(checkpoint).to(torch_device) if with_teacher else None
+    settings = EvalSettings(tasks=names, limit=lm_eval_limit(limit), batch_size=batch_size,
+                            num_fewshot=num_fewshot)
+    entry = {"checkpoint": str(checkpoint), **evaluate_pair(student, teacher, tokenizer, settings)}
+    path = output or run_dir / "eval.json"
+    write_text_atomic(path, json.dumps(entry, indent=2) + "\n")
+    stdout_console.print(_scores_table(comparison_rows(entry), f"lm-eval: {checkpoint}"))
+    stderr_console.print(f"[bold]wrote[/] {path}")
+
+
+def _scores_table(rows: list[dict], title: str) -> Table:
+    from mixerdistill.report import format_number
+
+    table = Table(title=title)
+    for column, justify in (("task", "left"), ("metric", "left"), ("teacher", "right"), ("student", "right"),
+                            ("student / teacher", "right")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(row["task"], row["metric"], format_number(row["teacher"], 4),
+                      format_number(row["student"], 4), format_number(row["ratio"], 3))
+    return table
+
+
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                          "help_option_names": []})
+def lm_eval_command(context: typer.Context):
+    """The full lm-eval command line with the `mixerdistill` model type and the offline tasks.
+
+    Everything after `--` goes to lm-eval unchanged, e.g.
+    `mixerdistill lm-eval -- run --model mixerdistill --model_args pretrained=runs/demo --tasks austen_cloze`.
+    """
+    from lm_eval._cli import HarnessCLI
+
+    import mixerdistill.harness  # noqa: F401  (registers the `mixerdistill` model type)
+    from mixerdistill.errors import UserError
+    from mixerdistill.lm_tasks import austen_task_dir
+
+    parser = HarnessCLI()
+    saved, sys.argv = sys.argv, ["lm-eval", *context.args]
+    try:
+        arguments = parser.parse_args()
+    finally:
+        sys.argv = saved
+    if hasattr(arguments, "include_path"):
+        try:
+            ours = str(austen_task_dir())
+        except UserError as error:
+            stderr_console.print(f"[yellow]warning:[/] the offline austen_* tasks are unavailable: {error}")
+        else:
+            arguments.include_path = [p for p in (arguments.include_path, ours) if p]
+    parser.execute(arguments)
+
+
+@app.command("compare")
+def compare_command(runs: list[Path] = typer.Argument(..., help="Run directories."),
+                    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """One table of perplexity, eval scores, tokens and time across runs (e.g. stage ablations)."""
+    from mixerdistill.report import comparison_table, format_number, summarise_run
+
+    summaries = [summarise_run(run) for run in runs]
+    labels, rows = comparison_table(summaries)
+    if as_json:
+        print(json.dumps(summaries, indent=2))
+        return
+    table = Table(title="mixerdistill runs")
+    table.add_column("")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for name, values in rows:
+        table.add_row(name, *(format_number(v, 4 if isinstance(v, float) and abs(v) < 10 else 2)
+                              for v in values))
+    stdout_console.print(table)
+
+
+@app.command("inspect")
+def inspect_command(run: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOINT"),
+                    layer: int = typer.Option(..., "--layer", min=0, help="Layer index."),
+                    head: int = typer.Option(0, "--head", min=0, help="Head index."),
+                    tokens: int = typer.Option(64, "--tokens", min=2, help="Length of the held-out sequence."),
+                    output: Path = typer.Option(None, "--output", "-o",
+                                                help="PNG to write (default: inspect_layer<L>_head<H>.png "
+                                                     "in the run directory).")):
+    """Draw the teacher's attention matrix beside the student's mixing matrix for one held-out sequence."""
+    from mixerdistill.harness import find_checkpoint
+    from mixerdistill.plots import inspect_mixing
+    from mixerdistill.run import RECIPE_FILE
+
+    checkpoint = find_checkpoint(run)
+    run_dir = checkpoint.parent if (checkpoint.parent / RECIPE_FILE).is_file() else checkpoint
+    path = output or run_dir / f"inspect_layer{layer}_head{head}.png"
+    distance = inspect_mixing(checkpoint, layer, head, tokens, path)
+    stdout_console.print(f"layer {layer}, head {head}: ‖A_teacher − M_student‖_F = {distance:.4f} "
+                         f"over {tokens} tokens")
+    stderr_console.print(f"[bold]wrote[/] {path}")
