@@ -6,7 +6,6 @@ One backward per step, so the loop stays friendly to data parallelism.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
@@ -124,10 +123,13 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                     problem = f"loss is {loss.item()}; {locate_nonfinite_forward(model, stage, input_ids)}"
                 else:
                     loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        parameters, config.grad_clip if config.grad_clip is not None else math.inf)
+                    # clip_grad_norm_ in two halves: the gradients must be inspected before clipping
+                    # scales every one of them by a non-finite factor.
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
                     if not torch.isfinite(grad_norm):
                         problem = f"gradient norm is {grad_norm.item()}; {locate_nonfinite_gradient(model)}"
+                    elif config.grad_clip is not None:
+                        torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, grad_norm)
                 if problem is not None:
                     optimizer.zero_grad(set_to_none=True)
                     message = f"stage '{name}', step {step} of {total_steps}: {problem}"
