@@ -137,7 +137,7 @@ class StageBlock(PluginBlock):
 # -- the recipe --------------------------------------------------------------------------------
 class StudentSpec(Strict):
     mixer: MixerBlock = Field(description="The mixer that replaces attention, with its Config fields.")
-    keep_attention: list[int] = Field(default_factory=list,
+    keep_attention: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list,
                                       description="Layer indices that keep the teacher's attention (hybrids).")
     init: Literal["transfer", "random"] = Field(
         "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not.")

@@ -48,27 +48,29 @@ def stage_directory(output: Path, index: int, name: str) -> Path:
     return output / f"stage_{index}_{name}"
 
 
-def prepare_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Create the run directory, refusing to touch an existing run unless asked to."""
-    resolved = recipe.resolved()
+def check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless asked to (writes nothing)."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()):
-        if overwrite:
-            shutil.rmtree(output)
-        elif resume:
-            recorded = output / RECIPE_FILE
-            if not recorded.is_file():
-                raise UserError(f"cannot resume: {output} has no {RECIPE_FILE}")
-            if yaml.safe_load(recorded.read_text()) != json.loads(json.dumps(resolved)):
-                raise UserError(f"cannot resume: the recipe differs from the one recorded in {recorded}; "
-                                f"use --overwrite to start again or choose another --output")
-        else:
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        if not resume:
             raise UserError(f"output directory {output} is not empty: pass --resume to continue that run "
                             f"or --overwrite to replace it")
+        recorded = output / RECIPE_FILE
+        if not recorded.is_file():
+            raise UserError(f"cannot resume: {output} has no {RECIPE_FILE}")
+        if yaml.safe_load(recorded.read_text()) != json.loads(json.dumps(recipe.resolved())):
+            raise UserError(f"cannot resume: the recipe differs from the one recorded in {recorded}; "
+                            f"use --overwrite to start again or choose another --output")
+
+
+def prepare_output(output: Path, recipe: Recipe, overwrite: bool) -> None:
+    """Create the run directory (emptied first with ``overwrite``) and record the resolved recipe."""
     with writing(output):
+        if overwrite and output.is_dir():
+            shutil.rmtree(output)
         output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+    write_text_atomic(output / RECIPE_FILE, yaml.safe_dump(recipe.resolved(), sort_keys=False))
 
 
 def pick_device(requested: str) -> torch.device:
@@ -83,8 +85,9 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
             show_progress: bool = True) -> dict:
     """Run every stage of ``recipe`` into ``output`` and return the report."""
     log = stderr_console.print
+    # Everything that can reject the recipe runs before the first file is written.
     device = pick_device(recipe.device)
-    prepare_output(output, recipe, resume, overwrite)
+    check_output(output, recipe, resume, overwrite)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     previous = _load_json(output / REPORT_FILE) if resume else {}
@@ -94,7 +97,6 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
     teacher, tokenizer = load_teacher(recipe.teacher)
     teacher.to(device)
     adapter = find_adapter(teacher.config, recipe.teacher.adapter)
-    tokenizer.save_pretrained(output / "tokenizer")
 
     log("[bold]data[/]: tokenising")
     source_cls = get_dataset(recipe.data.source)
@@ -110,6 +112,9 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
                        teacher=recipe.teacher.model_dump(mode="json"),
                        teacher_config=teacher.config.to_dict())
     counts = mixer_counts(student, adapter, mixer_name)
+    prepare_output(output, recipe, overwrite)
+    with writing(output / "tokenizer"):
+        tokenizer.save_pretrained(output / "tokenizer")
     log(f"[bold]student[/]: {', '.join(f'{n} × {k}' for k, n in counts.items())}")
 
     def measure(model) -> float | None:
