@@ -6,6 +6,8 @@ slow tests SIGKILL a real `mixerdistill run` subprocess mid-stage and mid-checkp
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import signal
@@ -19,8 +21,9 @@ import torch
 import yaml
 
 from conftest import REPO, run_cli
-from mixerdistill.checkpoint import FAULT_VARIABLE, MANIFEST_FILE, StageProgress, is_complete
+from mixerdistill.checkpoint import FAULT_VARIABLE, MANIFEST_FILE, STATE_FILE, StageProgress, is_complete
 from mixerdistill.data import TokenData
+from mixerdistill.errors import OutputError, UserError
 from mixerdistill.recipe import load_recipe
 from mixerdistill.run import execute
 
@@ -207,3 +210,54 @@ def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, subprocess_reference
     assert "resuming after step 10" in resumed.stderr
     assert final_weights(run) == final_weights(reference)
     assert metrics_without_timings(run) == metrics_without_timings(reference)
+
+
+def test_disk_full_while_checkpointing_then_resume(tmp_path, monkeypatch, keep_threads, reference):
+    """ENOSPC from the writer of the 2nd checkpoint: a clear error, the 1st checkpoint intact, no
+    temporary folder left, and --resume finishes with the same weights."""
+    import mixerdistill.checkpoint as checkpoint
+
+    recipe = load_recipe(write_recipe(tmp_path))
+    run = tmp_path / "run"
+    original, calls = checkpoint.save_model, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_model", full_disk)
+        with pytest.raises(OutputError, match="No space left on device.*--resume"):
+            execute(recipe, run, show_progress=False)
+    root = run / "resume" / "stage_1_matrix_orientation"
+    assert [p.name for p in root.iterdir()] == ["step_00000005"]
+    execute(recipe, run, resume=True, show_progress=False)
+    assert final_weights(run) == final_weights(reference)
+
+
+def test_progress_state_is_loaded_without_unpickling_code(tmp_path, monkeypatch, keep_threads):
+    """A state.pt carrying pickled code (with a manifest that matches it) is refused, not run."""
+    import pickle
+
+    recipe = load_recipe(write_recipe(tmp_path))
+    run = tmp_path / "run"
+    crash_at(monkeypatch, 1, 7)
+    with pytest.raises(Crash):
+        execute(recipe, run, show_progress=False)
+    monkeypatch.undo()
+    point = StageProgress(run / "resume" / "stage_1_matrix_orientation").latest()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (point.directory / STATE_FILE).write_bytes(pickle.dumps({"optimizer": Payload()}))
+    manifest = json.loads((point.directory / MANIFEST_FILE).read_text())
+    manifest["files"][STATE_FILE] = hashlib.sha256((point.directory / STATE_FILE).read_bytes()).hexdigest()
+    (point.directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        execute(recipe, run, resume=True, show_progress=False)
+    assert not marker.exists()
