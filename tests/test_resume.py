@@ -254,7 +254,7 @@ def test_progress_state_is_loaded_without_unpickling_code(tmp_path, monkeypatch,
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    (point.directory / STATE_FILE).write_bytes(pickle.dumps({"optimizer": Payload()}))
+    (point.directory / STATE_FILE).write_bytes(pickle.dumps({"optimizer": Payload()}, protocol=2))
     manifest = json.loads((point.directory / MANIFEST_FILE).read_text())
     manifest["files"][STATE_FILE] = hashlib.sha256((point.directory / STATE_FILE).read_bytes()).hexdigest()
     (point.directory / MANIFEST_FILE).write_text(json.dumps(manifest))
