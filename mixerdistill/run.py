@@ -143,8 +143,8 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         report["student"]["perplexity_after_transfer"] = measure(student)
     _write_report(output, report)
 
-    report["curve"] = previous.get("curve", [])  # trimmed to the stages kept, in the loop below
-    if recipe.eval.every_tokens and not report["curve"] and report["student"]["perplexity_after_transfer"]:
+    report["curve"] = []  # a finished stage's points come from its checkpoint's manifest
+    if recipe.eval.every_tokens and report["student"]["perplexity_after_transfer"]:
         report["curve"].append({"stage_index": 0, "tokens": 0,
                                 "perplexity": report["student"]["perplexity_after_transfer"]})
 
@@ -164,7 +164,9 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
             return {"perplexity": value}
         return on_step
 
-    finished = {entry["index"]: entry for entry in previous.get("stages", [])}
+    def stage_curve(index: int) -> list[dict]:
+        return [p for p in report["curve"] if p["stage_index"] == index]
+
     context = StageContext(teacher=teacher, student=student, adapter=adapter,
                            mixers=mixer_layers(student, adapter))
     metrics_path = output / METRICS_FILE
@@ -172,20 +174,20 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
     resuming = resume  # true until the first stage that is not finished
     for index, block in enumerate(recipe.stages, start=1):
         directory = stage_directory(output, index, block.name)
-        manifest = read_manifest(directory) if resuming and index in finished else None
-        if manifest is not None:
+        manifest = read_manifest(directory) if resuming else None
+        if manifest is not None and "stage" in manifest:
             log(f"[bold]stage {index}[/] {block.name}: finished earlier, loading {directory.name}")
             load_weights(student, directory)
             student.to(device)
-            report["stages"].append(finished[index])
-            metrics_bytes = manifest.get("metrics_bytes", metrics_bytes)
+            report["stages"].append(manifest["stage"])
+            report["curve"] += manifest["curve"]
+            metrics_bytes = manifest["metrics_bytes"]
             continue
         config = block.config
         progress = StageProgress(output / PROGRESS_DIR / directory.name, recipe.output.checkpoint.every_steps,
                                  recipe.output.checkpoint.every_minutes)
         point = progress.latest() if resuming else None
         resuming = False
-        report["curve"] = [p for p in report["curve"] if p["stage_index"] < index]
         if point is None:
             progress.clear()
             truncate(metrics_path, metrics_bytes)
@@ -202,15 +204,15 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         result = train_stage(stage, block.name, student, batches, metrics_path, device,
                              show_progress=show_progress, on_step=curve_point(index, config),
                              progress=progress, start=point,
-                             progress_info=lambda index=index: {
-                                 "curve": [p for p in report["curve"] if p["stage_index"] == index]})
+                             progress_info=lambda index=index: {"curve": stage_curve(index)})
         entry = {"index": index, "name": block.name, "steps": result.steps, "tokens": result.tokens,
                  "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 2),
                  "loss_first": result.loss_first, "loss_last": result.loss_last,
                  "perplexity_after": measure(student) if recipe.eval.after_each_stage else None}
         metrics_bytes = metrics_path.stat().st_size
         if recipe.output.save_every_stage:
-            save_checkpoint(student, spec, directory, extra={"stage": entry, "metrics_bytes": metrics_bytes})
+            save_checkpoint(student, spec, directory,
+                            extra={"stage": entry, "metrics_bytes": metrics_bytes, "curve": stage_curve(index)})
         progress.clear()
         report["stages"].append(entry)
         _write_report(output, report)

@@ -137,6 +137,28 @@ def test_crash_then_resume_gives_identical_weights(tmp_path, monkeypatch, keep_t
     assert not (run / "resume").exists()  # progress checkpoints go once their stage is done
 
 
+def test_crash_twice_then_resume(tmp_path, monkeypatch, keep_threads, reference, capsys):
+    """A resumed run that is interrupted again still resumes to the same weights and figures."""
+    recipe = load_recipe(write_recipe(tmp_path))
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        crash_at(patch, 2, 7)  # stage 2 stops after 7 steps (checkpoint at 5)
+        with pytest.raises(Crash):
+            execute(recipe, run, show_progress=False)
+    with monkeypatch.context() as patch:
+        crash_at(patch, 1, 6)  # the resumed stage 2 runs steps 6-11 (checkpoint at 10) and stops
+        with pytest.raises(Crash):
+            execute(recipe, run, resume=True, show_progress=False)
+    assert StageProgress(run / "resume" / "stage_2_hidden_state_alignment").latest().step == 10
+    capsys.readouterr()
+    execute(recipe, run, resume=True, show_progress=False)
+    log = capsys.readouterr().err
+    assert "stage 1 matrix_orientation: finished earlier" in log and "resuming after step 10" in log
+    assert final_weights(run) == final_weights(reference)
+    assert metrics_without_timings(run) == metrics_without_timings(reference)
+    assert comparable_report(run) == comparable_report(reference)
+
+
 def test_newest_complete_progress_checkpoint_wins(tmp_path, monkeypatch, keep_threads):
     recipe = load_recipe(write_recipe(tmp_path, every_steps=2))
     run = tmp_path / "run"
