@@ -18,8 +18,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from mixerdistill.console import stderr_console
 from mixerdistill.checkpoint import ResumePoint, StageProgress
+from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError, writing
 from mixerdistill.stages import Stage
 
