@@ -42,7 +42,7 @@ def nan_output_hook(flag: dict):
 def test_nonfinite_activation_names_stage_step_and_module(tmp_path):
     stage, student = make_stage()
     flag = {"on": False}
-    student.get_submodule("model.layers.1.self_attn.mixer.conv1d").register_forward_hook(nan_output_hook(flag))
+    student.get_submodule("model.layers.1.self_attn.mixer.in_proj").register_forward_hook(nan_output_hook(flag))
     progress = StageProgress(tmp_path / "progress", every_steps=1)
     with pytest.raises(NonFiniteLoss) as caught:
         train_stage(stage, "knowledge_distillation", student, poisoned_batches({4, 5, 6}, flag),
@@ -50,7 +50,7 @@ def test_nonfinite_activation_names_stage_step_and_module(tmp_path):
     message = str(caught.value)
     assert "stage 'knowledge_distillation', step 4 of 8" in message
     assert "loss is nan" in message
-    assert "module 'model.layers.1.self_attn.mixer.conv1d'" in message
+    assert "module 'model.layers.1.self_attn.mixer.in_proj'" in message
     # The last good checkpoint (after step 3) is intact and holds the weights the stage stopped with.
     point = progress.latest()
     assert point.step == 3
