@@ -51,6 +51,13 @@ class AttentionGeometry:
     def scale(self) -> float:
         return self.softmax_scale if self.softmax_scale is not None else self.head_dim**-0.5
 
+    @property
+    def query_groups(self) -> int:
+        """Query heads per key/value head (1 without GQA); ValueError when they do not divide."""
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
+        return self.num_heads // self.num_kv_heads
+
 
 @dataclass
 class AttentionWeights:
@@ -141,5 +148,5 @@ def copy_projection(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor 
 def repeat_kv_rows(geometry: AttentionGeometry, weight: torch.Tensor) -> torch.Tensor:
     """(H_kv·d, D) → (H·d, D): a k/v projection repeated for grouped-query attention, as transformers'
     ``repeat_kv`` does (kv head g serves query heads g·H/H_kv … (g+1)·H/H_kv − 1)."""
-    d, groups = geometry.head_dim, geometry.num_heads // geometry.num_kv_heads
+    d, groups = geometry.head_dim, geometry.query_groups
     return weight.view(geometry.num_kv_heads, d, -1).repeat_interleave(groups, dim=0).flatten(0, 1)

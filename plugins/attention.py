@@ -55,9 +55,7 @@ class AttentionMixer(SequenceMixer):
     def __init__(self, geometry: AttentionGeometry, config: MixerConfig):
         super().__init__(geometry, config)
         g = geometry
-        if g.num_heads % g.num_kv_heads:
-            raise ValueError(f"{g.num_heads} query heads are not a multiple of {g.num_kv_heads} kv heads")
-        self.groups = g.num_heads // g.num_kv_heads
+        self.groups = g.query_groups
         self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=g.attention_bias)
         self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.attention_bias)
         self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.attention_bias)

@@ -56,9 +56,7 @@ class LinearAttention(SequenceMixer):
         config = config if config is not None else self.Config()
         super().__init__(geometry, config)
         g = geometry
-        if g.num_heads % g.num_kv_heads:
-            raise ValueError(f"{g.num_heads} query heads are not a multiple of {g.num_kv_heads} kv heads")
-        self.groups = g.num_heads // g.num_kv_heads
+        self.groups = g.query_groups
         self.feature_dim = 2 * g.head_dim if config.feature_map == "hedgehog" else g.head_dim  # N
         self.q_proj = nn.Linear(g.hidden_size, g.num_heads * g.head_dim, bias=g.attention_bias)
         self.k_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.attention_bias)

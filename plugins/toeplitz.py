@@ -30,9 +30,7 @@ class Toeplitz(SequenceMixer):
         config = config if config is not None else self.Config()
         super().__init__(geometry, config)
         g = geometry
-        if g.num_heads % g.num_kv_heads:
-            raise ValueError(f"{g.num_heads} query heads are not a multiple of {g.num_kv_heads} kv heads")
-        self.groups = g.num_heads // g.num_kv_heads
+        self.groups = g.query_groups
         self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.attention_bias)
         self.o_proj = nn.Linear(g.num_heads * g.head_dim, g.hidden_size, bias=g.output_bias)
         a = config.a_init

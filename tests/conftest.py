@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,16 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
     environment = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mixerdistill", *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def cli_in_process(*args: str) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of the CLI run in this process (fast; no interpreter start-up)."""
+    from mixerdistill.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            return exit_.code, out.getvalue()
+    return 0, out.getvalue()

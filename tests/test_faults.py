@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import transformers
 
-from conftest import REPO
-from mixerdistill.cli import main
+from conftest import REPO, cli_in_process
 from mixerdistill.errors import UserError
 from mixerdistill.recipe import validate_recipe
 from mixerdistill.teacher_sources import load_teacher
@@ -18,20 +15,10 @@ from mixerdistill.teacher_sources import load_teacher
 TINY = str(REPO / "recipes" / "tiny.yaml")
 
 
-def cli(*args: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(out):
-        try:
-            main(list(args))
-        except SystemExit as exit_:
-            return exit_.code, out.getvalue()
-    return 0, out.getvalue()
-
-
 def test_unwritable_output_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, text = cli("run", TINY, "--output", str(blocker / "run"), "--no-progress",
+    code, text = cli_in_process("run", TINY, "--output", str(blocker / "run"), "--no-progress",
                      "--set", "stages=[]", "--set", "eval.tokens=0")
     assert code == 2 and "Traceback" not in text
     assert f"cannot write {blocker / 'run'}: Not a directory" in text and "--resume" in text

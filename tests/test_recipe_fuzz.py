@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO
-from mixerdistill.cli import main
+from conftest import REPO, cli_in_process
 
 MIN_CASES = 300
 
@@ -231,17 +228,6 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _cli(*args: str) -> tuple[int, str]:
-    """(exit code, stdout + stderr) of the CLI run in this process."""
-    out = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(out):
-        try:
-            main(list(args))
-        except SystemExit as exit_:
-            return exit_.code, out.getvalue()
-    return 0, out.getvalue()
-
-
 def test_mutated_recipes_fail_cleanly(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
     recipe, output = folder / "recipe.yaml", folder / "out"
@@ -256,7 +242,7 @@ def test_mutated_recipes_fail_cleanly(tmp_path_factory):
         before = _snapshot(folder)
         args = ["run", str(recipe), "--output", str(output), "--no-progress"] if command == "run" \
             else ["validate", str(recipe)]
-        code, text = _cli(*args)
+        code, text = cli_in_process(*args)
         assert code == 2, (mutation, text)
         assert "Traceback" not in text, text
         assert "error:" in text and mutation.location in text, (mutation.location, text)
@@ -277,5 +263,5 @@ def test_examples_of_mutations(tmp_path, text, location):
     """Two fixed cases, so a failure of the property test has a simple neighbour to compare with."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
-    code, output = _cli("validate", str(recipe))
+    code, output = cli_in_process("validate", str(recipe))
     assert code == 2 and location in output and "Traceback" not in output
