@@ -23,11 +23,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding, SequenceMixer,
-                                State, copy_projection, repeat_kv_rows)
+from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
+                                SequenceMixer, State, copy_projection, repeat_kv_rows)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_matrix_rows, ssd_step
 
 
 class Mamba2(SequenceMixer):
@@ -130,8 +130,12 @@ class Mamba2(SequenceMixer):
 
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → M (B, H, T, T) = L ∘ (C (dt ⊙ B)ᵀ); the pre-norm output is M @ x + D x."""
+        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
+
+    def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
+        """(B, T, D) → row blocks of M, keeping only dt·B, C and the decays (O(T) memory)."""
         _, B, C, log_a, _, _ = self._project(hidden_states)
-        return ssd_materialised_matrix(log_a, B, C)
+        return ssd_matrix_rows(log_a, B, C)
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → out_proj(norm((M @ x + D x) ⊙ silu(z)))."""

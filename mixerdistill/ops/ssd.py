@@ -7,8 +7,9 @@ Notation (Dao & Gu, 2024): per head, state S_t (N × P), decay a_t ∈ (0, 1], i
 equivalently y = M x with M[i, j] = (C_i · B_j) · Π_{k=j+1..i} a_k for j ≤ i, 0 above the diagonal.
 Decays enter as ``log_a = log a_t ≤ 0``. Layout everywhere: (B, T, H, ·); states (B, H, N, P).
 
-Three paths that must agree: ``ssd_materialised_matrix`` (the T × T matrix, stage 1 and tests),
-``ssd_chunked`` (the fast path) and ``ssd_step`` (one token, recurrent decoding).
+Three paths that must agree: ``ssd_materialised_matrix`` (the T × T matrix, stage 1 and tests; built by
+row blocks with ``ssd_matrix_rows``), ``ssd_chunked`` (the fast path) and ``ssd_step`` (one token,
+recurrent decoding).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from mixerdistill.mixer import MatrixRows
 from mixerdistill.ops.kernels import KernelChoice, kernel_module
 
 
@@ -41,13 +43,31 @@ def ssd_materialised_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tenso
     With log_a (B, T, H, N), a decay per state dimension, this is
     ``mixerdistill.ops.diagonal.diagonal_materialised_matrix`` (``chunk_size`` bounds its memory).
     """
+    length = C.shape[1]
+    return ssd_matrix_rows(log_a, B, C, chunk_size)(0, length)
+
+
+def ssd_matrix_rows(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int = 64) -> MatrixRows:
+    """Row blocks of the SSD mixing matrix without materialising it: ``rows(start, stop)`` →
+    M[:, :, start:stop, :stop] (B, H, stop − start, stop). Shapes as ``ssd_materialised_matrix``.
+
+    Only the (B, H, T) cumulative log decay is kept between calls. A decay per state dimension has no such
+    factorisation here: its matrix is materialised once and sliced.
+    """
     if log_a.dim() == 4:
         from mixerdistill.ops.diagonal import diagonal_materialised_matrix
 
-        return diagonal_materialised_matrix(log_a, B, C, chunk_size)
-    decay = torch.exp(segsum(log_a.transpose(1, 2))).to(C.dtype)  # (B, H, T, T)
-    scores = C.transpose(1, 2) @ B.permute(0, 2, 3, 1)  # (B, H, T, N) @ (B, H, N, T) → (B, H, T, T)
-    return scores * decay
+        matrix = diagonal_materialised_matrix(log_a, B, C, chunk_size)
+        return lambda start, stop: matrix[:, :, start:stop, :stop]
+    cum = torch.cumsum(log_a.transpose(1, 2).to(torch.promote_types(log_a.dtype, torch.float32)), dim=-1)  # (B, H, T)
+    B_heads, C_heads = B.transpose(1, 2), C.transpose(1, 2)  # (B, H, T, N)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        above = torch.arange(start, stop, device=cum.device)[:, None] < torch.arange(stop, device=cum.device)
+        decay = (cum[..., start:stop, None] - cum[..., None, :stop]).masked_fill_(above, float("-inf")).exp_()
+        return (C_heads[:, :, start:stop] @ B_heads[:, :, :stop].transpose(-1, -2)) * decay.to(C.dtype)
+
+    return rows
 
 
 def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
