@@ -30,6 +30,8 @@ def apply_rotary(x: torch.Tensor, rotary: RotaryEmbedding, rotary_dim: int) -> t
     if rotary is None:
         raise ValueError(f"this attention layer applies RoPE to {rotary_dim} dims per head but got no rotary")
     cos, sin = (t.unsqueeze(2).to(x.dtype) for t in rotary)
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 

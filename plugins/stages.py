@@ -174,6 +174,11 @@ class HiddenStateAlignment(Stage):
         return total, metrics
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, without a pass over the (B·T, vocab) logits when it is 1."""
+    return logits if temperature == 1 else logits / temperature
+
+
 class KnowledgeDistillation(Stage):
     """Stage 3: end-to-end distillation from the teacher's logits."""
 
@@ -209,8 +214,8 @@ class KnowledgeDistillation(Stage):
             teacher_logits = context.teacher(input_ids=input_ids, use_cache=False).logits
         student_logits = context.student(input_ids=input_ids, use_cache=False).logits
         vocab = student_logits.shape[-1]
-        student_log_probs = F.log_softmax(student_logits.float().view(-1, vocab) / temperature, dim=-1)
-        teacher_log_probs = F.log_softmax(teacher_logits.float().view(-1, vocab) / temperature, dim=-1)
+        student_log_probs = F.log_softmax(_tempered(student_logits.float().view(-1, vocab), temperature), dim=-1)
+        teacher_log_probs = F.log_softmax(_tempered(teacher_logits.float().view(-1, vocab), temperature), dim=-1)
         kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
         kl = kl * temperature**2
         metrics = {"kl": kl.item()}

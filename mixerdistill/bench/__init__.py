@@ -159,8 +159,7 @@ def smollm2(recipe_path: Path = SMOLLM2_RECIPE):
 
     logging.disable_progress_bar()
     recipe = load_recipe(recipe_path)
-    mixer = recipe.student.mixer
-    if "kernel" in type(mixer.config).model_fields:  # CPU benchmarks: the reference path, without its notice
-        mixer.config = mixer.config.model_copy(update={"kernel": "reference"})
+    if "kernel" in type(recipe.student.mixer.config).model_fields:  # CPU: the reference path, without its notice
+        recipe = load_recipe(recipe_path, ["student.mixer.kernel=reference"])
     teacher, _ = load_teacher(recipe.teacher)
-    return recipe, teacher, find_adapter(teacher.config), get_mixer(mixer.name)
+    return recipe, teacher, find_adapter(teacher.config), get_mixer(recipe.student.mixer.name)
