@@ -35,7 +35,8 @@ class DiscreteMamba2(SequenceMixer):
         head_dim: int | None = Field(None, ge=1, description="P, width of x per head (None: the teacher's head_dim)")
         num_heads: int | None = Field(None, ge=1, description="H, number of heads (None: the teacher's num_heads)")
         d_conv: int = Field(4, ge=1, description="kernel size of the causal depthwise conv over x‖B‖C")
-        chunk_size: int = Field(128, ge=1, description="Q, tokens per chunk of the chunked SSD")
+        chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
+                                                      "docs/performance.md; the CUDA kernels favour 256)")
         conv_init: Literal["identity", "random"] = Field(
             "identity", description="identity: kernel [0, …, 0, 1], bias 0; random: nn.Conv1d's default")
         gate_bias_init: float = Field(1.2785, description="initial z_bias (silu(1.2785) ≈ 1)")

@@ -40,7 +40,8 @@ class Mamba2(SequenceMixer):
         n_groups: int | None = Field(None, ge=1, description="G, groups sharing B and C (None: one per head, which "
                                                              "from_attention needs; Mamba-2 models often use 1)")
         d_conv: int = Field(4, ge=1, description="kernel size of the causal depthwise conv over x‖B‖C")
-        chunk_size: int = Field(128, ge=1, description="Q, tokens per chunk of the chunked SSD")
+        chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
+                                                      "docs/performance.md; the CUDA kernels favour 256)")
         conv_init: Literal["identity", "random"] = Field(
             "identity", description="identity: kernel [0, …, 0, 1], bias 0 (keeps transferred B, C close to k, q); "
                                     "random: nn.Conv1d's default, as Mamba-2 trained from scratch")

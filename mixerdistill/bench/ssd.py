@@ -156,8 +156,11 @@ def plot(result: dict, path) -> None:
             memory_axis.loglog(lengths, [max(row["peak_MB"], 1e-1) for row in rows], "o-", label=name)
     time_axis.set(xlabel="T (tokens)", ylabel="forward+backward (ms)", title="SSD time, SmolLM2 shapes, CPU fp32")
     memory_axis.set(xlabel="T (tokens)", ylabel="peak memory growth (MiB)", title="SSD peak memory")
+    lengths = sorted({row["T"] for row in result["rows"]})
     for axis in (time_axis, memory_axis):
-        axis.grid(True, which="both", alpha=0.3)
+        axis.set_xticks(lengths, [str(length) for length in lengths])
+        axis.minorticks_off()
+        axis.grid(True, alpha=0.3)
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
