@@ -127,11 +127,13 @@ def write_result(name: str, result: dict, directory: Path | None = None) -> Path
     return path
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Print ``rows`` as an aligned plain-text table of ``columns`` (missing cells blank)."""
+def print_table(rows: list[dict], columns: list[str], header: bool = True) -> None:
+    """Print ``rows`` as an aligned plain-text table of ``columns`` (missing cells blank); columns are at
+    least 14 wide, so tables printed a row at a time line up."""
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
-    print("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
+    widths = [max(14, len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    if header:
+        print("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
     for line in cells:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
 
