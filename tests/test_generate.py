@@ -214,3 +214,21 @@ def test_generate_command_errors(tiny_run, tmp_path):
             ((str(tiny_run / "stage_1_matrix_orientation"), "--prompt", "x", "--stage", "1"), "checkpoint folder")):
         code, output = cli_in_process("generate", *args)
         assert code == 2 and message in output and "Traceback" not in output, (args, output)
+
+
+# -- the decode benchmark's synthetic caches -----------------------------------------------------
+def test_synthetic_cache_fill_continues_like_a_real_prompt():
+    """``filled_cache`` gives the sizes and positions a real prompt of that length would; figures are not asserted."""
+    from mixerdistill.bench.decode import decode_seconds, filled_cache
+
+    student, adapter = make_student("hybrid"), LlamaAdapter()
+    prompt = torch.randint(3, 256, (2, 20))
+    real = DynamicCache(config=student.config)
+    list(islice(stream_tokens(student, prompt, 2, cache=real), 1))
+    synthetic = filled_cache(student, adapter, 2, 20)
+    assert cache_tensor_bytes(synthetic) == cache_tensor_bytes(real)
+    assert [type(e) for e in synthetic.layers] == [type(e) for e in real.layers]
+    assert synthetic.get_seq_length() == real.get_seq_length() == 20
+    assert len(decode_seconds(student, synthetic, 2, tokens=3, warmup=1)) == 3
+    assert synthetic.get_seq_length() == 24
+    assert cache_tensor_bytes(synthetic)["state"] == cache_tensor_bytes(real)["state"]
