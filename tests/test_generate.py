@@ -72,6 +72,16 @@ def test_transformers_generate_with_cache_equals_recomputation(student):
         assert entry.get_seq_length() == 9 + NEW_TOKENS - 1
 
 
+def test_beam_search_reorders_the_mixer_states():
+    student = make_student("hybrid")
+    prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False,
+                    pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(student.generate(prompt, use_cache=True, **settings),
+                           student.generate(prompt, use_cache=False, **settings))
+
+
 def test_decoding_steps_the_mixer_and_prefill_runs_its_chunked_forward(monkeypatch):
     student = make_student("discrete_mamba2")
     mixer = mixer_layers(student, LlamaAdapter())[0]
