@@ -28,12 +28,17 @@ STDERR_SUFFIX = "_stderr"
 
 
 # -- finding and loading what a run holds ------------------------------------------------------
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder for a run directory (its last complete stage) or a checkpoint folder itself."""
+def find_checkpoint(path: str | Path, stage: int | None = None) -> Path:
+    """The checkpoint folder for a run directory (its last complete stage, or stage ``stage``) or a
+    checkpoint folder itself."""
     from mixerdistill.run import RECIPE_FILE
 
     path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory or checkpoint folder")
     if (path / SPEC_FILE).is_file():
+        if stage is not None:
+            raise UserError(f"{path} is a checkpoint folder; choose a stage only in a run directory")
         return path
     if not (path / RECIPE_FILE).is_file():
         raise UserError(f"{path} is neither a run directory (no {RECIPE_FILE}) nor a checkpoint folder "
@@ -42,7 +47,12 @@ def find_checkpoint(path: str | Path) -> Path:
                     if d.name.split("_")[1].isdigit() and is_complete(d))
     if not stages:
         raise UserError(f"{path} holds no complete stage checkpoint yet")
-    return stages[-1][1]
+    if stage is None:
+        return stages[-1][1]
+    chosen = [directory for number, directory in stages if number == stage]
+    if not chosen:
+        raise UserError(f"{path} has no finished stage {stage} (finished: {', '.join(str(n) for n, _ in stages)})")
+    return chosen[0]
 
 
 def load_tokenizer(checkpoint: Path):

@@ -12,6 +12,7 @@ decoding. ``materialised_forward`` computes the output through M so tests can ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +23,10 @@ from torch import nn
 State = dict[str, torch.Tensor]
 """A mixer's recurrent state: named tensors whose sizes do not depend on the sequence length
 (except for softmax attention, whose state is its KV cache)."""
+
+MatrixRows = Callable[[int, int], torch.Tensor]
+"""``rows(start, stop)`` → M[:, :, start:stop, :stop], (B, H, stop − start, stop): a block of query rows of a
+mixing matrix over the columns a causal row block can reach (everything right of ``stop`` is zero)."""
 
 RotaryEmbedding = tuple[torch.Tensor, torch.Tensor] | None
 """The teacher's rotary (cos, sin), each (B, T, rotary_dim), or None for families without RoPE."""
@@ -105,6 +110,15 @@ class SequenceMixer(nn.Module):
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → M (B, H, T, T), lower-triangular, such that the pre-projection output is M @ v."""
         raise NotImplementedError
+
+    def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
+        """(B, T, D) → a ``MatrixRows`` function over this input's mixing matrix (stage 1's blockwise loss).
+
+        Default: materialises M once and slices it, which saves no memory. Mixers override it to keep only
+        per-token factors (O(T) memory) and build each row block on demand.
+        """
+        matrix = self.mixing_matrix(hidden_states, rotary)
+        return lambda start, stop: matrix[:, :, start:stop, :stop]
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → (B, T, D) computed through ``mixing_matrix``; equals ``forward`` up to float error."""

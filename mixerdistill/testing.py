@@ -4,7 +4,8 @@
 their own tests. It builds the mixer on a tiny attention geometry in float64, perturbs its parameters
 away from any special initialisation, and asserts that
 
-  * ``mixing_matrix`` is (B, H, T, T), finite and zero above the diagonal;
+  * ``mixing_matrix`` is (B, H, T, T), finite and zero above the diagonal, and ``matrix_rows`` blocks
+    (stage 1's blockwise loss) are its slices;
   * ``forward``, ``materialised_forward`` and a loop of ``step`` give the same outputs;
   * the state after ``forward`` equals the state after the ``step`` loop, key by key and shape by shape,
     and (unless ``state_grows``) has the shapes of ``init_state``: constant memory;
@@ -100,6 +101,10 @@ def check_mixer(mixer_cls, config=None, geometry=None, *, batch: int = 2, length
         f"{name}: mixing_matrix must be (B, H, T, T) = ({batch}, H, {length}, {length}), got {tuple(M.shape)}"
     assert torch.isfinite(M).all(), f"{name}: mixing_matrix has non-finite entries"
     assert torch.equal(M.triu(1), torch.zeros_like(M)), f"{name}: mixing_matrix is not causal (entries above the diagonal)"
+    with torch.no_grad():
+        rows = mixer.matrix_rows(u, rotary)
+        for start, stop in ((0, 3), (3, length), (length - 1, length)):
+            close(f"matrix_rows({start}, {stop}) vs mixing_matrix", rows(start, stop), M[:, :, start:stop, :stop])
 
     # Three paths, one output.
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding,
+from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
                                 SequenceMixer, State)
 
 
@@ -30,6 +30,8 @@ def apply_rotary(x: torch.Tensor, rotary: RotaryEmbedding, rotary_dim: int) -> t
     if rotary is None:
         raise ValueError(f"this attention layer applies RoPE to {rotary_dim} dims per head but got no rotary")
     cos, sin = (t.unsqueeze(2).to(x.dtype) for t in rotary)
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
@@ -72,9 +74,8 @@ class AttentionMixer(SequenceMixer):
 
     def _probabilities(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q (B, Tq, H, d), k (B, Tk, H_kv, d) → causal softmax (B, H, Tq, Tk), queries last in the sequence."""
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, repeat_kv(k, self.groups)) * self.geometry.scale
-        allowed = causal_mask(q.shape[1], k.shape[1], q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, repeat_kv(k, self.groups)).mul_(self.geometry.scale)
+        scores.masked_fill_(~causal_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
 
     def forward(self, hidden_states: torch.Tensor, state: State | None = None,
@@ -96,8 +97,13 @@ class AttentionMixer(SequenceMixer):
 
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → attention probabilities (B, H, T, T), zero above the diagonal."""
+        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
+
+    def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
+        """(B, T, D) → rows(start, stop): the probabilities of queries start … stop−1 over keys 0 … stop−1;
+        keeps only q and k (B, T, ·, d)."""
         q, k, _ = self._qkv(hidden_states, rotary)
-        return self._probabilities(q, k)
+        return lambda start, stop: self._probabilities(q[:, start:stop], k[:, :stop])
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → (B, T, D) as o_proj(M @ v) with M the explicit probabilities."""

@@ -18,11 +18,11 @@ from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding, SequenceMixer,
-                                State, repeat_kv_rows)
+from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
+                                SequenceMixer, State, repeat_kv_rows)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_matrix_rows, ssd_step
 
 
 class DiscreteMamba2(SequenceMixer):
@@ -35,7 +35,8 @@ class DiscreteMamba2(SequenceMixer):
         head_dim: int | None = Field(None, ge=1, description="P, width of x per head (None: the teacher's head_dim)")
         num_heads: int | None = Field(None, ge=1, description="H, number of heads (None: the teacher's num_heads)")
         d_conv: int = Field(4, ge=1, description="kernel size of the causal depthwise conv over x‖B‖C")
-        chunk_size: int = Field(128, ge=1, description="Q, tokens per chunk of the chunked SSD")
+        chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
+                                                      "docs/performance.md; the CUDA kernels favour 256)")
         conv_init: Literal["identity", "random"] = Field(
             "identity", description="identity: kernel [0, …, 0, 1], bias 0; random: nn.Conv1d's default")
         gate_bias_init: float = Field(1.2785, description="initial z_bias (silu(1.2785) ≈ 1)")
@@ -133,8 +134,12 @@ class DiscreteMamba2(SequenceMixer):
 
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → M (B, H, T, T) = L ∘ (C Bᵀ); the pre-gate output is M @ x + D x."""
+        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
+
+    def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
+        """(B, T, D) → row blocks of M, keeping only B, C and the decays (O(T) memory)."""
         _, B, C, _, log_a, _ = self._project(hidden_states)
-        return ssd_materialised_matrix(log_a, B, C, self.config.chunk_size)
+        return ssd_matrix_rows(log_a, B, C, self.config.chunk_size)
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → (B, T, D) = out_proj((M @ x + D x) ⊙ silu(z + z_bias))."""

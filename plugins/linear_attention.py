@@ -28,10 +28,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding, SequenceMixer,
-                                State, copy_projection)
+from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
+                                SequenceMixer, State, copy_projection)
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
 
 
 class LinearAttention(SequenceMixer):
@@ -111,9 +111,19 @@ class LinearAttention(SequenceMixer):
 
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → M (B, H, T, T) = L ∘ (φ(Q) φ(K)ᵀ), rows divided by their sums when normalising."""
+        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
+
+    def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
+        """(B, T, D) → row blocks of M from φ(Q), φ(K) and the decays (O(T) memory); a causal row block
+        holds every nonzero entry of its rows, so normalising it normalises the full rows."""
         _, log_a, B, C = self._inputs(hidden_states)
-        M = ssd_materialised_matrix(log_a, B, C, self.config.chunk_size)
-        return M / (M.sum(-1, keepdim=True) + self.config.eps) if self.config.normalize else M
+        ssd_rows = ssd_matrix_rows(log_a, B, C, self.config.chunk_size)
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            M = ssd_rows(start, stop)
+            return M / (M.sum(-1, keepdim=True) + self.config.eps) if self.config.normalize else M
+
+        return rows
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → o_proj(M @ v)."""

@@ -23,11 +23,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding, SequenceMixer,
-                                State, copy_projection, repeat_kv_rows)
+from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
+                                SequenceMixer, State, copy_projection, repeat_kv_rows)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_matrix_rows, ssd_step
 
 
 class Mamba2(SequenceMixer):
@@ -40,7 +40,8 @@ class Mamba2(SequenceMixer):
         n_groups: int | None = Field(None, ge=1, description="G, groups sharing B and C (None: one per head, which "
                                                              "from_attention needs; Mamba-2 models often use 1)")
         d_conv: int = Field(4, ge=1, description="kernel size of the causal depthwise conv over x‖B‖C")
-        chunk_size: int = Field(128, ge=1, description="Q, tokens per chunk of the chunked SSD")
+        chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
+                                                      "docs/performance.md; the CUDA kernels favour 256)")
         conv_init: Literal["identity", "random"] = Field(
             "identity", description="identity: kernel [0, …, 0, 1], bias 0 (keeps transferred B, C close to k, q); "
                                     "random: nn.Conv1d's default, as Mamba-2 trained from scratch")
@@ -130,8 +131,12 @@ class Mamba2(SequenceMixer):
 
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → M (B, H, T, T) = L ∘ (C (dt ⊙ B)ᵀ); the pre-norm output is M @ x + D x."""
+        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
+
+    def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
+        """(B, T, D) → row blocks of M, keeping only dt·B, C and the decays (O(T) memory)."""
         _, B, C, log_a, _, _ = self._project(hidden_states)
-        return ssd_materialised_matrix(log_a, B, C)
+        return ssd_matrix_rows(log_a, B, C)
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → out_proj(norm((M @ x + D x) ⊙ silu(z)))."""

@@ -10,13 +10,16 @@ losses are summed and one backward trains all layers.
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch.utils.checkpoint import checkpoint
 
 from mixerdistill.hookspecs import hookimpl
+from mixerdistill.mixer import MatrixRows
 from mixerdistill.stages import Stage, StageConfig, teacher_attention_mixer
 from mixerdistill.teacher import trace_teacher
 
@@ -24,6 +27,39 @@ from mixerdistill.teacher import trace_teacher
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     batch, length = input_ids.shape
     return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
+
+
+BLOCKWISE_FROM = 1024  # seq_len from which the blockwise loss is also the faster one (docs/performance.md)
+MATERIALISED_BUFFERS = 6  # (B, H, T, T) fp32 buffers per layer the materialised loss holds for its backward
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: CUDA's free memory, else the host's available physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def matrix_distance(student: MatrixRows, teacher: MatrixRows, length: int, block_rows: int | None = None,
+                    sink_tokens: int = 0) -> torch.Tensor:
+    """‖M_student − A_teacher‖_F per (batch, head): (B, H), from two ``MatrixRows`` over T = ``length`` tokens.
+
+    ``block_rows`` None: both (B, H, T, T) matrices at once. Otherwise blocks of that many query rows, each
+    under activation checkpointing: its (B, H, r, ≤T) tensors are freed after the forward and rebuilt one
+    block at a time in the backward, so memory is O(r·T) instead of O(T²) for the same loss and gradients.
+    The first ``sink_tokens`` columns of the teacher's matrix are zeroed (see ``MatrixOrientation.Config``).
+    """
+    def squared(start: int, stop: int) -> torch.Tensor:  # (B, H): Σ over the block of (M − A)²
+        with torch.no_grad():
+            target = teacher(start, stop)
+            target[..., :sink_tokens] = 0
+        return (student(start, stop) - target).square().sum((-1, -2))
+
+    if block_rows is None or block_rows >= length:
+        return squared(0, length).sqrt()
+    total = sum(checkpoint(squared, start, min(start + block_rows, length), use_reentrant=False)
+                for start in range(0, length, block_rows))
+    return total.sqrt()
 
 
 class MatrixOrientation(Stage):
@@ -40,6 +76,14 @@ class MatrixOrientation(Stage):
                                  "the teacher's matrix become 0 in the target. Mid-depth SmolLM2 layers put "
                                  "40-60% of every row on token 0, which a decaying mixer cannot copy and which "
                                  "then dominates the distance (70-90% of it).")
+        matrix_loss: Literal["auto", "blockwise", "materialised"] = Field(
+            "auto", description="How the matrices are compared. 'materialised': every layer's (B, H, T, T) "
+                                "teacher and student matrices at once. 'blockwise': blocks of block_rows query "
+                                "rows, each rebuilt in the backward pass (memory O(block_rows·T) per layer, "
+                                "same loss and gradients). 'auto': blockwise from seq_len 1024 (where it is "
+                                "also the faster one on CPU) or when the materialised matrices would take more "
+                                "than half the free memory.")
+        block_rows: int = Field(128, ge=1, description="Query rows per block of the blockwise matrix loss.")
 
     def __init__(self, config, context):
         super().__init__(config, context)
@@ -50,19 +94,30 @@ class MatrixOrientation(Stage):
     def trainable_parameters(self):
         return [p for mixer in self.context.mixers.values() for p in mixer.matrix_parameters()]
 
+    def block_rows(self, batch: int, length: int, device: torch.device) -> int | None:
+        """Rows per block of the matrix loss for a (batch, length) input; None: materialised."""
+        config = self.config
+        if config.matrix_loss != "auto":
+            return config.block_rows if config.matrix_loss == "blockwise" else None
+        heads = sum(mixer.geometry.num_heads for mixer in self.context.mixers.values())
+        materialised_bytes = MATERIALISED_BUFFERS * batch * heads * length**2 * 4
+        if length >= BLOCKWISE_FROM or materialised_bytes > free_memory(device) / 2:
+            return config.block_rows
+        return None
+
     def loss(self, input_ids):
         context = self.context
         trace = trace_teacher(context.teacher, context.adapter, input_ids, record={"mixer_inputs"},
                               layers=set(context.mixers))
         total = 0.0
         metrics = {}
+        block_rows = self.block_rows(*input_ids.shape, input_ids.device)
         for idx, mixer in context.mixers.items():
             hidden = trace.mixer_inputs[idx]  # (B, T, D), already normalised
             with torch.no_grad():
-                target = context.teacher_attention[idx].mixing_matrix(hidden, trace.rotary)  # (B, H, T, T)
-                target[..., :self.config.sink_tokens] = 0
-            matrix = mixer.mixing_matrix(hidden, trace.rotary)  # (B, H, T, T)
-            distance = torch.linalg.matrix_norm(matrix - target, ord="fro").mean()
+                target = context.teacher_attention[idx].matrix_rows(hidden, trace.rotary)
+            distance = matrix_distance(mixer.matrix_rows(hidden, trace.rotary), target, input_ids.shape[1],
+                                       block_rows, self.config.sink_tokens).mean()
             metrics[f"layer_{idx}"] = distance.item()
             total = total + distance
         return total, metrics
@@ -123,6 +178,11 @@ class HiddenStateAlignment(Stage):
         return total, metrics
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, without a pass over the (B·T, vocab) logits when it is 1."""
+    return logits if temperature == 1 else logits / temperature
+
+
 class KnowledgeDistillation(Stage):
     """Stage 3: end-to-end distillation from the teacher's logits."""
 
@@ -158,8 +218,8 @@ class KnowledgeDistillation(Stage):
             teacher_logits = context.teacher(input_ids=input_ids, use_cache=False).logits
         student_logits = context.student(input_ids=input_ids, use_cache=False).logits
         vocab = student_logits.shape[-1]
-        student_log_probs = F.log_softmax(student_logits.float().view(-1, vocab) / temperature, dim=-1)
-        teacher_log_probs = F.log_softmax(teacher_logits.float().view(-1, vocab) / temperature, dim=-1)
+        student_log_probs = F.log_softmax(_tempered(student_logits.float().view(-1, vocab), temperature), dim=-1)
+        teacher_log_probs = F.log_softmax(_tempered(teacher_logits.float().view(-1, vocab), temperature), dim=-1)
         kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
         kl = kl * temperature**2
         metrics = {"kl": kl.item()}

@@ -106,3 +106,52 @@ def test_sink_tokens_drop_sink_columns_from_the_stage1_target():
     plain, _ = stage_cls(stage_cls.Config(tokens=1), context).loss(ids)
     one_sink, _ = stage_cls(stage_cls.Config(tokens=1, sink_tokens=1), context).loss(ids)
     assert not torch.allclose(plain, one_sink)
+
+
+@pytest.mark.parametrize("mixer_name, options", [
+    ("discrete_mamba2", {"chunk_size": 16}), ("mamba2", {}), ("linear_attention", {"normalize": True})])
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+def test_blockwise_matrix_loss_equals_materialised(mixer_name, options, sink_tokens):
+    """Same stage-1 loss and gradients whether the matrices are compared whole or in checkpointed row blocks
+    (block sizes that do and do not divide T)."""
+    teacher = tiny_llama()
+    adapter = LlamaAdapter()
+    mixer_cls = get_mixer(mixer_name)
+    torch.manual_seed(0)
+    student = build_student(teacher, adapter, mixer_cls, mixer_cls.Config(**options), keep_attention=[])
+    context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
+    stage_cls = get_stage("matrix_orientation")
+    ids = next(batches())  # (4, 48)
+    results = []
+    for matrix_loss, block_rows in (("materialised", 256), ("blockwise", 16), ("blockwise", 13)):
+        stage = stage_cls(stage_cls.Config(tokens=1, matrix_loss=matrix_loss, block_rows=block_rows,
+                                           sink_tokens=sink_tokens), context)
+        parameters = stage.trainable_parameters()
+        loss, metrics = stage.loss(ids)
+        gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+        results.append((loss.detach(), [g for g in gradients if g is not None]))
+    (loss, gradients), *blockwise = results
+    assert gradients and all(g.abs().sum() > 0 for g in gradients)
+    for other_loss, other_gradients in blockwise:
+        assert torch.allclose(other_loss, loss, rtol=1e-5)
+        assert len(other_gradients) == len(gradients)
+        for g, other in zip(gradients, other_gradients):
+            assert (other - g).norm() <= 1e-5 * g.norm()
+
+
+def test_auto_matrix_loss_is_blockwise_for_long_windows_or_when_memory_is_short(monkeypatch):
+    from mixerdistill_plugins import stages
+
+    stage_cls = get_stage("matrix_orientation")
+    context = context_for(tiny_llama())
+    cpu = torch.device("cpu")
+
+    def rows(length, batch=1, **options):
+        return stage_cls(stage_cls.Config(tokens=1, **options), context).block_rows(batch, length, cpu)
+
+    assert rows(256) is None
+    assert rows(1024) == 128
+    assert rows(64, matrix_loss="blockwise", block_rows=16) == 16
+    assert rows(8192, matrix_loss="materialised") is None
+    monkeypatch.setattr(stages, "free_memory", lambda device: 10 * 2**20)  # 10 MiB free
+    assert rows(256, batch=4) == 128  # 6 buffers × 4 × 8 heads × 256² × 4 B ≈ 50 MiB would not fit

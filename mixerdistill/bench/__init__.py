@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -51,15 +50,55 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def current_rss_bytes() -> int:
-    """This process's resident memory now (Linux ``/proc/self/statm``)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
+class PeakMemory:
+    """Peak resident memory of this process inside a ``with`` block, above what it held on entry (Linux).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``) on entry and reads ``VmHWM`` on exit;
+    ``.bytes`` is the growth. Freed memory the allocator keeps can hide growth, so measure one thing per
+    fresh process (``in_subprocess(..., track_memory=True)``).
+    """
+
+    def __enter__(self) -> "PeakMemory":
+        Path("/proc/self/clear_refs").write_text("5")
+        self.start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bytes = (_status_kib("VmHWM") - self.start) * 1024
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (``ru_maxrss``, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def in_subprocess(fn: Callable, *args, track_memory: bool = False):
+    """``fn(*args)`` in a fresh interpreter (spawned, so nothing is inherited but the arguments); returns
+    its result. ``fn`` must be a module-level function.
+
+    ``track_memory`` fixes glibc's mmap threshold at 1 MiB in the child, so large buffers go back to the
+    system when freed and resident memory follows the live tensors, not the allocator's retained heap
+    (this makes allocation slower: time in a separate child).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = os.environ.get(MMAP_THRESHOLD)
+    if track_memory:
+        os.environ[MMAP_THRESHOLD] = str(2**20)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        if saved is None:
+            os.environ.pop(MMAP_THRESHOLD, None)
+        else:
+            os.environ[MMAP_THRESHOLD] = saved
+
+
+MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 
 
 def machine() -> dict:
@@ -88,11 +127,13 @@ def write_result(name: str, result: dict, directory: Path | None = None) -> Path
     return path
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Print ``rows`` as an aligned plain-text table of ``columns`` (missing cells blank)."""
+def print_table(rows: list[dict], columns: list[str], header: bool = True) -> None:
+    """Print ``rows`` as an aligned plain-text table of ``columns`` (missing cells blank); columns are at
+    least 14 wide, so tables printed a row at a time line up."""
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
-    print("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
+    widths = [max(14, len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    if header:
+        print("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
     for line in cells:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
 
@@ -103,3 +144,24 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+SMOLLM2_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_mamba.yaml"
+
+
+def smollm2(recipe_path: Path = SMOLLM2_RECIPE):
+    """(recipe, teacher, adapter, student mixer class) of the SmolLM2 demo recipe: the real offline teacher
+    in fp32 and the recipe's mixer, for benchmarks at SmolLM2 shapes."""
+    from mixerdistill.plugins import get_mixer
+    from mixerdistill.recipe import load_recipe
+    from mixerdistill.teacher import find_adapter
+    from mixerdistill.teacher_sources import load_teacher
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    recipe = load_recipe(recipe_path)
+    if "kernel" in type(recipe.student.mixer.config).model_fields:  # CPU: the reference path, without its notice
+        recipe = load_recipe(recipe_path, ["student.mixer.kernel=reference"])
+    teacher, _ = load_teacher(recipe.teacher)
+    return recipe, teacher, find_adapter(teacher.config), get_mixer(recipe.student.mixer.name)

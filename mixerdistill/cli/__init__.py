@@ -24,7 +24,8 @@ def _options(traceback: bool = typer.Option(False, "--traceback", help="Show ful
 
 
 def _register_commands() -> None:
-    from mixerdistill.cli import ablate, evaluate, plugins, run  # noqa: F401  (each module adds its commands to `app`)
+    # each module adds its commands to `app`
+    from mixerdistill.cli import ablate, bench, evaluate, generate, plugins, run  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,13 @@
-"""Tokens/s of each stage of recipes/smollm2_mamba.yaml through mixerdistill against a bare PyTorch loop.
+"""Training throughput of each stage of recipes/smollm2_mamba.yaml: tokens/s, counted FLOP/s as a fraction
+of the machine's fp32 matmul peak, and the same work through a bare PyTorch loop.
 
 The bare loops do the same work with the plainest code: one teacher forward with forward hooks that
 keep what the stage needs, the student modules called directly, AdamW on the same trainable
-parameters; no progress bar, no metrics file, no per-layer logging. Prints both figures and their
-ratio; asserts nothing.
+parameters; no progress bar, no metrics file, no per-layer logging. FLOPs are what torch's
+FlopCounterMode counts for one step's loss forward + backward (teacher forward included). Random
+token batches at the recipe's batch size and length; prints figures, asserts nothing.
 
-    .venv/bin/python benchmarks/stage_throughput.py [--steps 4]
+    python benchmarks/training.py [--quick] [--steps 4]
 """
 
 from __future__ import annotations
@@ -17,16 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from mixerdistill.plugins import get_mixer, get_stage
-from mixerdistill.recipe import load_recipe
+from mixerdistill.bench import machine, print_table, smollm2, write_result
+from mixerdistill.plugins import get_stage
 from mixerdistill.stages import StageContext
 from mixerdistill.student import build_student, mixer_layers
-from mixerdistill.teacher import find_adapter
-from mixerdistill.teacher_sources import load_teacher
 from mixerdistill.training import build_optimizer, train_only, train_stage
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_mamba.yaml"
 
 
 class AttentionTaps:
@@ -82,33 +81,44 @@ BARE = {"matrix_orientation": bare_matrix_orientation, "hidden_state_alignment":
         "knowledge_distillation": bare_knowledge_distillation}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per stage (plus one warm-up step)")
-    args = parser.parse_args()
-    recipe = load_recipe(RECIPE)
+def counted_gflop(stage, ids: torch.Tensor) -> float:
+    """GFLOP torch counts for one step's loss forward + backward.
+
+    FlopCounterMode (torch 2.13) prices a grouped convolution's backward as if it were dense (734 GFLOP a
+    step for the 30 depthwise convs here, against 0.4 forward); it is counted as twice the forward instead.
+    """
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = stage.loss(ids)
+        loss.backward()
+    stage.context.student.zero_grad(set_to_none=True)
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    convolution = counts.pop("aten.convolution", 0)
+    counts.pop("aten.convolution_backward", None)
+    return (sum(counts.values()) + 3 * convolution) / 1e9
+
+
+def run(quick: bool = False, steps: int = 4) -> dict:
+    steps = 1 if quick else steps
+    recipe, teacher, adapter, mixer_cls = smollm2()
     torch.set_num_threads(recipe.threads or torch.get_num_threads())
-    teacher, _ = load_teacher(recipe.teacher)
-    adapter = find_adapter(teacher.config)
-    mixer_cls = get_mixer(recipe.student.mixer.name)
+    peak = machine()["matmul_peak_gflops"]
     student = build_student(teacher, adapter, mixer_cls, recipe.student.mixer.config, recipe.student.keep_attention)
     context = StageContext(teacher, student, adapter, mixer_layers(student, adapter))
     generator = torch.Generator().manual_seed(0)
-    print(f"{RECIPE.name}: {len(context.mixers)} × {recipe.student.mixer.name}, {args.steps} steps per stage "
-          f"after one warm-up step, {torch.get_num_threads()} threads, fp32")
-    print(f"{'stage':<26}{'batch':>10}{'mixerdistill tok/s':>20}{'bare loop tok/s':>18}{'ratio':>8}")
+    rows = []
     for block in recipe.stages:
         stage_cls = get_stage(block.name)
         config = block.config
         per_step = config.batch_size * config.seq_len
         batches = [torch.randint(0, teacher.config.vocab_size, (config.batch_size, config.seq_len),
-                                 generator=generator) for _ in range(args.steps + 1)]
+                                 generator=generator) for _ in range(steps + 1)]
         config = config.model_copy(update={"tokens": len(batches) * per_step})
         stage = stage_cls(config, context)
+        gflop = counted_gflop(stage, batches[0])  # also warms up the allocator before either loop is timed
         with tempfile.TemporaryDirectory() as folder:
             result = train_stage(stage, block.name, student, iter(batches), Path(folder) / "metrics.jsonl",
                                  torch.device("cpu"), show_progress=False)
-        framework = result.tokens / result.seconds  # both timings include the warm-up step
+        framework = result.tokens / result.seconds  # both timings include one more warm-up step
 
         parameters = stage.trainable_parameters()
         train_only(student, parameters)
@@ -124,9 +134,28 @@ def main() -> None:
         plain = len(batches) * per_step / (time.perf_counter() - start)
         for handle in taps.handles:
             handle.remove()
-        print(f"{block.name:<26}{f'{config.batch_size}×{config.seq_len}':>10}{framework:>20.1f}{plain:>18.1f}"
-              f"{framework / plain:>8.2f}")
+        achieved = gflop * framework / per_step
+        rows.append({"stage": block.name, "batch": f"{config.batch_size}x{config.seq_len}",
+                     "tokens_per_s": round(framework, 1), "bare_tokens_per_s": round(plain, 1),
+                     "ratio": round(framework / plain, 2), "GFLOP_per_step": round(gflop, 1),
+                     "GFLOP/s": round(achieved, 1), "peak_fraction": round(achieved / peak, 3)})
+    return {"benchmark": "training", "machine": machine(), "recipe": recipe.name, "steps": steps,
+            "mixers": f"{len(context.mixers)} x {recipe.student.mixer.name}", "rows": rows,
+            "summary": {f"{row['stage']}_tokens_per_s": row["tokens_per_s"] for row in rows}
+            | {f"{row['stage']}_peak_fraction": row["peak_fraction"] for row in rows}}
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one timed step per stage")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per stage (plus one warm-up step)")
+    parser.add_argument("--no-write", action="store_true", help="print only; keep benchmarks/results as it is")
+    args = parser.parse_args(argv)
+    result = run(args.quick, args.steps)
+    print(f"{result['recipe']}: {result['mixers']}, {result['steps']} steps per stage after one warm-up step, "
+          f"{result['machine']['threads']} threads, fp32, matmul peak {result['machine']['matmul_peak_gflops']} "
+          f"GFLOP/s")
+    print_table(result["rows"], ["stage", "batch", "tokens_per_s", "bare_tokens_per_s", "ratio", "GFLOP_per_step",
+                                 "GFLOP/s", "peak_fraction"])
+    if not args.no_write:
+        print(f"wrote {write_result('training', result)}")
