@@ -184,6 +184,30 @@ class OutputSpec(Strict):
                                                    "is kept.")
 
 
+class DistributedSpec(Strict):
+    """How a run started by torchrun (or `run --nproc N`) spreads over its processes; a single process
+    ignores it. See docs/distributed.md."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': every rank holds the whole student, batches are split over ranks and "
+                           "gradients averaged (DistributedDataParallel). 'fsdp': stages that are not layer-local "
+                           "(knowledge_distillation) shard teacher and student over the ranks (FSDP2 fully_shard "
+                           "per decoder layer); layer-local stages 1–2 still run as 'ddp'.")
+    layer_parallel: bool = Field(
+        False, description="Layer-local stages (matrix_orientation, hidden_state_alignment): each rank trains its "
+                           "own contiguous block of replaced layers on the whole batch instead of splitting "
+                           "the batch; the student is gathered afterwards.")
+    mixed_precision: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="fsdp: dtype the sharded layers compute in (gradients are reduced in float32); "
+                            "'bf16' suits GPUs with float32 weights (teacher.dtype: float32). 'none': the "
+                            "weights' own dtype.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Process-group backend; 'auto': nccl when the ranks compute on CUDA, else gloo.")
+    timeout_minutes: float = Field(
+        30.0, gt=0, description="How long a rank waits for the others at a collective before the run fails "
+                                "(ranks also wait while rank 0 writes a checkpoint).")
+
+
 class Recipe(Strict):
     name: str = Field(description="Short name of the recipe (default run directory name).")
     description: str = Field("", description="Free text.")
@@ -197,6 +221,8 @@ class Recipe(Strict):
     stages: list[StageBlock] = Field(default_factory=list, description="Stages, run in order.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation after the stages.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where and what the run writes.")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec,
+                                         description="Several processes under torchrun (ignored in one process).")
     ablation: list[MixerBlock] = Field(
         default_factory=list, description="Mixer families that `mixerdistill ablate` compares: each one replaces "
                                           "student.mixer in turn, on the same teacher, data and stages. "

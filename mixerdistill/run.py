@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mixerdistill import distributed
 from mixerdistill.checkpoint import (PROGRESS_DIR, StageProgress, load_weights, read_manifest, save_checkpoint,
                                      write_text_atomic)
 from mixerdistill.console import stderr_console
@@ -84,11 +85,27 @@ def pick_device(requested: str) -> torch.device:
 
 def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool = False,
             show_progress: bool = True) -> dict:
-    """Run every stage of ``recipe`` into ``output`` and return the report."""
-    log = stderr_console.print
+    """Run every stage of ``recipe`` into ``output`` and return the report.
+
+    Under torchrun every rank calls this: the ranks train together (mixerdistill.distributed), all of
+    them evaluate, and rank 0 alone logs and writes files (the others wait at a barrier). Rank 0 alone
+    takes the samples and lm-eval scores at the end; the other ranks return the report without them.
+    """
+    world, device = distributed.start(recipe.distributed, pick_device(recipe.device))
+    try:
+        return _execute(recipe, output, resume, overwrite, show_progress, world, device)
+    finally:
+        distributed.stop(world)
+
+
+def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_progress: bool,
+             world: distributed.World, device: torch.device) -> dict:
+    log = stderr_console.print if world.main else _silent
+    main = world.main
     # Everything that can reject the recipe runs before the first file is written.
-    device = pick_device(recipe.device)
+    distributed.check_batch_sizes(recipe, world)
     check_output(output, recipe, resume, overwrite)
+    world.barrier()  # every rank has looked at the output directory before rank 0 writes to it
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     previous = _load_json(output / REPORT_FILE) if resume else {}
@@ -113,9 +130,10 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
                        teacher=recipe.teacher.model_dump(mode="json"),
                        teacher_config=teacher.config.to_dict())
     counts = mixer_counts(student, adapter, mixer_name)
-    prepare_output(output, recipe, overwrite)
-    with writing(output / "tokenizer"):
-        tokenizer.save_pretrained(output / "tokenizer")
+    if main:
+        prepare_output(output, recipe, overwrite)
+        with writing(output / "tokenizer"):
+            tokenizer.save_pretrained(output / "tokenizer")
     log(f"[bold]student[/]: {', '.join(f'{n} × {k}' for k, n in counts.items())}")
 
     def measure(model) -> float | None:
@@ -142,15 +160,17 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
     if recipe.eval.after_each_stage and report["student"]["perplexity_after_transfer"] is None:
         log("[bold]eval[/]: student perplexity after transfer")
         report["student"]["perplexity_after_transfer"] = measure(student)
-    _write_report(output, report)
+    if main:
+        _write_report(output, report)
 
     report["curve"] = []  # a finished stage's points come from its checkpoint's manifest
     if recipe.eval.every_tokens and report["student"]["perplexity_after_transfer"]:
         report["curve"].append({"stage_index": 0, "tokens": 0,
                                 "perplexity": report["student"]["perplexity_after_transfer"]})
 
-    def curve_point(index: int, config):
-        """An on_step callback adding held-out perplexity every ``eval.every_tokens`` training tokens."""
+    def curve_point(index: int, config, plan: distributed.SingleProcess):
+        """An on_step callback adding held-out perplexity every ``eval.every_tokens`` training tokens
+        (on every rank: the model may be sharded or spread over ranks)."""
         every = recipe.eval.every_tokens
         if not every or eval_windows is None:
             return None
@@ -160,7 +180,7 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         def on_step(step: int, tokens: int) -> dict | None:
             if (earlier + tokens) // every == (earlier + tokens - step_tokens) // every:
                 return None
-            value = measure(student)
+            value = measure(plan.evaluation_model(student))
             report["curve"].append({"stage_index": index, "tokens": earlier + tokens, "perplexity": value})
             return {"perplexity": value}
         return on_step
@@ -191,10 +211,11 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
                                  recipe.output.checkpoint.every_minutes)
         point = progress.latest() if resuming else None
         resuming = False
-        if point is None:
+        world.barrier()  # every rank has read the progress checkpoint before rank 0 may clear the folder
+        if point is None and main:
             progress.clear()
             truncate(metrics_path, metrics_bytes)
-        else:
+        if point is not None:
             log(f"[bold]stage {index}[/] {block.name}: resuming after step {point.step} ({point.directory.name})")
             report["curve"] += point.info["curve"]
         stage = get_stage(block.name)(config, context)
@@ -202,29 +223,35 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
         seed_everything(seed)
         batches = data.train_batches(config.batch_size, config.seq_len, seed,
                                      start_batch=point.step if point else 0)
+        plan = distributed.plan_for(recipe, block, world, device)
         log(f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × "
-            f"{config.batch_size} × {config.seq_len} tokens")
+            f"{config.batch_size} × {config.seq_len} tokens" + (f", {plan.describe()}" if world.active else ""))
         result = train_stage(stage, block.name, student, batches, metrics_path, device,
-                             show_progress=show_progress, on_step=curve_point(index, config),
+                             show_progress=show_progress, on_step=curve_point(index, config, plan),
                              progress=progress, start=point,
-                             progress_info=lambda index=index: {"curve": stage_curve(index)})
+                             progress_info=lambda index=index: {"curve": stage_curve(index)},
+                             plan=plan, world=world)
         entry = {"index": index, "name": block.name, "steps": result.steps, "tokens": result.tokens,
                  "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 2),
                  "loss_first": result.loss_first, "loss_last": result.loss_last,
                  "perplexity_after": measure(student) if recipe.eval.after_each_stage else None}
-        metrics_bytes = metrics_path.stat().st_size
-        if recipe.output.save_every_stage:
-            save_checkpoint(student, spec, directory,
-                            extra={"stage": entry, "metrics_bytes": metrics_bytes, "curve": stage_curve(index)})
-        progress.clear()
         report["stages"].append(entry)
-        _write_report(output, report)
+        if main:
+            metrics_bytes = metrics_path.stat().st_size
+            if recipe.output.save_every_stage:
+                save_checkpoint(student, spec, directory,
+                                extra={"stage": entry, "metrics_bytes": metrics_bytes, "curve": stage_curve(index)})
+            progress.clear()
+            _write_report(output, report)
+        world.barrier()
         log(f"[bold]stage {index}[/] {block.name}: loss {result.loss_first:.4g} → {result.loss_last:.4g}, "
             f"{result.tokens_per_second:.0f} tok/s"
             + (f", perplexity {entry['perplexity_after']:.2f}" if entry["perplexity_after"] else ""))
 
     last = report["stages"][-1]["perplexity_after"] if report["stages"] else None
     report["student"]["perplexity"] = last if last is not None else measure(student)
+    if not main:
+        return report  # samples, lm-eval scores and the report's last write are rank 0's
     if not report["stages"]:
         save_checkpoint(student, spec, stage_directory(output, 0, "transfer"))
     if recipe.eval.prompt:
@@ -247,6 +274,10 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
     report["seconds"] = round(time.perf_counter() - started, 2)
     _write_report(output, report)
     return report
+
+
+def _silent(*args, **kwargs) -> None:
+    """Logging on ranks other than 0."""
 
 
 def _write_report(output: Path, report: dict) -> None:

@@ -129,6 +129,9 @@ class Stage:
     """One MOHAWK stage (or a plugin's own): names trainable parameters and computes a batch loss."""
 
     Config: ClassVar[type[StageConfig]] = StageConfig
+    # Layer-local: the loss is a sum of per-layer terms, each depending only on its own layer's parameters
+    # and the teacher (so `distributed.layer_parallel` may train the layers on different ranks).
+    layer_local: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, context: StageContext):
         self.config = config

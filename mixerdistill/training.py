@@ -5,6 +5,7 @@ One backward per step, so the loop stays friendly to data parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from torch import nn
 
 from mixerdistill.checkpoint import ResumePoint, StageProgress
 from mixerdistill.console import stderr_console
+from mixerdistill.distributed import SINGLE, SingleProcess, World, fault_point
 from mixerdistill.errors import UserError, writing
 from mixerdistill.stages import Stage
 
@@ -66,7 +68,8 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                 metrics_path: Path, device: torch.device, show_progress: bool = True,
                 on_step: Callable[[int, int], dict | None] | None = None,
                 progress: StageProgress | None = None, start: ResumePoint | None = None,
-                progress_info: Callable[[], dict] | None = None) -> StageResult:
+                progress_info: Callable[[], dict] | None = None,
+                plan: SingleProcess | None = None, world: World = SINGLE) -> StageResult:
     """Run ``stage`` for its configured number of steps on ``batches`` and return its figures.
 
     Only the stage's trainable parameters require gradients while it runs; every step appends one
@@ -81,12 +84,20 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
     A non-finite loss or gradient norm raises NonFiniteLoss naming the stage, the step and the
     first module where a non-finite value appeared; with ``skip_nonfinite: N`` in the stage's
     config, up to N such steps are skipped (no optimizer step) before that happens.
+
+    Several processes: ``plan`` (mixerdistill.distributed) says how the stage is spread over
+    ``world``; ``batches`` yields the global batches on every rank, ``on_step`` runs on every rank,
+    and only rank 0 shows progress and writes metrics and checkpoints.
     """
+    plan = plan or SingleProcess()
     config = stage.config
     parameters = _unique(stage.trainable_parameters())
     if not parameters:
         raise ValueError(f"stage '{name}' has no trainable parameters")
     previous = train_only(model, parameters)
+    saved = StageProgress.load(start, model) if start is not None else None
+    running = plan.prepare(stage, model, parameters)
+    parameters = running.parameters
     optimizer = build_optimizer(parameters, config.optimizer)
     total_steps = config.steps()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -94,40 +105,43 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
     tokens_per_step = config.batch_size * config.seq_len
     figures = {"loss_first": None, "loss_last": None, "skipped": 0, "seconds": 0.0}
     first_step = 0
-    if start is not None:
-        state = StageProgress.load(start, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+    if saved is not None:
+        plan.load_optimizer_state(optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
         figures.update({k: start.info[k] for k in figures})
         first_step = start.step
-        truncate(metrics_path, start.info["metrics_bytes"])
-    model.train()
+        if world.main:
+            truncate(metrics_path, start.info["metrics_bytes"])
+    running.module.train()
     begin = time.perf_counter() - figures["seconds"]
     paused = 0.0
     bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console,
-                   disable=not show_progress, transient=False)
+                   disable=not (show_progress and world.main), transient=False)
     try:
-        with writing(metrics_path):
-            metrics_file = open(metrics_path, "a")
-        with bar, metrics_file:
+        metrics_file = None
+        if world.main:
+            with writing(metrics_path):
+                metrics_file = open(metrics_path, "a")
+        with bar, (metrics_file or contextlib.nullcontext()):
             task = bar.add_task(name, total=total_steps, completed=first_step, loss="-", speed="-")
             for step in range(first_step + 1, total_steps + 1):
-                input_ids = next(batches).to(device)
-                loss, extra = stage.loss(input_ids)
+                input_ids = plan.batch(next(batches)).to(device)
+                local_loss, extra = plan.loss(input_ids)
+                loss, extra = plan.reduce(local_loss, extra)
                 tokens = step * tokens_per_step
                 problem = None
                 if not torch.isfinite(loss):
-                    problem = f"loss is {loss.item()}; {locate_nonfinite_forward(model, stage, input_ids)}"
+                    problem = f"loss is {loss.item()}; {locate_nonfinite_forward(running.module, running.stage, input_ids)}"
                 else:
-                    loss.backward()
+                    local_loss.backward()
                     # clip_grad_norm_ in two halves: the gradients must be inspected before clipping
                     # scales every one of them by a non-finite factor.
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+                    grad_norm = plan.grad_norm(parameters)
                     if not torch.isfinite(grad_norm):
-                        problem = f"gradient norm is {grad_norm.item()}; {locate_nonfinite_gradient(model)}"
+                        problem = f"gradient norm is {grad_norm.item()}; {locate_nonfinite_gradient(running.module)}"
                     elif config.grad_clip is not None:
                         torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, grad_norm)
                 if problem is not None:
@@ -139,9 +153,10 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                             f"{message}. Stopped after {figures['skipped']} non-finite step(s) "
                             f"(skip_nonfinite: {config.skip_nonfinite}); the last checkpoint is intact: "
                             f"lower the lr and continue with --resume")
-                    stderr_console.print(f"[yellow]warning:[/] {message}; step skipped "
-                                         f"({figures['skipped']} of at most {config.skip_nonfinite})",
-                                         highlight=False)
+                    if world.main:
+                        stderr_console.print(f"[yellow]warning:[/] {message}; step skipped "
+                                             f"({figures['skipped']} of at most {config.skip_nonfinite})",
+                                             highlight=False)
                     record = {"stage": name, "step": step, "tokens": tokens, "skipped": problem}
                     scheduler.step()  # the schedule follows the data position
                 else:
@@ -158,20 +173,26 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                 pause_start = time.perf_counter()
                 if on_step is not None:
                     record.update(on_step(step, tokens) or {})
-                    model.train()
-                with writing(metrics_path):
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                if progress is not None and step < total_steps and progress.due(step):
+                    running.module.train()
+                if world.main:
+                    with writing(metrics_path):
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                if progress is not None and step < total_steps and world.agree(progress.due(step)):
                     figures["seconds"] = pause_start - begin - paused
-                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    state = {"optimizer": plan.optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                              "rng": rng_state()}
-                    progress.save(step, model, state, {**figures, "metrics_bytes": metrics_file.tell(),
-                                                       **(progress_info() if progress_info else {})})
+                    plan.sync(model)
+                    if world.main:
+                        progress.save(step, model, state, {**figures, "metrics_bytes": metrics_file.tell(),
+                                                           **(progress_info() if progress_info else {})})
+                    world.barrier()
+                fault_point(world)
                 paused += time.perf_counter() - pause_start
                 elapsed = time.perf_counter() - begin - paused
                 bar.update(task, completed=step, speed=f"{tokens / elapsed:.0f}",
                            loss=f"{record['loss']:.4g}" if "loss" in record else "skipped")
+        plan.finish(model)
     finally:
         for p, flag in previous.items():
             p.requires_grad_(flag)

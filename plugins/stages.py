@@ -65,6 +65,8 @@ def matrix_distance(student: MatrixRows, teacher: MatrixRows, length: int, block
 class MatrixOrientation(Stage):
     """Stage 1: match each teacher attention matrix with the student mixer's materialised matrix."""
 
+    layer_local = True
+
     class Config(StageConfig):
         # Weight decay defaults to 0 here: projection rows that do not shape the matrix get no
         # gradient in this stage and would only be decayed. lr 2e-4 is the published stage-1 rate.
@@ -123,6 +125,8 @@ class MatrixOrientation(Stage):
 
 class HiddenStateAlignment(Stage):
     """Stage 2: match each student block's output to the teacher's, given the teacher's block input."""
+
+    layer_local = True
 
     class Config(StageConfig):
         target: Literal["block", "mixer"] = Field(

@@ -11,8 +11,35 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ("matrix_orientation", "hidden_state_alignment", "knowledge_distillation")
+
+
+def write_recipe(folder: Path, steps: int = 12, every_steps: int = 5, threads: int | None = None,
+                 every_tokens: int | None = 1024) -> Path:
+    """A 2-layer random Llama → discrete Mamba-2 recipe: three stages of ``steps`` steps of 4 × 64 tokens."""
+    recipe = {
+        "name": "resume-test", "seed": 0,
+        "teacher": {"source": "config", "model_type": "llama",
+                    "config": {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 0,
+                               "pad_token_id": 0}},
+        "student": {"mixer": {"name": "discrete_mamba2", "chunk_size": 16}},
+        "data": {"source": "text", "paths": [str(REPO / "README.md"), str(REPO / "docs" / "*.md")]},
+        "stages": [{"name": name, "tokens": steps * 256, "batch_size": 4, "seq_len": 64,
+                    "optimizer": {"lr": 1e-3}} for name in STAGES],
+        "eval": {"tokens": 256, "seq_len": 64, "batch_size": 4, "every_tokens": every_tokens,
+                 "prompt": None},
+        "output": {"checkpoint": {"every_steps": every_steps, "every_minutes": None}},
+    }
+    if threads:
+        recipe["threads"] = threads
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
 
 
 def tiny_llama(layers: int = 2, seed: int = 0):

@@ -43,8 +43,10 @@ def _import(module: str):
 
 
 def notice_once(operator: str, reason: str) -> None:
-    """Print, once per (operator, reason) per process, that the reference path is used."""
-    if (operator, reason) in _noticed:
+    """Print, once per (operator, reason) per process, that the reference path is used (rank 0 only)."""
+    from mixerdistill.distributed import is_main_process
+
+    if (operator, reason) in _noticed or not is_main_process():
         return
     _noticed.add((operator, reason))
     from mixerdistill.console import stderr_console

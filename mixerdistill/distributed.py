@@ -1,0 +1,473 @@
+"""Several processes under torchrun: the process group, rank helpers, data sharding, metric reduction
+and the three ways a stage is spread over ranks. Every ``torch.distributed`` call of mixerdistill is here.
+
+A run started without torchrun (no ``WORLD_SIZE`` above 1 in the environment) creates no process
+group and uses ``SingleProcess``, whose every method is the identity: it behaves exactly as before
+distribution existed. Under torchrun a stage runs with one of three plans (see docs/distributed.md):
+
+- ``DataParallel``: every rank holds the whole student and trains on its slice of each global batch;
+  ``DistributedDataParallel`` averages the gradients during the backward pass.
+- ``LayerParallel`` (``distributed.layer_parallel``, layer-local stages 1–2 only): every rank sees the
+  whole global batch but owns a contiguous block of replaced layers; the stage's loss is summed over
+  ranks, the gradient norm (for clipping) is the global one, and the layers are broadcast from
+  their owners whenever the whole student is needed.
+- ``FullyShardedStage`` (``distributed.strategy: fsdp``, stages that are not layer-local): a sharded copy
+  of teacher and student (``fully_shard`` on every decoder layer and the root) trains on each rank's
+  slice of the batch; the full weights are gathered back into the plain student for checkpoints,
+  evaluation and the stages that follow.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mixerdistill.errors import RecipeError, UserError
+from mixerdistill.stages import Stage
+from mixerdistill.student import mixer_layers
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Test hook: "R@N" makes rank R SIGKILL itself after its N-th optimizer step in this process (counted
+# over all stages), once any checkpoint due at that step is written. Tests use it to kill one rank of a
+# torchrun run at a known point; it has no other use.
+FAULT_VARIABLE = "MIXERDISTILL_FAULT_KILL_RANK"
+_steps_done = 0
+PRECISIONS = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a run (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    collective_device: str = "cpu"  # where tensors for collectives live: cuda under nccl
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs, shows progress and writes files."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (decisions that depend on the clock, e.g. a checkpoint due)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([int(flag)], device=self.collective_device)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
+    def average(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a tensor every rank holds (same shape); float64 for exact sums."""
+        if not self.active:
+            return values
+        total = values.detach().to(self.collective_device, torch.float64).clone()
+        dist.all_reduce(total)
+        return (total / self.size).to(values.device, values.dtype)
+
+
+SINGLE = World()
+
+
+def fault_point(world: World) -> None:
+    """The test hook described at FAULT_VARIABLE."""
+    global _steps_done
+    _steps_done += 1
+    if os.environ.get(FAULT_VARIABLE) == f"{world.rank}@{_steps_done}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(spec, device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (nothing without torchrun); returns the world and the
+    device this rank computes on (``cuda:LOCAL_RANK`` when the recipe's device is CUDA)."""
+    if not under_torchrun():
+        return SINGLE, device
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start several processes with "
+                        f"torchrun (or `mixerdistill run --nproc N`)")
+    rank, size, local_rank = (int(os.environ[name]) for name in TORCHRUN_VARIABLES)
+    if device.type == "cuda":
+        if device.index not in (None, local_rank):
+            raise UserError(f"device: '{device}' would put every rank on one GPU; use device: cuda or auto "
+                            f"under torchrun (rank r uses cuda:LOCAL_RANK)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = choose_backend(spec.backend, device)
+    dist.init_process_group(backend, timeout=timedelta(minutes=spec.timeout_minutes))
+    return World(rank, size, local_rank, "cuda" if backend == "nccl" else "cpu"), device
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    """``auto``: nccl when this rank computes on CUDA, else gloo."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise UserError(f"distributed.backend: nccl needs CUDA devices, but this run computes on '{device}'; "
+                        f"use backend: gloo or auto")
+    return requested
+
+
+def stop(world: World) -> None:
+    """Leave the process group (local: the other ranks may have exited already)."""
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch_sizes(recipe, world: World) -> None:
+    """Every data-parallel stage's global batch must split evenly over the ranks."""
+    problems = [(f"stages.{i}.batch_size",
+                 f"{block.config.batch_size} sequences per step do not split evenly over {world.size} processes; "
+                 f"use a multiple of {world.size}")
+                for i, block in enumerate(recipe.stages)
+                if block.config.batch_size % world.size and not uses_layer_parallel(recipe, block)]
+    if problems:
+        raise RecipeError(problems, f"a run on {world.size} processes")
+
+
+def uses_layer_parallel(recipe, block) -> bool:
+    from mixerdistill.plugins import get_stage
+
+    return recipe.distributed.layer_parallel and get_stage(block.name).layer_local
+
+
+def plan_for(recipe, block, world: World, device: torch.device) -> "SingleProcess":
+    """The plan that runs stage ``block`` of ``recipe`` on ``world``."""
+    if not world.active:
+        return SingleProcess()
+    if uses_layer_parallel(recipe, block):
+        return LayerParallel(world)
+    from mixerdistill.plugins import get_stage
+
+    if recipe.distributed.strategy == "fsdp" and not get_stage(block.name).layer_local:
+        return FullyShardedStage(world, device, PRECISIONS[recipe.distributed.mixed_precision])
+    return DataParallel(world, device)
+
+
+def shard_rows(batch: torch.Tensor, world: World) -> torch.Tensor:
+    """Rank r's contiguous slice of a (B, T) global batch: rows [r·B/n, (r+1)·B/n)."""
+    local = batch.shape[0] // world.size
+    return batch[world.rank * local:(world.rank + 1) * local]
+
+
+@dataclass
+class Running:
+    """A stage as a plan runs it: the stage object whose loss is computed, the module that trains
+    (the student, or its sharded copy) and the parameters the optimizer updates on this rank."""
+
+    stage: Stage
+    module: nn.Module
+    parameters: list[nn.Parameter]
+
+
+class SingleProcess:
+    """One process: every step of the loop as it always was."""
+
+    layout = "replicated"  # how optimizer states are saved: one state every rank loads
+
+    def describe(self) -> str:
+        return "one process"
+
+    def prepare(self, stage: Stage, model: nn.Module, parameters: list[nn.Parameter]) -> Running:
+        self.running = Running(stage, model, parameters)
+        return self.running
+
+    def loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.running.stage.loss(input_ids)
+
+    def batch(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def reduce(self, loss: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
+        """The global loss (detached) and metrics of this step."""
+        return loss, extra
+
+    def grad_norm(self, parameters: list[nn.Parameter]) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        if state.get("layout", self.layout) != self.layout:
+            raise UserError(f"the progress checkpoint holds {state['layout']} optimizer states, this run needs "
+                            f"{self.layout} ones: resume with the distributed settings the run started with")
+        optimizer.load_state_dict(state)
+
+    def sync(self, model: nn.Module) -> None:
+        """Make ``model`` (the plain student) hold the current weights on every rank."""
+
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        """The module that evaluates the current weights (called on every rank)."""
+        self.sync(model)
+        return model
+
+    def finish(self, model: nn.Module) -> None:
+        """After the last step: the plain student holds the trained weights on every rank."""
+        self.sync(model)
+
+
+class DataParallel(SingleProcess):
+    """Rank r trains on its slice of each global batch; DistributedDataParallel, wrapped around the
+    stage's loss (stages 1–2 call mixers and blocks directly, not ``student.forward``), all-reduces
+    and averages the gradients during backward. Each stage averages its loss over the batch, so the
+    mean of equal local batches' gradients is the single-process gradient."""
+
+    def __init__(self, world: World, device: torch.device):
+        self.world = world
+        self.device = device
+
+    def describe(self):
+        return f"data parallel over {self.world.size} processes"
+
+    def prepare(self, stage, model, parameters):
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().prepare(stage, model, parameters)
+        # find_unused_parameters: a plugin stage may name parameters its loss does not always reach.
+        self.wrapped = DistributedDataParallel(
+            _StageLoss(stage, model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False, find_unused_parameters=True)
+        return self.running
+
+    def loss(self, input_ids):
+        return self.wrapped(input_ids)
+
+    def batch(self, batch):
+        return shard_rows(batch, self.world)
+
+    def reduce(self, loss, extra):
+        values = torch.tensor([loss.item(), *extra.values()], dtype=torch.float64)
+        averaged = self.world.average(values).tolist()
+        return torch.tensor(averaged[0]), dict(zip(extra, averaged[1:]))
+
+    def finish(self, model):
+        self.wrapped = None
+
+
+class _StageLoss(nn.Module):
+    """``forward(input_ids)`` is the stage's loss; the student is a submodule so DDP finds its parameters."""
+
+    def __init__(self, stage: Stage, model: nn.Module):
+        super().__init__()
+        self.stage = stage
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.stage.loss(input_ids)
+
+
+class LayerParallel(SingleProcess):
+    """Each rank owns a contiguous block of the replaced layers and trains them on the whole global
+    batch (a layer-local loss gives exactly the single-process gradients of its own layers)."""
+
+    layout = "layer_parallel"
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def describe(self):
+        return f"layer parallel over {self.world.size} processes"
+
+    def prepare(self, stage, model, parameters):
+        layers = sorted(stage.context.mixers)
+        if len(layers) < self.world.size:
+            raise UserError(f"distributed.layer_parallel: {len(layers)} replaced layer(s) cannot be spread over "
+                            f"{self.world.size} processes; use fewer processes or layer_parallel: false")
+        chunks = [layers[r * len(layers) // self.world.size:(r + 1) * len(layers) // self.world.size]
+                  for r in range(self.world.size)]
+        self.owner = {idx: rank for rank, chunk in enumerate(chunks) for idx in chunk}
+        # One stage per layer names that layer's parameters (used to broadcast them from their owner).
+        self.layer_parameters = {idx: list(dict.fromkeys(_restricted(stage, [idx]).trainable_parameters()))
+                                 for idx in layers}
+        own = _restricted(stage, chunks[self.world.rank])
+        self.running = Running(own, model, list(dict.fromkeys(own.trainable_parameters())))
+        return self.running
+
+    def reduce(self, loss, extra):
+        total = loss.detach().to(self.world.collective_device, torch.float64).clone()
+        dist.all_reduce(total)
+        gathered: list[dict] = [{} for _ in range(self.world.size)]
+        dist.all_gather_object(gathered, extra)
+        return total.to(loss.dtype).cpu(), {k: v for part in gathered for k, v in part.items()}
+
+    def grad_norm(self, parameters):
+        local = super().grad_norm(parameters)
+        squared = (local.double() ** 2).reshape(1).to(self.world.collective_device)
+        dist.all_reduce(squared)
+        return squared.sqrt().to(local.device, local.dtype).reshape(())
+
+    def optimizer_state(self, optimizer):
+        states = [None] * self.world.size
+        dist.all_gather_object(states, optimizer.state_dict())
+        return {"layout": self.layout, "ranks": states}
+
+    def load_optimizer_state(self, optimizer, state):
+        if state.get("layout") != self.layout or len(state["ranks"]) != self.world.size:
+            raise UserError(f"the progress checkpoint was not written by a layer-parallel run on {self.world.size} "
+                            f"processes: resume with the distributed settings and process count it started with")
+        optimizer.load_state_dict(state["ranks"][self.world.rank])
+
+    def sync(self, model):
+        for idx, parameters in self.layer_parameters.items():
+            for p in parameters:
+                dist.broadcast(p.data, src=self.owner[idx])
+
+
+def _full(value):
+    """A sharded (DTensor) value gathered whole, on the CPU; anything else as it is."""
+    return value.full_tensor().cpu() if hasattr(value, "full_tensor") else value
+
+
+def _restricted(stage: Stage, layers: list[int]) -> Stage:
+    """The same stage over only ``layers`` of the replaced layers."""
+    context = dataclasses.replace(stage.context, mixers={i: stage.context.mixers[i] for i in layers})
+    return type(stage)(stage.config, context)
+
+
+class FullyShardedStage(SingleProcess):
+    """FSDP2 (``fully_shard``) on a copy of teacher and student: each decoder layer and the root are
+    sharded over the ranks, so a rank's device holds a 1/N share of both models' weights, gradients
+    and optimizer states while the stage runs. The plain models wait in host memory."""
+
+    layout = "fsdp"
+
+    def __init__(self, world: World, device: torch.device, precision: torch.dtype | None):
+        self.world = world
+        self.device = device
+        self.precision = precision
+
+    def describe(self):
+        return f"fully sharded (FSDP) over {self.world.size} processes"
+
+    def prepare(self, stage, model, parameters):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.device.type, (self.world.size,))
+        context = stage.context
+        self.plain = {"student": model, "teacher": context.teacher}
+        # The copies keep the plain models' requires_grad flags (the stage's trainable parameters).
+        sharded = {name: self._shard(module.to("cpu"), context.adapter, mesh) for name, module in self.plain.items()}
+        sharded_stage = type(stage)(stage.config, dataclasses.replace(
+            context, teacher=sharded["teacher"], student=sharded["student"],
+            mixers=mixer_layers(sharded["student"], context.adapter), teacher_attention={}))
+        self.running = Running(sharded_stage, sharded["student"],
+                               [p for p in sharded["student"].parameters() if p.requires_grad])
+        return self.running
+
+    def _shard(self, module: nn.Module, adapter, mesh) -> nn.Module:
+        """A copy of ``module`` with every decoder layer and the root sharded over ``mesh``'s ranks."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        copied = copy.deepcopy(module)
+        policy = MixedPrecisionPolicy(param_dtype=self.precision,
+                                      reduce_dtype=torch.float32 if self.precision is not None else None)
+        for layer in adapter.layers(copied):
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(copied, mesh=mesh, mp_policy=policy)
+        return copied
+
+    def batch(self, batch):
+        return shard_rows(batch, self.world)
+
+    reduce = DataParallel.reduce
+
+    def grad_norm(self, parameters):
+        norm = super().grad_norm(parameters)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def optimizer_state(self, optimizer):
+        """The optimizer's state with every sharded tensor gathered whole (collective)."""
+        state = optimizer.state_dict()
+        state["state"] = {key: {name: _full(value) for name, value in entry.items()}
+                          for key, entry in state["state"].items()}
+        return {"layout": self.layout, "state": state}
+
+    def load_optimizer_state(self, optimizer, state):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if state.get("layout") != self.layout:
+            return super().load_optimizer_state(optimizer, state)
+        saved = state["state"]
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        for key, entry in saved["state"].items():
+            parameter = parameters[int(key)]
+            if isinstance(parameter, DTensor):
+                entry.update({name: distribute_tensor(value.to(parameter.device), parameter.device_mesh,
+                                                      parameter.placements)
+                              for name, value in entry.items() if value.shape == parameter.shape})
+        optimizer.load_state_dict(saved)
+
+    def sync(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.running.module, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        # cpu_offload gathers the full tensors on rank 0 only; every rank needs them.
+        payload = [full if self.world.main else None]
+        dist.broadcast_object_list(payload, src=0, device=torch.device(self.world.collective_device))
+        model.load_state_dict(payload[0], strict=False)
+
+    def evaluation_model(self, model):
+        return self.running.module
+
+    def finish(self, model):
+        self.sync(model)
+        for plain in self.plain.values():
+            plain.to(self.device)
+        self.running = None
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only one)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class RankFailed(UserError):
+    """A rank of a run started with ``--nproc`` died; torchrun stopped the others."""
+
+
+def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
+    """Run ``python -m mixerdistill ARGUMENTS`` as ``nproc`` ranks on this machine with torchrun
+    (torch.distributed.run, in this process). When a rank fails, torchrun stops the others and this
+    raises RankFailed naming the rank, how it ended and ``resume_command``."""
+    import shlex
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    options = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module",
+                                            "mixerdistill", *arguments])
+    try:
+        run(options)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        if failure.exitcode < 0:
+            how = f"was killed by {failure.signal_name()}"
+        else:
+            how = f"exited with code {failure.exitcode}" + (" (its error is printed above)" if failure.exitcode == 2
+                                                            else "")
+        raise RankFailed(f"rank {rank} of {nproc} {how}; torchrun stopped the other ranks. Checkpoints written "
+                         f"so far are intact: once the cause is fixed, continue with\n  "
+                         f"{shlex.join(resume_command)}") from None

@@ -1,0 +1,143 @@
+"""Runs on several processes (torchrun, gloo, CPU): the same weights as one process with the same global
+batch, layer-parallel stages 1–2, FSDP stage 3, a killed rank and resuming under torchrun.
+
+Each multi-process run is `mixerdistill run --nproc 2` in a subprocess (two ranks with one thread each);
+the reference is the same recipe run in one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import STAGES, cli_in_process, run_cli, write_recipe
+from mixerdistill.distributed import (FAULT_VARIABLE, SINGLE, World, check_batch_sizes, choose_backend, shard_rows,
+                                      start)
+from mixerdistill.errors import RecipeError, UserError
+from mixerdistill.recipe import DistributedSpec, load_recipe
+from mixerdistill.run import execute
+
+STEPS = 4  # per stage: few, since Adam's normalisation amplifies rounding in parameters with tiny gradients
+LAYER_PARALLEL_FSDP = ("--set", "distributed.layer_parallel=true", "--set", "distributed.strategy=fsdp")
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # one thread per rank; log lines unwrapped
+
+
+def weights(run, stage: int) -> dict[str, torch.Tensor]:
+    return load_file(run / f"stage_{stage}_{STAGES[stage - 1]}" / "model.safetensors")
+
+
+def largest_difference(run, reference, stage: int) -> float:
+    ours, theirs = weights(run, stage), weights(reference, stage)
+    assert ours.keys() == theirs.keys()
+    return max((ours[name] - theirs[name]).abs().max().item() for name in ours)
+
+
+def run_two_processes(recipe, output, *options, env=None):
+    return run_cli("run", str(recipe), "--output", str(output), "--no-progress", "--nproc", "2", *options,
+                   env={**CHILD_ENV, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """(recipe, one-process run): 3 stages of 4 steps of 4 × 64 tokens, a checkpoint every 2 steps."""
+    folder = tmp_path_factory.mktemp("distributed")
+    recipe = write_recipe(folder, steps=STEPS, every_steps=2, threads=1, every_tokens=512)
+    threads = torch.get_num_threads()
+    try:
+        execute(load_recipe(recipe), folder / "single", show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return recipe, folder / "single"
+
+
+def test_two_processes_give_the_single_process_weights(single, tmp_path):
+    recipe, reference = single
+    result = run_two_processes(recipe, tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "data parallel over 2 processes" in result.stderr
+    for stage in (1, 2, 3):
+        assert largest_difference(tmp_path / "run", reference, stage) < 1e-5
+    # Rank 0 alone logs and writes: one metrics line per step, one report.
+    assert result.stdout.count("# Run report") == 1
+    assert result.stderr.count("teacher: loading") == 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((reference / "metrics.jsonl").read_text().splitlines()) == 3 * STEPS
+
+
+def test_layer_parallel_and_fsdp_give_the_single_process_weights(single, tmp_path):
+    """Stages 1–2 layer-parallel (one layer per rank), stage 3 fully sharded."""
+    recipe, reference = single
+    result = run_two_processes(recipe, tmp_path / "run", *LAYER_PARALLEL_FSDP)
+    assert result.returncode == 0, result.stderr
+    assert "layer parallel over 2 processes" in result.stderr
+    assert "fully sharded (FSDP) over 2 processes" in result.stderr
+    for stage in (1, 2):
+        assert largest_difference(tmp_path / "run", reference, stage) < 1e-6
+    assert largest_difference(tmp_path / "run", reference, 3) < 1e-5
+
+
+@pytest.mark.parametrize("options, kill_after", [
+    ((), 7),                    # data parallel: rank 1 dies in stage 2 after step 3 (checkpoint at step 2)
+    (LAYER_PARALLEL_FSDP, 11),  # fsdp: rank 1 dies in stage 3 after step 3 (checkpoint at step 2)
+], ids=["ddp", "fsdp"])
+def test_killed_rank_stops_the_run_and_it_resumes(single, tmp_path, options, kill_after):
+    recipe, reference = single
+    run = tmp_path / "run"
+    killed = run_two_processes(recipe, run, *options, env={FAULT_VARIABLE: f"1@{kill_after}"})
+    assert killed.returncode == 2
+    assert "rank 1 of 2 was killed by SIGKILL" in killed.stderr
+    stage = (kill_after - 1) // STEPS + 1
+    assert not (run / f"stage_{stage}_{STAGES[stage - 1]}").exists()
+    resume_command = killed.stderr.split("continue with")[1].split()
+    assert resume_command[:2] == ["mixerdistill", "run"] and "--resume" in resume_command
+    resumed = run_cli(*resume_command[1:], "--no-progress", env=CHILD_ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"stage {stage} {STAGES[stage - 1]}: resuming after step 2" in resumed.stderr
+    assert largest_difference(run, reference, 3) < 1e-5
+
+
+def test_global_batch_is_split_into_disjoint_slices():
+    batch = torch.arange(24).view(8, 3)
+    slices = [shard_rows(batch, World(rank, 4, rank)) for rank in range(4)]
+    assert all(s.shape == (2, 3) for s in slices)
+    assert torch.equal(torch.cat(slices), batch)  # the union, in order, is the single-process batch
+    assert torch.equal(shard_rows(batch, SINGLE), batch)
+
+
+def test_batch_size_must_split_over_the_processes(single):
+    recipe = load_recipe(single[0], ["stages.1.batch_size=3"])
+    with pytest.raises(RecipeError) as caught:
+        check_batch_sizes(recipe, World(0, 2))
+    assert [path for path, _ in caught.value.problems] == ["stages.1.batch_size"]
+    assert "multiple of 2" in str(caught.value)
+    layer_parallel = load_recipe(single[0], ["stages.1.batch_size=3", "distributed.layer_parallel=true"])
+    check_batch_sizes(layer_parallel, World(0, 2))  # stage 2 is layer-local: every rank sees the whole batch
+
+
+def test_one_process_creates_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world, device = start(DistributedSpec(), torch.device("cpu"))
+    assert world is SINGLE and device == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+
+
+def test_backend_follows_the_device():
+    assert choose_backend("auto", torch.device("cpu")) == "gloo"
+    assert choose_backend("auto", torch.device("cuda", 0)) == "nccl"
+    with pytest.raises(UserError, match="nccl needs CUDA"):
+        choose_backend("nccl", torch.device("cpu"))
+
+
+def test_nproc_refuses_to_nest_under_torchrun(single, monkeypatch):
+    monkeypatch.setitem(os.environ, "WORLD_SIZE", "2")
+    code, text = cli_in_process("run", str(single[0]), "--nproc", "2")
+    assert code == 2 and "already runs under torchrun" in text
+
+
+def test_distributed_block_is_validated(single):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(single[0], ["distributed.strategy=zero3"])
+    assert caught.value.problems[0][0] == "distributed.strategy"
