@@ -21,7 +21,9 @@ from mixerdistill.errors import UserError
 from mixerdistill.plots import pyplot
 from mixerdistill.plugins import get_dataset, get_stage
 from mixerdistill.recipe import Recipe
-from mixerdistill.run import execute, pick_device, stage_directory
+from mixerdistill.device import pick_device
+from mixerdistill.run import execute
+from mixerdistill.run_directory import stage_directory
 from mixerdistill.stages import StageContext
 from mixerdistill.student import mixer_layers
 from mixerdistill.teacher import find_adapter
@@ -52,7 +54,7 @@ def held_out_distances(recipe: Recipe, checkpoint: Path, teacher, adapter, windo
             _, metrics = stage.loss(batch)
             for key, value in metrics.items():
                 layer = int(key.removeprefix("layer_"))
-                sums[layer] = sums.get(layer, 0.0) + value * len(batch)
+                sums[layer] = sums.get(layer, 0.0) + float(value) * len(batch)
     return {layer: total / len(windows) for layer, total in sorted(sums.items())}
 
 
@@ -85,12 +87,12 @@ def run_ablation(recipe: Recipe, output: Path, overwrite: bool = False, show_pro
     for label, block in zip(labels, recipe.ablation):
         checkpoint = stage_directory(output / label, index, STAGE)
         distances = held_out_distances(recipe, checkpoint, teacher, adapter, windows, device)
-        stage_entry = runs[label]["stages"][index - 1]
+        stage_figures = runs[label].stages[index - 1]
         families[label] = {"mixer": {"name": block.name, **block.config.model_dump(mode="json")},
                            "distance_per_layer": {str(k): v for k, v in distances.items()},
                            "distance_mean": sum(distances.values()) / len(distances),
-                           "train_loss_first": stage_entry["loss_first"], "train_loss_last": stage_entry["loss_last"],
-                           "perplexity_after": stage_entry["perplexity_after"]}
+                           "train_loss_first": stage_figures.loss_first, "train_loss_last": stage_figures.loss_last,
+                           "perplexity_after": stage_figures.perplexity_after}
     result = {"recipe": recipe.name, "stage": STAGE, "heldout_tokens": int(windows.numel()),
               "seq_len": int(windows.shape[1]), "families": families}
     write_text_atomic(output / "ablation.json", json.dumps(result, indent=2) + "\n")

@@ -97,7 +97,7 @@ def heldout_tokens(checkpoint: Path, tokenizer, length: int) -> torch.Tensor:
     from mixerdistill.errors import UserError
     from mixerdistill.plugins import get_dataset
     from mixerdistill.recipe import validate_recipe
-    from mixerdistill.run import RECIPE_FILE
+    from mixerdistill.run_directory import RECIPE_FILE
 
     recipe_path = checkpoint.parent / RECIPE_FILE
     if not recipe_path.is_file():

@@ -120,6 +120,12 @@ class PluginBlock(BaseModel):
             raise RuntimeError("plugin block used before its Config was validated")
         return self._config
 
+    def with_config(self, config: BaseModel) -> PluginBlock:
+        """A copy of this block holding ``config`` (already validated) instead."""
+        block = self.model_copy()
+        block._config = config
+        return block
+
 
 class MixerBlock(PluginBlock):
     name: str = Field(description="Registered mixer name (see `mixerdistill plugins`).")

@@ -10,16 +10,14 @@ losses are summed and one backward trains all layers.
 
 from __future__ import annotations
 
-import os
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import MatrixRows
+from mixerdistill.matrix_loss import MatrixLoss, choose_matrix_loss, matrix_distance
 from mixerdistill.stages import Stage, StageConfig, teacher_attention_mixer
 from mixerdistill.teacher import trace_teacher
 
@@ -27,39 +25,6 @@ from mixerdistill.teacher import trace_teacher
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     batch, length = input_ids.shape
     return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
-
-
-BLOCKWISE_FROM = 1024  # seq_len from which the blockwise loss is also the faster one (docs/performance.md)
-MATERIALISED_BUFFERS = 6  # (B, H, T, T) fp32 buffers per layer the materialised loss holds for its backward
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: CUDA's free memory, else the host's available physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def matrix_distance(student: MatrixRows, teacher: MatrixRows, length: int, block_rows: int | None = None,
-                    sink_tokens: int = 0) -> torch.Tensor:
-    """‖M_student − A_teacher‖_F per (batch, head): (B, H), from two ``MatrixRows`` over T = ``length`` tokens.
-
-    ``block_rows`` None: both (B, H, T, T) matrices at once. Otherwise blocks of that many query rows, each
-    under activation checkpointing: its (B, H, r, ≤T) tensors are freed after the forward and rebuilt one
-    block at a time in the backward, so memory is O(r·T) instead of O(T²) for the same loss and gradients.
-    The first ``sink_tokens`` columns of the teacher's matrix are zeroed (see ``MatrixOrientation.Config``).
-    """
-    def squared(start: int, stop: int) -> torch.Tensor:  # (B, H): Σ over the block of (M − A)²
-        with torch.no_grad():
-            target = teacher(start, stop)
-            target[..., :sink_tokens] = 0
-        return (student(start, stop) - target).square().sum((-1, -2))
-
-    if block_rows is None or block_rows >= length:
-        return squared(0, length).sqrt()
-    total = sum(checkpoint(squared, start, min(start + block_rows, length), use_reentrant=False)
-                for start in range(0, length, block_rows))
-    return total.sqrt()
 
 
 class MatrixOrientation(Stage):
@@ -76,17 +41,28 @@ class MatrixOrientation(Stage):
                                  "the teacher's matrix become 0 in the target. Mid-depth SmolLM2 layers put "
                                  "40-60% of every row on token 0, which a decaying mixer cannot copy and which "
                                  "then dominates the distance (70-90% of it).")
-        matrix_loss: Literal["auto", "blockwise", "materialised"] = Field(
+        matrix_loss: MatrixLoss = Field(
             "auto", description="How the matrices are compared. 'materialised': every layer's (B, H, T, T) "
                                 "teacher and student matrices at once. 'blockwise': blocks of block_rows query "
                                 "rows, each rebuilt in the backward pass (memory O(block_rows·T) per layer, "
                                 "same loss and gradients). 'auto': blockwise from seq_len 1024 (where it is "
-                                "also the faster one on CPU) or when the materialised matrices would take more "
-                                "than half the free memory.")
+                                "also the faster one on CPU) or when the materialised matrices of a step would "
+                                "take more than 4 GiB; decided from the shapes alone and recorded in the run's "
+                                "resolved recipe.yaml.")
         block_rows: int = Field(128, ge=1, description="Query rows per block of the blockwise matrix loss.")
 
     def __init__(self, config, context):
         super().__init__(config, context)
+        self._add_teacher_attention()
+
+    def on_context(self, context):
+        stage = super().on_context(context)
+        stage._add_teacher_attention()
+        return stage
+
+    def _add_teacher_attention(self) -> None:
+        """The frozen teacher attention of every replaced layer, whose matrices are the targets."""
+        context = self.context
         for idx in context.mixers:
             if idx not in context.teacher_attention:
                 context.teacher_attention[idx] = teacher_attention_mixer(context.teacher, context.adapter, idx)
@@ -94,16 +70,16 @@ class MatrixOrientation(Stage):
     def trainable_parameters(self):
         return [p for mixer in self.context.mixers.values() for p in mixer.matrix_parameters()]
 
-    def block_rows(self, batch: int, length: int, device: torch.device) -> int | None:
-        """Rows per block of the matrix loss for a (batch, length) input; None: materialised."""
-        config = self.config
-        if config.matrix_loss != "auto":
-            return config.block_rows if config.matrix_loss == "blockwise" else None
-        heads = sum(mixer.geometry.num_heads for mixer in self.context.mixers.values())
-        materialised_bytes = MATERIALISED_BUFFERS * batch * heads * length**2 * 4
-        if length >= BLOCKWISE_FROM or materialised_bytes > free_memory(device) / 2:
-            return config.block_rows
-        return None
+    @classmethod
+    def resolve(cls, config, context):
+        """``matrix_loss: auto`` made concrete from the step's shapes and the replaced layers' heads."""
+        heads = sum(mixer.geometry.num_heads for mixer in context.mixers.values())
+        choice = choose_matrix_loss(config.matrix_loss, config.batch_size, config.seq_len, heads)
+        return config.model_copy(update={"matrix_loss": choice})
+
+    def block_rows(self) -> int | None:
+        """Rows per block of the matrix loss; None: materialised (``auto`` resolved by ``resolve``)."""
+        return self.config.block_rows if self.resolve(self.config, self.context).matrix_loss == "blockwise" else None
 
     def loss(self, input_ids):
         context = self.context
@@ -111,14 +87,14 @@ class MatrixOrientation(Stage):
                               layers=set(context.mixers))
         total = 0.0
         metrics = {}
-        block_rows = self.block_rows(*input_ids.shape, input_ids.device)
+        block_rows = self.block_rows()
         for idx, mixer in context.mixers.items():
             hidden = trace.mixer_inputs[idx]  # (B, T, D), already normalised
             with torch.no_grad():
                 target = context.teacher_attention[idx].matrix_rows(hidden, trace.rotary)
             distance = matrix_distance(mixer.matrix_rows(hidden, trace.rotary), target, input_ids.shape[1],
                                        block_rows, self.config.sink_tokens).mean()
-            metrics[f"layer_{idx}"] = distance.item()
+            metrics[f"layer_{idx}"] = distance.detach()
             total = total + distance
         return total, metrics
 
@@ -173,7 +149,7 @@ class HiddenStateAlignment(Stage):
             if self.config.distance == "relative":
                 distance = distance / target.norm(dim=-1).clamp_min(1e-6)
             distance = distance.mean()
-            metrics[f"layer_{idx}"] = distance.item()
+            metrics[f"layer_{idx}"] = distance.detach()
             total = total + distance
         return total, metrics
 
@@ -222,11 +198,11 @@ class KnowledgeDistillation(Stage):
         teacher_log_probs = F.log_softmax(_tempered(teacher_logits.float().view(-1, vocab), temperature), dim=-1)
         kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
         kl = kl * temperature**2
-        metrics = {"kl": kl.item()}
+        metrics = {"kl": kl.detach()}
         total = self.config.kd_weight * kl
         if self.config.ce_weight > 0:
             ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
-            metrics["ce"] = ce.item()
+            metrics["ce"] = ce.detach()
             total = total + self.config.ce_weight * ce
         return total, metrics
 

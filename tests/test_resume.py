@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from conftest import REPO, STAGES, run_cli, write_recipe
-from mixerdistill.checkpoint import FAULT_VARIABLE, MANIFEST_FILE, STATE_FILE, StageProgress, is_complete
+from mixerdistill.checkpoint import MANIFEST_FILE, STATE_FILE, StageProgress, is_complete
 from mixerdistill.data import TokenData
 from mixerdistill.errors import OutputError, UserError
+from mixerdistill.faults import KILL_IN_CHECKPOINT
 from mixerdistill.recipe import load_recipe
 from mixerdistill.run import execute
 
@@ -193,7 +194,7 @@ def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, subprocess_reference
     run = tmp_path / "run"
     # The 3rd checkpoint written is stage 1's at step 15: the process dies between writing its
     # files and its manifest, leaving a half-written `.step_00000015.tmp` folder.
-    process = _start_run(recipe, run, env={FAULT_VARIABLE: "3"})
+    process = _start_run(recipe, run, env={KILL_IN_CHECKPOINT: "3"})
     process.wait(timeout=300)
     assert process.returncode == -signal.SIGKILL
     root = run / "resume" / "stage_1_matrix_orientation"

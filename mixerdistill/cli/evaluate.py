@@ -29,9 +29,11 @@ def eval_command(
     """Score a student (and its teacher) with lm-eval; prints a side-by-side table, writes eval.json."""
     from mixerdistill.checkpoint import load_student, write_text_atomic
     from mixerdistill.errors import UserError
-    from mixerdistill.harness import (EvalSettings, comparison_rows, evaluate_pair, find_checkpoint,
+    from mixerdistill.harness import (EvalSettings, evaluate_pair, find_checkpoint,
                                       lm_eval_limit, load_teacher_of, load_tokenizer)
-    from mixerdistill.run import RECIPE_FILE, pick_device
+    from mixerdistill.device import pick_device
+    from mixerdistill.report import comparison_rows
+    from mixerdistill.run_directory import RECIPE_FILE
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
@@ -127,7 +129,7 @@ def inspect_command(run: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOI
     """Draw the teacher's attention matrix beside the student's mixing matrix for one held-out sequence."""
     from mixerdistill.harness import find_checkpoint
     from mixerdistill.plots import inspect_mixing
-    from mixerdistill.run import RECIPE_FILE
+    from mixerdistill.run_directory import RECIPE_FILE
 
     checkpoint = find_checkpoint(run)
     run_dir = checkpoint.parent if (checkpoint.parent / RECIPE_FILE).is_file() else checkpoint

@@ -42,7 +42,8 @@ def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="
                 nproc: int = typer.Option(1, "--nproc", min=1, help="Run as N processes on this machine (torchrun; "
                                                                       "see docs/distributed.md).")):
     """Distil a student as the recipe says: teacher → student → stages → report."""
-    from mixerdistill import distributed
+    from mixerdistill.distributed.launcher import launch
+    from mixerdistill.distributed.world import current_world, under_torchrun
     from mixerdistill.errors import UserError
     from mixerdistill.recipe import load_recipe
     from mixerdistill.report import render_report
@@ -53,16 +54,16 @@ def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="
     recipe = load_recipe(recipe_path, overrides)
     directory = output or recipe.output.dir or Path("runs") / recipe.name
     if nproc > 1:
-        if distributed.under_torchrun():
+        if under_torchrun():
             raise UserError("--nproc starts torchrun; this process already runs under torchrun: drop --nproc")
         sets = [part for override in overrides for part in ("--set", override)]
         common = [str(recipe_path), "--output", str(directory), *sets]
         flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ["--no-progress"] * (not progress)
-        distributed.launch(nproc, ["run", *common, *flags],
+        launch(nproc, ["run", *common, *flags],
                            resume_command=["mixerdistill", "run", *common, "--resume", "--nproc", str(nproc)])
         return
     report = execute(recipe, Path(directory), resume=resume, overwrite=overwrite, show_progress=progress)
-    if not distributed.is_main_process():
+    if not current_world().main:
         return
     typer.echo(render_report(report))
     stderr_console.print(f"[bold]wrote[/] {directory}/report.json, report.md, metrics.jsonl and checkpoints")

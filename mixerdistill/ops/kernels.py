@@ -44,9 +44,9 @@ def _import(module: str):
 
 def notice_once(operator: str, reason: str) -> None:
     """Print, once per (operator, reason) per process, that the reference path is used (rank 0 only)."""
-    from mixerdistill.distributed import is_main_process
+    from mixerdistill.distributed.world import current_world
 
-    if (operator, reason) in _noticed or not is_main_process():
+    if (operator, reason) in _noticed or not current_world().main:
         return
     _noticed.add((operator, reason))
     from mixerdistill.console import stderr_console

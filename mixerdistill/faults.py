@@ -1,0 +1,37 @@
+"""Fault injection for tests: environment variables that make a process SIGKILL itself at a known point.
+
+They exist only so tests can kill a run where a real crash could happen and check what survives; no
+other code reads them.
+
+- ``MIXERDISTILL_FAULT_KILL_IN_CHECKPOINT=N``: die while writing the N-th checkpoint of this process
+  (files written, manifest not yet, folder not renamed).
+- ``MIXERDISTILL_FAULT_KILL_RANK=R@N``: rank R dies after its N-th optimizer step in this process (counted
+  over all stages), once any checkpoint due at that step is written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+KILL_IN_CHECKPOINT = "MIXERDISTILL_FAULT_KILL_IN_CHECKPOINT"
+KILL_RANK = "MIXERDISTILL_FAULT_KILL_RANK"
+_reached: Counter[str] = Counter()  # how often each point was reached in this process
+
+
+def _die_if(variable: str, expected: str) -> None:
+    if os.environ.get(variable) == expected:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_written() -> None:
+    """Called while a checkpoint is half written."""
+    _reached[KILL_IN_CHECKPOINT] += 1
+    _die_if(KILL_IN_CHECKPOINT, str(_reached[KILL_IN_CHECKPOINT]))
+
+
+def step_done(rank: int) -> None:
+    """Called after each optimizer step (and any checkpoint it triggered)."""
+    _reached[KILL_RANK] += 1
+    _die_if(KILL_RANK, f"{rank}@{_reached[KILL_RANK]}")
