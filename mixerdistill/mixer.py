@@ -84,18 +84,19 @@ class AttentionWeights:
 class SequenceMixer(nn.Module):
     """Base class of every student (and teacher-side) sequence mixer.
 
-    Subclasses set ``Config`` (a ``MixerConfig``) and implement the abstract methods below. Their
-    constructor takes ``(geometry: AttentionGeometry, config: Config)``.
+    Subclasses set ``Config`` (a ``MixerConfig``) and implement the abstract methods below (of
+    ``mixing_matrix`` and ``matrix_rows``, one: each defaults to the other). Their constructor takes
+    ``(geometry: AttentionGeometry, config: Config | None)``; None means ``Config()``.
     """
 
     Config: ClassVar[type[MixerConfig]] = MixerConfig
     state_grows: ClassVar[bool] = False
     """True for mixers whose state grows with the tokens seen (softmax attention's KV cache)."""
 
-    def __init__(self, geometry: AttentionGeometry, config: MixerConfig):
+    def __init__(self, geometry: AttentionGeometry, config: MixerConfig | None = None):
         super().__init__()
         self.geometry = geometry
-        self.config = config
+        self.config = config if config is not None else self.Config()
 
     # -- the fast path -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, state: State | None = None,
@@ -108,8 +109,12 @@ class SequenceMixer(nn.Module):
 
     # -- the matrix view -----------------------------------------------------------------------
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
-        """(B, T, D) → M (B, H, T, T), lower-triangular, such that the pre-projection output is M @ v."""
-        raise NotImplementedError
+        """(B, T, D) → M (B, H, T, T), lower-triangular, such that the pre-projection output is M @ v.
+
+        Default: every row of ``matrix_rows`` at once (for mixers that implement that one)."""
+        if type(self).matrix_rows is SequenceMixer.matrix_rows:
+            raise NotImplementedError(f"{type(self).__name__} implements neither mixing_matrix nor matrix_rows")
+        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
 
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
         """(B, T, D) → a ``MatrixRows`` function over this input's mixing matrix (stage 1's blockwise loss).
@@ -133,6 +138,13 @@ class SequenceMixer(nn.Module):
                    dtype: torch.dtype | None = None) -> State:
         """The state before the first token."""
         raise NotImplementedError
+
+    def zero_state(self, shapes: dict[str, tuple[int, ...]], device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> State:
+        """{name: zeros of shape} on ``device`` / in ``dtype``, by default those of the mixer's parameters."""
+        reference = next(self.parameters())
+        return {name: torch.zeros(shape, device=device or reference.device, dtype=dtype or reference.dtype)
+                for name, shape in shapes.items()}
 
     def step(self, hidden_state: torch.Tensor, state: State,
              rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:

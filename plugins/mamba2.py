@@ -62,8 +62,8 @@ class Mamba2(SequenceMixer):
             return self
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
-        config = config if config is not None else self.Config()
         super().__init__(geometry, config)
+        config = self.config
         self.num_heads = H = config.num_heads or geometry.num_heads
         self.head_dim = P = config.head_dim or geometry.head_dim
         self.d_state = N = config.d_state or geometry.head_dim
@@ -129,12 +129,9 @@ class Mamba2(SequenceMixer):
                            kernel=self.config.kernel)
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
-    def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
-        """(B, T, D) → M (B, H, T, T) = L ∘ (C (dt ⊙ B)ᵀ); the pre-norm output is M @ x + D x."""
-        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
-
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
-        """(B, T, D) → row blocks of M, keeping only dt·B, C and the decays (O(T) memory)."""
+        """(B, T, D) → row blocks of M (B, H, T, T) = L ∘ (C (dt ⊙ B)ᵀ), keeping only dt·B, C and the decays
+        (O(T) memory); the pre-norm output is M @ x + D x."""
         _, B, C, log_a, _, _ = self._project(hidden_states)
         return ssd_matrix_rows(log_a, B, C)
 
@@ -151,10 +148,8 @@ class Mamba2(SequenceMixer):
     def init_state(self, batch_size: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> State:
         """{"conv": (B, conv_dim, d_conv−1), "ssm": (B, H, N, P)} zeros."""
-        device = device if device is not None else self.in_proj.weight.device
-        dtype = dtype if dtype is not None else self.in_proj.weight.dtype
-        return {"conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
-                "ssm": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim, device=device, dtype=dtype)}
+        return self.zero_state({"conv": (batch_size, self.conv_dim, self.d_conv - 1),
+                                "ssm": (batch_size, self.num_heads, self.d_state, self.head_dim)}, device, dtype)
 
     def step(self, hidden_state: torch.Tensor, state: State,
              rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
