@@ -261,7 +261,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError([("", f"malformed YAML: {where}{getattr(error, 'problem', error)}")], str(path))
+        raise RecipeError([("", f"malformed YAML: {where}{getattr(error, 'problem', error)}")], str(path)) from None
     if data is None:
         data = {}
     apply_overrides(data, overrides, source=str(path))
@@ -279,7 +279,7 @@ def validate_recipe(data: Any, source: str | None = None, base_dir: Path | None 
         problems = [_describe(Recipe, e) for e in error.errors()]
         # Plugin blocks that did validate can still be checked, so every problem is reported at once.
         problems += _plugin_problems_from_raw(data, context)
-        raise RecipeError(_unique(problems), source)
+        raise RecipeError(_unique(problems), source) from None
     problems = _validate_plugin_blocks(recipe, context)
     if problems:
         raise RecipeError(problems, source)

@@ -10,7 +10,6 @@ o come from the teacher, so at W ≥ T the mixer *is* the teacher's attention (w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
