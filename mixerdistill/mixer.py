@@ -160,7 +160,7 @@ def copy_projection(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def repeat_kv_rows(geometry: AttentionGeometry, weight: torch.Tensor) -> torch.Tensor:
-    """(H_kv·d, D) → (H·d, D): a k/v projection repeated for grouped-query attention, as transformers'
-    ``repeat_kv`` does (kv head g serves query heads g·H/H_kv … (g+1)·H/H_kv − 1)."""
+    """(H_kv·d, D) → (H·d, D), or a bias (H_kv·d,) → (H·d,): a k/v projection repeated for grouped-query
+    attention, as transformers' ``repeat_kv`` does (kv head g serves query heads g·H/H_kv … (g+1)·H/H_kv − 1)."""
     d, groups = geometry.head_dim, geometry.query_groups
-    return weight.view(geometry.num_kv_heads, d, -1).repeat_interleave(groups, dim=0).flatten(0, 1)
+    return weight.unflatten(0, (geometry.num_kv_heads, d)).repeat_interleave(groups, dim=0).flatten(0, 1)

@@ -102,10 +102,8 @@ class SlidingWindowAttention(SequenceMixer):
         """q, k, v, o from the teacher (k and v repeated over grouped-query heads)."""
         mixer = cls(geometry, config)
         copy_projection(mixer.q_proj, weights.q, weights.q_bias)
-        copy_projection(mixer.k_proj, repeat_kv_rows(geometry, weights.k),
-                        None if weights.k_bias is None else repeat_kv_rows(geometry, weights.k_bias[:, None])[:, 0])
-        copy_projection(mixer.v_proj, repeat_kv_rows(geometry, weights.v),
-                        None if weights.v_bias is None else repeat_kv_rows(geometry, weights.v_bias[:, None])[:, 0])
+        for linear, weight, bias in ((mixer.k_proj, weights.k, weights.k_bias), (mixer.v_proj, weights.v, weights.v_bias)):
+            copy_projection(linear, repeat_kv_rows(geometry, weight), None if bias is None else repeat_kv_rows(geometry, bias))
         copy_projection(mixer.o_proj, weights.o, weights.o_bias)
         return mixer
 
