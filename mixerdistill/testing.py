@@ -255,7 +255,7 @@ class _Checker:
         else:
             culprit = "forward, materialised_forward and step disagree with each other"
         pair = max(bad, key=errors.get)
-        self.fail(f"T={length}: {pair} differ by {errors[pair]:.3g} (relative), tolerance {self.tolerance:g}; "
+        self.fail(f"{pair} differ by {errors[pair]:.3g} (relative), tolerance {self.tolerance:g}; "
                   f"{culprit}")
 
     def gradients(self, length: int) -> None:
@@ -294,8 +294,12 @@ class _Checker:
         mixer.zero_grad(set_to_none=True)
 
     def everything(self, lengths: list[int]) -> None:
-        for length in lengths:
+        """Every check at ``lengths`` (labels of all but the first carry 'T=…: '), gradients at the first."""
+        context = self.context
+        for index, length in enumerate(lengths):
+            self.context = context + (f"T={length}: " if index else "")
             self.paths(length)
+        self.context = context
         self.gradients(lengths[0])
 
 
