@@ -9,7 +9,8 @@ from mixerdistill_window import SlidingWindowAttention
 
 @pytest.mark.parametrize("window", [2, 4, 64])
 def test_conforms(window):
-    check_mixer(SlidingWindowAttention, SlidingWindowAttention.Config(window=window))
+    report = check_mixer(SlidingWindowAttention, SlidingWindowAttention.Config(window=window))
+    assert set(report.transfers.values()) == {"checked"}
 
 
 def test_a_window_longer_than_the_sequence_is_full_causal_attention(tiny_geometry):
