@@ -123,7 +123,8 @@ class PluginBlock(BaseModel):
 
 
 class MixerBlock(PluginBlock):
-    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`).")
+    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`); PACKAGE:NAME picks "
+                                  "one of two plugins that register the same name.")
 
 
 class DataBlock(PluginBlock):

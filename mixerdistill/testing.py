@@ -95,8 +95,8 @@ def chunk_lengths(config) -> list[int]:
     return sorted({n for q in sizes for n in (q - 1, q, q + 1, 2 * q + 1) if n > 1})
 
 
-def random_attention_weights(geometry, generator, dtype) -> "AttentionWeights":
-    """Random teacher projections for ``geometry``, with the biases it declares."""
+def random_attention_weights(geometry, generator, dtype):
+    """Random teacher projections for ``geometry`` (an ``AttentionWeights``), with the biases it declares."""
     import torch
 
     from mixerdistill.mixer import AttentionWeights
@@ -323,7 +323,7 @@ def check_mixer(mixer_cls, config=None, geometry=None, *, batch: int = 2, length
     geometry = geometry if geometry is not None else tiny_geometry_value()
     config = config if config is not None else mixer_cls.Config()
     report = ConformanceReport(mixer_cls.__name__, lengths=[length, *(n for n in chunk_lengths(config) if n != length)])
-    options = dict(batch=batch, cut=cut, tolerance=tolerance)
+    options = {"batch": batch, "cut": cut, "tolerance": tolerance}
 
     torch.manual_seed(seed)
     mixer = mixer_cls(geometry, config).to(torch.float64)

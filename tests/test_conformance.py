@@ -8,7 +8,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mixerdistill.mixer import MixerConfig, SequenceMixer, copy_projection, repeat_kv_rows
+from mixerdistill.mixer import (
+    MixerConfig,
+    SequenceMixer,
+    copy_projection,
+    repeat_kv_rows,
+)
 from mixerdistill.testing import check_mixer
 
 
@@ -143,10 +148,10 @@ PLANTED = [
     (SignErrorHiddenByADirectPath, "materialised_forward does not call mixing_matrix"),
     (CallsButIgnoresTheMatrix, r"materialised_forward does not use the matrix mixing_matrix returns"),
     (SignErrorThroughTheMatrix, r"mixing_matrix \(or materialised_forward\) is likely wrong: forward and step agree"),
-    (RunningStateIgnoredBetweenChunks, r"T=65: .*forward is likely wrong: materialised_forward and step agree "
-                                       r"\(T = 65 crosses a chunk boundary"),
-    (KeyBiasOfTheWrongShape, r"from_attention\(attention_bias=True, output_bias=False\) changed parameter shapes: "
-                             r"'k_proj.bias' \(32, 1\) instead of \(32,\)"),
+    (RunningStateIgnoredBetweenChunks, (r"T=65: .*forward is likely wrong: materialised_forward and step agree "
+                                        r"\(T = 65 crosses a chunk boundary")),
+    (KeyBiasOfTheWrongShape, (r"from_attention\(attention_bias=True, output_bias=False\) changed parameter shapes: "
+                              r"'k_proj.bias' \(32, 1\) instead of \(32,\)")),
     (BrokenStep, r"forward vs step differ .*step \(or init_state\) is likely wrong"),
 ]
 

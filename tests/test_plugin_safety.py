@@ -12,11 +12,16 @@ import os
 import warnings
 
 import pytest
-
 from conftest import cli_in_process, make_distribution, write_recipe
+
 from mixerdistill import plugins
 from mixerdistill.errors import RecipeError, UserError
-from mixerdistill.plugins import ALLOW_LIST_VARIABLE, PLUGIN_SET_VARIABLE, PluginManager, PluginWarning
+from mixerdistill.plugins import (
+    ALLOW_LIST_VARIABLE,
+    PLUGIN_SET_VARIABLE,
+    PluginManager,
+    PluginWarning,
+)
 from mixerdistill.recipe import load_recipe
 
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_distribution, run_cli
+
 from mixerdistill.errors import UserError
 from mixerdistill.plugins import PluginInfo, PluginManager, PluginWarning, Registry
 
