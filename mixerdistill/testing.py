@@ -20,8 +20,9 @@ away from any special initialisation, and asserts that
     parameter outside them;
   * ``from_attention`` on random teacher weights (grouped-query heads; every combination of q/k/v and output
     biases) returns the class with a fresh mixer's parameter shapes, finite values, depends on the weights
-    when overridden, and the transferred mixer passes every check above. A ``ValueError`` is accepted as
-    the mixer refusing a config that cannot take a transfer, and recorded in the report.
+    when overridden, and the transferred mixer passes every check above at the default length. A
+    ``ValueError`` is accepted as the mixer refusing a config that cannot take a transfer, and recorded in
+    the report.
 
 A failure names the method that is most likely wrong: when two of the three paths agree, the third.
 

@@ -160,3 +160,19 @@ PLANTED = [
 def test_planted_bug_is_caught_and_the_method_named(mixer_cls, message):
     with pytest.raises(AssertionError, match=message):
         check_mixer(mixer_cls)
+
+
+def test_the_transfer_is_checked_for_every_bias_combination_under_grouped_query_attention():
+    seen = []
+
+    def promise(mixer, weights, geometry):
+        """What ChunkedLinearAttention documents: q is the teacher's, k is repeated over query groups (copied
+        into float32 layers, hence the tolerance)."""
+        assert torch.allclose(mixer.q_proj.weight, weights.q, atol=1e-7)
+        assert torch.allclose(mixer.k_proj.weight, repeat_kv_rows(geometry, weights.k), atol=1e-7)
+        seen.append((geometry.attention_bias, geometry.output_bias, weights.k_bias is not None,
+                     weights.o_bias is not None, geometry.num_kv_heads < geometry.num_heads))
+
+    check_mixer(ChunkedLinearAttention, transfer_check=promise)
+    assert sorted(seen) == [(False, False, False, False, True), (False, True, False, True, True),
+                            (True, False, True, False, True), (True, True, True, True, True)]
