@@ -121,7 +121,8 @@ class SequenceMixer(nn.Module):
         return lambda start, stop: matrix[:, :, start:stop, :stop]
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
-        """(B, T, D) → (B, T, D) computed through ``mixing_matrix``; equals ``forward`` up to float error."""
+        """(B, T, D) → (B, T, D) computed from what ``self.mixing_matrix`` returns (the conformance check
+        substitutes that matrix); equals ``forward`` up to float error."""
         raise NotImplementedError
 
     def matrix_parameters(self) -> list[nn.Parameter]:
