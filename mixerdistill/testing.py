@@ -325,27 +325,32 @@ def check_mixer(mixer_cls, config=None, geometry=None, *, batch: int = 2, length
     config = config if config is not None else mixer_cls.Config()
     report = ConformanceReport(mixer_cls.__name__, lengths=[length, *(n for n in chunk_lengths(config) if n != length)])
     options = {"batch": batch, "cut": cut, "tolerance": tolerance}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only contend (10x slower on a busy machine)
+    try:
+        torch.manual_seed(seed)
+        mixer = mixer_cls(geometry, config).to(torch.float64)
+        with torch.no_grad():
+            for parameter in mixer.parameters():
+                parameter.add_(perturbation * torch.randn_like(parameter))
+        _Checker(mixer, report, **options).everything(report.lengths)
 
-    torch.manual_seed(seed)
-    mixer = mixer_cls(geometry, config).to(torch.float64)
-    with torch.no_grad():
-        for parameter in mixer.parameters():
-            parameter.add_(perturbation * torch.randn_like(parameter))
-    _Checker(mixer, report, **options).everything(report.lengths)
-
-    generator = torch.Generator().manual_seed(seed)
-    for attention_bias in (False, True):
-        for output_bias in (False, True):
-            transfer_geometry = dataclasses.replace(geometry, attention_bias=attention_bias, output_bias=output_bias)
-            label = f"from_attention(attention_bias={attention_bias}, output_bias={output_bias})"
-            weights = random_attention_weights(transfer_geometry, generator, torch.float64)
-            transferred = _transfer(mixer_cls, weights, transfer_geometry, config, label, report, generator)
-            if transferred is None:
-                continue
-            if transfer_check is not None:
-                transfer_check(transferred, weights, transfer_geometry)
-            _Checker(transferred, report, context=f"{label}: ", **options).everything([length])
-            report.transfers[label] = "checked"
+        generator = torch.Generator().manual_seed(seed)
+        for attention_bias in (False, True):
+            for output_bias in (False, True):
+                transfer_geometry = dataclasses.replace(geometry, attention_bias=attention_bias,
+                                                        output_bias=output_bias)
+                label = f"from_attention(attention_bias={attention_bias}, output_bias={output_bias})"
+                weights = random_attention_weights(transfer_geometry, generator, torch.float64)
+                transferred = _transfer(mixer_cls, weights, transfer_geometry, config, label, report, generator)
+                if transferred is None:
+                    continue
+                if transfer_check is not None:
+                    transfer_check(transferred, weights, transfer_geometry)
+                _Checker(transferred, report, context=f"{label}: ", **options).everything([length])
+                report.transfers[label] = "checked"
+    finally:
+        torch.set_num_threads(threads)
     return report
 
 
