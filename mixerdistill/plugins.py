@@ -274,9 +274,10 @@ def _allowed_names(entry_points, variable: str) -> set[str] | None:
         return None
     allowed = {name.strip() for name in value.split(",") if name.strip()}
     installed = {entry_point.name for entry_point in entry_points}
+    third_party = sorted(ep.name for ep in entry_points if _builtin_first(ep)[0])
     for name in sorted(allowed - installed):
         raise UserError(f"{variable}: no installed plugin is named '{name}'{suggest(name, installed)}; "
-                        f"installed: {', '.join(sorted(installed))}")
+                        f"installed third-party plugins: {', '.join(third_party) or 'none'}")
     return allowed
 
 

@@ -59,7 +59,7 @@ def test_the_tutorial_builds_installs_and_passes_its_tests(tmp_path: Path):
              "owner = registry('mixers').owner('sliding_window'); "
              "print(json.dumps([owner.name, owner.distribution, owner.source])); "
              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'mixer_plugin/tests']))")
-    environment = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run([sys.executable, "-c", check], check=False, cwd=tmp_path, env=environment,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
