@@ -126,7 +126,8 @@ class SequenceMixer(nn.Module):
         return lambda start, stop: matrix[:, :, start:stop, :stop]
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
-        """(B, T, D) → (B, T, D) computed through ``mixing_matrix``; equals ``forward`` up to float error."""
+        """(B, T, D) → (B, T, D) computed from what ``self.mixing_matrix`` returns (the conformance check
+        substitutes that matrix); equals ``forward`` up to float error."""
         raise NotImplementedError
 
     def matrix_parameters(self) -> list[nn.Parameter]:
@@ -172,7 +173,7 @@ def copy_projection(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def repeat_kv_rows(geometry: AttentionGeometry, weight: torch.Tensor) -> torch.Tensor:
-    """(H_kv·d, D) → (H·d, D): a k/v projection repeated for grouped-query attention, as transformers'
-    ``repeat_kv`` does (kv head g serves query heads g·H/H_kv … (g+1)·H/H_kv − 1)."""
+    """(H_kv·d, D) → (H·d, D), or a bias (H_kv·d,) → (H·d,): a k/v projection repeated for grouped-query
+    attention, as transformers' ``repeat_kv`` does (kv head g serves query heads g·H/H_kv … (g+1)·H/H_kv − 1)."""
     d, groups = geometry.head_dim, geometry.query_groups
-    return weight.view(geometry.num_kv_heads, d, -1).repeat_interleave(groups, dim=0).flatten(0, 1)
+    return weight.unflatten(0, (geometry.num_kv_heads, d)).repeat_interleave(groups, dim=0).flatten(0, 1)

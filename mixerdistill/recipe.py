@@ -35,10 +35,11 @@ class TeacherCommon(Strict):
     @field_validator("adapter")
     @classmethod
     def _adapter_registered(cls, name: str | None) -> str | None:
-        adapters = registry("teachers")
-        if name is not None and name not in adapters:
-            raise ValueError(f"unknown teacher adapter '{name}'{suggest(name, adapters.names())}; "
-                             f"available: {', '.join(adapters.names())}")
+        if name is not None:
+            try:
+                registry("teachers").get(name)
+            except UserError as error:  # unknown, or claimed by two plugins
+                raise ValueError(str(error)) from None
         return name
 
 
@@ -128,7 +129,8 @@ class PluginBlock(BaseModel):
 
 
 class MixerBlock(PluginBlock):
-    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`).")
+    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`); PACKAGE:NAME picks "
+                                  "one of two plugins that register the same name.")
 
 
 class DataBlock(PluginBlock):
@@ -327,10 +329,10 @@ def _validate_block(path: str, block: PluginBlock, context: dict) -> list[tuple[
     kind, key = PLUGIN_BLOCKS[type(block)]
     plugins = registry(kind)
     name = getattr(block, key)
-    if name not in plugins:
-        return [(f"{path}.{key}", f"unknown {kind[:-1]} '{name}'{suggest(name, plugins.names())}; "
-                                  f"available: {', '.join(plugins.names())}")]
-    config_cls = plugins.get(name).Config
+    try:
+        config_cls = plugins.get(name).Config
+    except UserError as error:  # unknown, or claimed by two plugins
+        return [(f"{path}.{key}", str(error))]
     try:
         block._config = config_cls.model_validate(block.model_extra or {}, context=context)
     except ValidationError as error:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from mixerdistill import recipe as schema
-from mixerdistill.plugins import get_manager, registry
+from mixerdistill.plugins import registry
 
 HEADER = """# Recipe reference
 
@@ -51,18 +51,24 @@ def _default(field) -> str:
     return f"`{value!r}`".replace("'", '"') if value is not None else "`null`"
 
 
+def field_rows(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) of each field of ``model``, as the reference page shows them
+    (also ``mixerdistill plugins --details``)."""
+    return [(name, _type_name(field.annotation), _default(field), field.description or "")
+            for name, field in model.model_fields.items() if name not in skip]
+
+
 def _table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
     lines = ["| field | type | default | description |", "|---|---|---|---|"]
+    for name, type_name, default, description in field_rows(model, skip):
+        description = description.replace("|", "\\|")
+        lines.append(f"| `{prefix}{name}` | {type_name} | {default} | {description} |")
     nested = []
     for name, field in model.model_fields.items():
-        if name in skip:
-            continue
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and not issubclass(
-                annotation, schema.PluginBlock):
+        if name not in skip and isinstance(annotation, type) and issubclass(annotation, BaseModel) and not \
+                issubclass(annotation, schema.PluginBlock):
             nested.append((f"{prefix}{name}", annotation))
-        description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `{prefix}{name}` | {_type_name(annotation)} | {_default(field)} | {description} |")
     for path, sub in nested:
         lines += ["", f"#### `{path}`", ""] + _table(sub, f"{path}.")
     return lines
@@ -78,9 +84,8 @@ def _defaults_note(config_cls) -> list[str]:
 
 def builtin_names(kind: str) -> list[str]:
     """Names of ``kind`` registered by mixerdistill's own plugins (the reference ignores installed extras)."""
-    manager = get_manager()
-    owners = manager.registries[kind].owners
-    return [name for name in manager.registries[kind].names() if manager.plugins[owners[name]].builtin]
+    plugins = registry(kind)
+    return [name for name in plugins.names() if plugins.claims[name][0][0].builtin]
 
 
 def render_recipe_reference() -> str:

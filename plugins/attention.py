@@ -108,8 +108,8 @@ class AttentionMixer(SequenceMixer):
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → (B, T, D) as o_proj(M @ v) with M the explicit probabilities."""
         batch, length, _ = hidden_states.shape
-        q, k, v = self._qkv(hidden_states, rotary)
-        y = torch.einsum("bhqk,bkhd->bqhd", self._probabilities(q, k), repeat_kv(v, self.groups))
+        _, _, v = self._qkv(hidden_states, rotary)
+        y = torch.einsum("bhqk,bkhd->bqhd", self.mixing_matrix(hidden_states, rotary), repeat_kv(v, self.groups))
         return self.o_proj(y.reshape(batch, length, -1))
 
     def init_state(self, batch_size: int, device: torch.device | None = None,

@@ -22,7 +22,7 @@ from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows,
                                 SequenceMixer, State, repeat_kv_rows)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_matrix_rows, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
 
 
 class DiscreteMamba2(SequenceMixer):
@@ -140,8 +140,8 @@ class DiscreteMamba2(SequenceMixer):
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → (B, T, D) = out_proj((M @ x + D x) ⊙ silu(z + z_bias))."""
-        x, B, C, z, log_a, _ = self._project(hidden_states)
-        M = ssd_materialised_matrix(log_a, B, C, self.config.chunk_size)  # (B, H, T, T)
+        x, _, _, z, _, _ = self._project(hidden_states)
+        M = self.mixing_matrix(hidden_states, rotary)  # (B, H, T, T)
         y = (M @ x.transpose(1, 2)).transpose(1, 2)  # (B, T, H, P)
         return self._output(y, x, z)
 

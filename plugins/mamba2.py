@@ -27,7 +27,7 @@ from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows,
                                 SequenceMixer, State, copy_projection, repeat_kv_rows)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_matrix_rows, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
 
 
 class Mamba2(SequenceMixer):
@@ -137,8 +137,8 @@ class Mamba2(SequenceMixer):
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → out_proj(norm((M @ x + D x) ⊙ silu(z)))."""
-        x, B, C, log_a, z, _ = self._project(hidden_states)
-        y = (ssd_materialised_matrix(log_a, B, C) @ x.transpose(1, 2)).transpose(1, 2)
+        x, _, _, _, z, _ = self._project(hidden_states)
+        y = (self.mixing_matrix(hidden_states, rotary) @ x.transpose(1, 2)).transpose(1, 2)
         return self._output(y, x, z)
 
     def matrix_parameters(self) -> list[nn.Parameter]:

@@ -18,6 +18,9 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from mixerdistill.plugins import get_manager
+
+    get_manager().pin_for_child_processes()  # every rank loads the plugins this run started with
     options = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module",
                                             "mixerdistill", *arguments])
     try:
