@@ -169,7 +169,7 @@ def test_ranks_load_the_plugin_set_the_run_started_with(site, monkeypatch):
     parent = loaded(monkeypatch)
     seen = {}
     monkeypatch.setattr("torch.distributed.run.run", lambda options: seen.update(os.environ))
-    from mixerdistill.distributed import launch
+    from mixerdistill.distributed.launcher import launch
 
     launch(2, ["run", "recipe.yaml"], resume_command=["mixerdistill", "run", "--resume"])
     third_party = {name for name, info in parent.plugins.items() if not info.builtin}
