@@ -50,6 +50,8 @@ class QKVMixer(SequenceMixer):
                                 "q, k, v exactly as the teacher's)")
         output_norm: bool = Field(True, description="per-head RMS norm of the cell's output before the gate")
         output_gate: bool = Field(True, description="multiply by silu(g_proj(u)) before o_proj")
+        gate_bias_init: float = Field(1.2785, description="initial g_proj bias, weight 0 (silu(1.2785) ≈ 1: the "
+                                                          "gate starts open)")
         chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked path")
         kernel: KernelChoice = Field("auto", description=KERNEL_HELP)
 
@@ -64,12 +66,15 @@ class QKVMixer(SequenceMixer):
         self.conv1d = nn.Conv1d(3 * H * d, 3 * H * d, config.d_conv, groups=3 * H * d, padding=config.d_conv - 1)
         self.log_q_scale = nn.Parameter(torch.full((H,), math.log(g.scale)))
         self.o_norm = nn.Parameter(torch.ones(H, d)) if config.output_norm else None
-        self.g_proj = nn.Linear(g.hidden_size, H * d, bias=False) if config.output_gate else None
+        self.g_proj = nn.Linear(g.hidden_size, H * d) if config.output_gate else None
         self.o_proj = nn.Linear(H * d, g.hidden_size, bias=g.output_bias)
         with torch.no_grad():
             self.conv1d.weight.zero_()
             self.conv1d.weight[:, 0, -1] = 1.0
             self.conv1d.bias.zero_()
+            if self.g_proj is not None:
+                self.g_proj.weight.zero_()
+                self.g_proj.bias.fill_(config.gate_bias_init)
 
     # -- the cell, per subclass ----------------------------------------------------------------
     def _gates(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
