@@ -228,3 +228,15 @@ def test_fla_delta_rule_kernel_matches_the_reference(gated):
     assert relative_error(y_cuda, y_ref) <= 2e-3 and relative_error(final_cuda, final_ref) <= 2e-3
     for got, want in zip(grads_cuda, grads_ref):
         assert relative_error(got, want) <= 5e-3
+
+
+@pytest.mark.slow  # six fresh interpreters for the memory figures: about a minute of CPU
+def test_delta_benchmark_reports_every_path_and_the_growth_of_the_chunked_one():
+    from mixerdistill.bench import delta
+
+    result = delta.run(lengths=[64, 128], repeats=1, cells=("gated_delta_rule",))
+    assert {(row["T"], row["path"]) for row in result["rows"]} == {
+        (T, path) for T in (64, 128) for path in ("materialised", "chunked", "recurrent")}
+    assert all(row["forward_backward_ms"] > 0 and row["peak_MB"] >= 0 for row in result["rows"])
+    assert set(result["summary"]) == {"gated_delta_rule_time_growth_T64_to_T128",
+                                      "gated_delta_rule_memory_growth_T64_to_T128"}
