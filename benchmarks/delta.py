@@ -1,4 +1,4 @@
-"""Delta-rule and mLSTM cells materialised vs chunked vs recurrence, time and memory: see ``mixerdistill.bench.delta``."""
+"""Delta-rule and mLSTM cells, materialised vs chunked vs recurrence: see ``mixerdistill.bench.delta``."""
 
 from mixerdistill.bench.delta import main
 

@@ -25,8 +25,17 @@ from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
-                                SequenceMixer, State, copy_projection, repeat_kv_rows)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    copy_projection,
+    repeat_kv_rows,
+)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.delta import delta_rule, delta_rule_matrix_rows, delta_rule_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
@@ -35,7 +44,7 @@ from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
 class QKVMixer(SequenceMixer):
     """A recurrent mixer fed by attention-shaped q, k, v (H heads of width d): the shared layer around a cell.
 
-    Subclasses set ``normalise_qk`` and ``has_output_gate`` and implement the cell: ``_gates`` (per-token
+    Subclasses set ``normalise_qk`` and implement the cell: ``_gates`` (per-token
     gates from the input), ``_cell`` (chunked), ``_cell_step`` (one token), ``_cell_rows`` (mixing matrix
     rows) and ``_cell_state`` (zeros).
     """
@@ -43,15 +52,22 @@ class QKVMixer(SequenceMixer):
     normalise_qk = True  # L2-normalise q and k per head (before the query scale)
 
     class Config(MixerConfig):
-        d_conv: int = Field(4, ge=1, description="kernel size of the causal depthwise conv over q‖k‖v "
-                                                 "(starts as the identity; 1: no mixing across tokens)")
+        d_conv: int = Field(
+            4,
+            ge=1,
+            description="kernel size of the causal depthwise conv over q‖k‖v "
+            "(starts as the identity; 1: no mixing across tokens)",
+        )
         conv_activation: Literal["silu", "identity"] = Field(
-            "silu", description="activation after the conv (silu as published; identity keeps the transferred "
-                                "q, k, v exactly as the teacher's)")
+            "silu",
+            description="activation after the conv (silu as published; identity keeps the transferred "
+            "q, k, v exactly as the teacher's)",
+        )
         output_norm: bool = Field(True, description="per-head RMS norm of the cell's output before the gate")
         output_gate: bool = Field(True, description="multiply by silu(g_proj(u)) before o_proj")
-        gate_bias_init: float = Field(1.2785, description="initial g_proj bias, weight 0 (silu(1.2785) ≈ 1: the "
-                                                          "gate starts open)")
+        gate_bias_init: float = Field(
+            1.2785, description="initial g_proj bias, weight 0 (silu(1.2785) ≈ 1: the gate starts open)"
+        )
         chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked path")
         kernel: KernelChoice = Field("auto", description=KERNEL_HELP)
 
@@ -107,11 +123,17 @@ class QKVMixer(SequenceMixer):
 
     def _qkv(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None):
         """(B, T, D) → q, k, v (B, T, H, d) and the conv state (B, 3·H·d, d_conv − 1)."""
-        projected = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)],
-                              dim=-1)
-        mixed, conv_state = causal_conv1d(projected.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                                          conv_state, activation=self.config.conv_activation,
-                                          kernel=self.config.kernel)
+        projected = torch.cat(
+            [self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1
+        )
+        mixed, conv_state = causal_conv1d(
+            projected.transpose(1, 2),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            conv_state,
+            activation=self.config.conv_activation,
+            kernel=self.config.kernel,
+        )
         return (*self._split_qkv(mixed.transpose(1, 2)), conv_state)
 
     def _output(self, y: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -124,8 +146,9 @@ class QKVMixer(SequenceMixer):
         return self.o_proj(y)
 
     # -- SequenceMixer -------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
-                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and {"conv": …, cell state}; chunked, ``rotary`` unused."""
         q, k, v, conv_state = self._qkv(hidden_states, None if state is None else state["conv"])
         y, cell_state = self._cell(q, k, v, self._gates(hidden_states), state)
@@ -149,42 +172,49 @@ class QKVMixer(SequenceMixer):
     def matrix_parameters(self) -> list[nn.Parameter]:
         """Everything but v_proj, the output norm, gate and o_proj: q, k, the conv (its q and k channels),
         the query scale and the cell's gates."""
-        excluded = {id(p) for module in (self.v_proj, self.g_proj, self.o_proj) if module is not None
-                    for p in module.parameters()}
+        excluded = {
+            id(p)
+            for module in (self.v_proj, self.g_proj, self.o_proj)
+            if module is not None
+            for p in module.parameters()
+        }
         excluded |= {id(self.o_norm)} if self.o_norm is not None else set()
         return [p for p in self.parameters() if id(p) not in excluded]
 
-    def init_state(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """{"conv": (B, 3·H·d, d_conv − 1) pre-conv inputs, the cell's state}, all zeros."""
         device = device if device is not None else self.q_proj.weight.device
         dtype = dtype if dtype is not None else self.q_proj.weight.dtype
-        conv = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.config.d_conv - 1, device=device,
-                           dtype=dtype)
+        conv = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.config.d_conv - 1, device=device, dtype=dtype)
         return {"conv": conv, **self._cell_state(batch_size, device, dtype)}
 
-    def step(self, hidden_state: torch.Tensor, state: State,
-             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """One token (B, D) and the state → (B, D) and the next state; ``rotary`` is unused."""
-        projected = torch.cat([self.q_proj(hidden_state), self.k_proj(hidden_state), self.v_proj(hidden_state)],
-                              dim=-1)
-        mixed, conv_state = causal_conv1d_step(projected, self.conv1d.weight, self.conv1d.bias, state["conv"],
-                                               activation=self.config.conv_activation)
+        projected = torch.cat([self.q_proj(hidden_state), self.k_proj(hidden_state), self.v_proj(hidden_state)], dim=-1)
+        mixed, conv_state = causal_conv1d_step(
+            projected, self.conv1d.weight, self.conv1d.bias, state["conv"], activation=self.config.conv_activation
+        )
         q, k, v = self._split_qkv(mixed)
         y, cell_state = self._cell_step(q, k, v, self._gates(hidden_state), state)
         return self._output(y, hidden_state), {"conv": conv_state, **cell_state}
 
     @classmethod
-    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig | None = None) -> "QKVMixer":
+    def from_attention(
+        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: MixerConfig | None = None
+    ) -> QKVMixer:
         """q, k, v, o (and biases) copied from the teacher layer, k/v heads repeated for grouped-query attention;
         conv, gates, norm and the query scale as initialised."""
         mixer = cls(geometry, config)
         for linear, weight, bias in (
-                (mixer.q_proj, weights.q, weights.q_bias),
-                (mixer.k_proj, repeat_kv_rows(geometry, weights.k), _repeat_bias(geometry, weights.k_bias)),
-                (mixer.v_proj, repeat_kv_rows(geometry, weights.v), _repeat_bias(geometry, weights.v_bias)),
-                (mixer.o_proj, weights.o, weights.o_bias)):
+            (mixer.q_proj, weights.q, weights.q_bias),
+            (mixer.k_proj, repeat_kv_rows(geometry, weights.k), _repeat_bias(geometry, weights.k_bias)),
+            (mixer.v_proj, repeat_kv_rows(geometry, weights.v), _repeat_bias(geometry, weights.v_bias)),
+            (mixer.o_proj, weights.o, weights.o_bias),
+        ):
             copy_projection(linear, weight, bias)
         return mixer
 
@@ -230,8 +260,16 @@ class DeltaNet(QKVMixer):
         return gates[1] if len(gates) > 1 else None
 
     def _cell(self, q, k, v, gates, state):
-        y, final = delta_rule(q, k, v, gates[0], self._log_a(gates), self.config.chunk_size,
-                              None if state is None else state["delta"], kernel=self.config.kernel)
+        y, final = delta_rule(
+            q,
+            k,
+            v,
+            gates[0],
+            self._log_a(gates),
+            self.config.chunk_size,
+            None if state is None else state["delta"],
+            kernel=self.config.kernel,
+        )
         return y, {"delta": final}
 
     def _cell_step(self, q, k, v, gates, state):
@@ -243,8 +281,9 @@ class DeltaNet(QKVMixer):
 
     def _cell_state(self, batch_size, device, dtype):
         """{"delta": (B, H, d, d)} zeros."""
-        return {"delta": torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device,
-                                     dtype=dtype)}
+        return {
+            "delta": torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=dtype)
+        }
 
 
 class GatedDeltaNet(DeltaNet):

@@ -44,8 +44,10 @@ class MLSTM(QKVMixer):
         self.i_proj = nn.Linear(geometry.hidden_size, H)
         self.f_proj = nn.Linear(geometry.hidden_size, H)
         with torch.no_grad():
-            for linear, bias in ((self.i_proj, config.input_init),
-                                 (self.f_proj, math.log(config.forget_init / (1 - config.forget_init)))):
+            for linear, bias in (
+                (self.i_proj, config.input_init),
+                (self.f_proj, math.log(config.forget_init / (1 - config.forget_init))),
+            ):
                 linear.weight.zero_()
                 linear.bias.fill_(bias)
 
@@ -68,9 +70,11 @@ class MLSTM(QKVMixer):
     def _cell_state(self, batch_size, device, dtype):
         """{"C": (B, H, d, d), "n": (B, H, d), "m": (B, H)} zeros."""
         H, d = self.num_heads, self.head_dim
-        return {"C": torch.zeros(batch_size, H, d, d, device=device, dtype=dtype),
-                "n": torch.zeros(batch_size, H, d, device=device, dtype=dtype),
-                "m": torch.zeros(batch_size, H, device=device, dtype=dtype)}
+        return {
+            "C": torch.zeros(batch_size, H, d, d, device=device, dtype=dtype),
+            "n": torch.zeros(batch_size, H, d, device=device, dtype=dtype),
+            "m": torch.zeros(batch_size, H, device=device, dtype=dtype),
+        }
 
 
 @hookimpl

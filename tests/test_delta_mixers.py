@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerdistill.mixer import AttentionGeometry, AttentionWeights
-from mixerdistill.ops.delta import delta_rule, delta_rule_chunked, delta_rule_matrix_rows, delta_rule_step
+from mixerdistill.ops.delta import delta_rule, delta_rule_matrix_rows, delta_rule_step
 from mixerdistill.ops.mlstm import mlstm_chunked, mlstm_matrix_rows, mlstm_step
 from mixerdistill.ops.ssd import segsum
 from mixerdistill.plugins import get_mixer
@@ -34,8 +34,9 @@ def test_new_mixers_conform(name, config):
     assert max(report.errors.values()) <= 1e-10
 
 
-def delta_inputs(T: int, dtype=torch.float64, gated: bool = True, seed: int = 0, batch: int = 2, H: int = 3,
-                 N: int = 6, P: int = 5):
+def delta_inputs(
+    T: int, dtype=torch.float64, gated: bool = True, seed: int = 0, batch: int = 2, H: int = 3, N: int = 6, P: int = 5
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, T, H, N, generator=g, dtype=torch.float64) * N**-0.5
     k = F.normalize(torch.randn(batch, T, H, N, generator=g, dtype=torch.float64), dim=-1)
@@ -54,7 +55,10 @@ def delta_recurrence(q, k, v, beta, log_a):
     for t in range(T):
         k_t, b_t = k[:, t], beta[:, t][..., None, None]
         alpha = 1.0 if log_a is None else log_a[:, t].exp()[..., None, None]
-        S = S @ (alpha * (eye - b_t * k_t[..., :, None] * k_t[..., None, :])) + b_t * v[:, t][..., :, None] * k_t[..., None, :]
+        S = (
+            S @ (alpha * (eye - b_t * k_t[..., :, None] * k_t[..., None, :]))
+            + b_t * v[:, t][..., :, None] * k_t[..., None, :]
+        )
         outputs.append((S @ q[:, t][..., None])[..., 0])
     return torch.stack(outputs, dim=1), S.transpose(-1, -2)  # state as (B, H, N, P)
 
@@ -65,7 +69,9 @@ def closed_form_matrix(q, k, beta, log_a):
     T = q.shape[2]
     gamma = torch.ones(T, T, dtype=q.dtype).tril() if log_a is None else segsum(log_a.transpose(1, 2)).exp()
     A = (beta[..., None] * (k @ k.transpose(-1, -2)) * gamma).tril(-1)
-    return ((q @ k.transpose(-1, -2)) * gamma) @ torch.linalg.inv(torch.eye(T, dtype=q.dtype) + A) @ torch.diag_embed(beta)
+    return (
+        ((q @ k.transpose(-1, -2)) * gamma) @ torch.linalg.inv(torch.eye(T, dtype=q.dtype) + A) @ torch.diag_embed(beta)
+    )
 
 
 def apply(M, v):
@@ -81,12 +87,13 @@ def test_delta_rule_matrix_is_the_closed_form_and_the_recurrence(gated):
     assert relative_error(M, closed_form_matrix(q, k, beta, log_a)) <= 1e-12
     assert relative_error(apply(M, v), expected) <= 1e-12
     assert relative_error(delta_rule_matrix_rows(q, k, beta, log_a, 4)(6, 15), M[:, :, 6:15, :15]) <= 1e-13
-    y, state = delta_rule_chunked(q, k, v, beta, log_a, chunk_size=4)
+    y, state = delta_rule(q, k, v, beta, log_a, chunk_size=4, kernel="reference")
     assert relative_error(y, expected) <= 1e-12 and relative_error(state, final) <= 1e-12
     stepped = torch.zeros_like(state)
     for t in range(21):
-        _, stepped = delta_rule_step(q[:, t], k[:, t], v[:, t], beta[:, t], None if log_a is None else log_a[:, t],
-                                     stepped)
+        _, stepped = delta_rule_step(
+            q[:, t], k[:, t], v[:, t], beta[:, t], None if log_a is None else log_a[:, t], stepped
+        )
     assert relative_error(stepped, final) <= 1e-12
 
 
@@ -100,9 +107,11 @@ def test_delta_rule_paths_agree_in_fp32_with_gradients(gated):
     inputs = delta_inputs(70, dtype=torch.float32, gated=gated)
     q, k, v, beta, log_a = inputs
     weight = torch.randn(2, 70, 3, 5)
-    paths = {"recurrent": delta_recurrence(*inputs)[0],
-             "materialised": apply(delta_rule_matrix_rows(q, k, beta, log_a, 16)(0, 70), v),
-             "chunked": delta_rule(q, k, v, beta, log_a, 16, kernel="reference")[0]}
+    paths = {
+        "recurrent": delta_recurrence(*inputs)[0],
+        "materialised": apply(delta_rule_matrix_rows(q, k, beta, log_a, 16)(0, 70), v),
+        "chunked": delta_rule(q, k, v, beta, log_a, 16, kernel="reference")[0],
+    }
     reference = gradients(paths["recurrent"], inputs, weight)
     for name in ("materialised", "chunked"):
         assert relative_error(paths[name], paths["recurrent"]) <= 1e-5, name
@@ -110,8 +119,16 @@ def test_delta_rule_paths_agree_in_fp32_with_gradients(gated):
             assert relative_error(got, want) <= 1e-5, name
 
 
-def mlstm_inputs(T: int, dtype=torch.float64, seed: int = 0, batch: int = 2, H: int = 3, N: int = 6, P: int = 5,
-                 input_offset: float = 0.0):
+def mlstm_inputs(
+    T: int,
+    dtype=torch.float64,
+    seed: int = 0,
+    batch: int = 2,
+    H: int = 3,
+    N: int = 6,
+    P: int = 5,
+    input_offset: float = 0.0,
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, T, H, N, generator=g, dtype=torch.float64) * N**-0.5
     k = torch.randn(batch, T, H, N, generator=g, dtype=torch.float64)
@@ -158,9 +175,11 @@ def test_mlstm_paths_agree_in_fp32_with_gradients():
     inputs = mlstm_inputs(70, dtype=torch.float32)
     q, k, v, log_f, log_i = inputs
     weight = torch.randn(2, 70, 3, 5)
-    paths = {"recurrent": mlstm_recurrence(*inputs)[0],
-             "materialised": apply(mlstm_matrix_rows(q, k, log_f, log_i)(0, 70), v),
-             "chunked": mlstm_chunked(*inputs, chunk_size=16)[0]}
+    paths = {
+        "recurrent": mlstm_recurrence(*inputs)[0],
+        "materialised": apply(mlstm_matrix_rows(q, k, log_f, log_i)(0, 70), v),
+        "chunked": mlstm_chunked(*inputs, chunk_size=16)[0],
+    }
     reference = gradients(paths["recurrent"], inputs, weight)
     for name in ("materialised", "chunked"):
         assert relative_error(paths[name], paths["recurrent"]) <= 1e-5, name
@@ -183,18 +202,22 @@ def test_mlstm_stabiliser_keeps_huge_input_gates_finite():
 def test_from_attention_copies_qkvo_and_repeats_kv_heads(tiny_geometry):
     g = tiny_geometry
     torch.manual_seed(0)
-    weights = AttentionWeights(q=torch.randn(g.num_heads * g.head_dim, g.hidden_size),
-                               k=torch.randn(g.num_kv_heads * g.head_dim, g.hidden_size),
-                               v=torch.randn(g.num_kv_heads * g.head_dim, g.hidden_size),
-                               o=torch.randn(g.hidden_size, g.num_heads * g.head_dim), o_bias=torch.randn(g.hidden_size))
+    weights = AttentionWeights(
+        q=torch.randn(g.num_heads * g.head_dim, g.hidden_size),
+        k=torch.randn(g.num_kv_heads * g.head_dim, g.hidden_size),
+        v=torch.randn(g.num_kv_heads * g.head_dim, g.hidden_size),
+        o=torch.randn(g.hidden_size, g.num_heads * g.head_dim),
+        o_bias=torch.randn(g.hidden_size),
+    )
     for name in ("gated_delta_net", "delta_net", "mlstm"):
         mixer = get_mixer(name).from_attention(weights, g, get_mixer(name).Config())
         assert torch.equal(mixer.q_proj.weight, weights.q) and torch.equal(mixer.o_proj.bias, weights.o_bias)
         k_heads = mixer.k_proj.weight.view(g.num_heads, g.head_dim, -1)
         for head in range(g.num_heads):  # kv head h // groups serves query head h
             assert torch.equal(k_heads[head], weights.k.view(g.num_kv_heads, g.head_dim, -1)[head // g.query_groups])
-        assert torch.equal(mixer.v_proj.weight.view(g.num_heads, g.head_dim, -1)[3],
-                           weights.v.view(g.num_kv_heads, g.head_dim, -1)[1])
+        assert torch.equal(
+            mixer.v_proj.weight.view(g.num_heads, g.head_dim, -1)[3], weights.v.view(g.num_kv_heads, g.head_dim, -1)[1]
+        )
 
 
 def test_student_starts_with_open_gates_and_the_teachers_scale():
@@ -203,7 +226,9 @@ def test_student_starts_with_open_gates_and_the_teachers_scale():
     u = torch.randn(1, 3, 16)
     gdn = get_mixer("gated_delta_net")(geometry, get_mixer("gated_delta_net").Config(beta_init=0.25, a_init=0.8))
     beta, log_a = gdn._gates(u)
-    assert torch.allclose(beta, torch.full_like(beta, 0.25)) and torch.allclose(log_a.exp(), torch.full_like(log_a, 0.8))
+    assert torch.allclose(beta, torch.full_like(beta, 0.25)) and torch.allclose(
+        log_a.exp(), torch.full_like(log_a, 0.8)
+    )
     assert torch.allclose(F.silu(gdn.g_proj(u)), torch.ones(1, 3, 16), atol=1e-4)
     assert torch.allclose(gdn.log_q_scale.exp(), torch.full((2,), 8**-0.5))
     mlstm = get_mixer("mlstm")(geometry, get_mixer("mlstm").Config(forget_init=0.95))
@@ -216,8 +241,10 @@ def test_student_starts_with_open_gates_and_the_teachers_scale():
 @pytest.mark.parametrize("gated", [True, False])
 def test_fla_delta_rule_kernel_matches_the_reference(gated):
     pytest.importorskip("fla.ops.gated_delta_rule")
-    q, k, v, beta, log_a = (None if t is None else t.detach().cuda().float().requires_grad_()
-                            for t in delta_inputs(300, gated=gated, N=64, P=64))
+    q, k, v, beta, log_a = (
+        None if t is None else t.detach().cuda().float().requires_grad_()
+        for t in delta_inputs(300, gated=gated, N=64, P=64)
+    )
     state = torch.randn(2, 3, 64, 64, device="cuda") * 0.1
     weight = torch.randn(2, 300, 3, 64, device="cuda")
     results = {}
@@ -236,7 +263,10 @@ def test_delta_benchmark_reports_every_path_and_the_growth_of_the_chunked_one():
 
     result = delta.run(lengths=[64, 128], repeats=1, cells=("gated_delta_rule",))
     assert {(row["T"], row["path"]) for row in result["rows"]} == {
-        (T, path) for T in (64, 128) for path in ("materialised", "chunked", "recurrent")}
+        (T, path) for T in (64, 128) for path in ("materialised", "chunked", "recurrent")
+    }
     assert all(row["forward_backward_ms"] > 0 and row["peak_MB"] >= 0 for row in result["rows"])
-    assert set(result["summary"]) == {"gated_delta_rule_time_growth_T64_to_T128",
-                                      "gated_delta_rule_memory_growth_T64_to_T128"}
+    assert set(result["summary"]) == {
+        "gated_delta_rule_time_growth_T64_to_T128",
+        "gated_delta_rule_memory_growth_T64_to_T128",
+    }

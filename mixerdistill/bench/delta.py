@@ -16,9 +16,16 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from mixerdistill.bench import (RESULTS_DIR, PeakMemory, in_subprocess, machine, median_seconds, print_table,
-                                write_result)
-from mixerdistill.ops.delta import delta_rule_chunked, delta_rule_matrix_rows, delta_rule_step
+from mixerdistill.bench import (
+    RESULTS_DIR,
+    PeakMemory,
+    in_subprocess,
+    machine,
+    median_seconds,
+    print_table,
+    write_result,
+)
+from mixerdistill.ops.delta import delta_rule, delta_rule_matrix_rows, delta_rule_step
 from mixerdistill.ops.mlstm import mlstm_chunked, mlstm_matrix_rows, mlstm_step
 
 HEADS, HEAD_DIM, CHUNK = 9, 64, 64
@@ -63,13 +70,16 @@ def materialised(cell: str, q, k, v, first, second) -> torch.Tensor:
 def chunked(cell: str, q, k, v, first, second) -> torch.Tensor:
     if cell == "mlstm":
         return mlstm_chunked(q, k, v, first, second, CHUNK)[0]
-    return delta_rule_chunked(q, k, v, first, _log_alpha(cell, second), CHUNK)[0]
+    return delta_rule(q, k, v, first, _log_alpha(cell, second), CHUNK, kernel="reference")[0]
 
 
 def recurrent(cell: str, q, k, v, first, second) -> torch.Tensor:
     shape = (1, HEADS, HEAD_DIM)
-    state = ((q.new_zeros(*shape, HEAD_DIM), q.new_zeros(*shape), q.new_zeros(1, HEADS)) if cell == "mlstm"
-             else q.new_zeros(*shape, HEAD_DIM))
+    state = (
+        (q.new_zeros(*shape, HEAD_DIM), q.new_zeros(*shape), q.new_zeros(1, HEADS))
+        if cell == "mlstm"
+        else q.new_zeros(*shape, HEAD_DIM)
+    )
     outputs = []
     for t in range(q.shape[1]):
         if cell == "mlstm":
@@ -96,8 +106,10 @@ def timings(cell: str, path: str, length: int, repeats: int) -> dict:
             t.grad = None
         fn(cell, *tensors).square().sum().backward()
 
-    return {"forward_ms": median_seconds(forward, repeats) * 1e3,
-            "forward_backward_ms": median_seconds(forward_backward, repeats) * 1e3}
+    return {
+        "forward_ms": median_seconds(forward, repeats) * 1e3,
+        "forward_backward_ms": median_seconds(forward_backward, repeats) * 1e3,
+    }
 
 
 def peak_memory_mb(cell: str, path: str, length: int) -> float:
@@ -118,9 +130,13 @@ def run(quick: bool = False, lengths: list[int] | None = None, repeats: int = 3,
             for path in PATHS:
                 if length > LIMITS.get(path, length) or (quick and path == "recurrent"):
                     continue
-                row = {"cell": cell, "T": length, "path": path,
-                       **timings(cell, path, length, 1 if path == "recurrent" else repeats),
-                       "peak_MB": in_subprocess(peak_memory_mb, cell, path, length, track_memory=True)}
+                row = {
+                    "cell": cell,
+                    "T": length,
+                    "path": path,
+                    **timings(cell, path, length, 1 if path == "recurrent" else repeats),
+                    "peak_MB": in_subprocess(peak_memory_mb, cell, path, length, track_memory=True),
+                }
                 rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     summary = {}
     by_key = {(row["cell"], row["T"], row["path"]): row for row in rows}
@@ -129,10 +145,18 @@ def run(quick: bool = False, lengths: list[int] | None = None, repeats: int = 3,
         first, last = by_key[(cell, short, "chunked")], by_key[(cell, long, "chunked")]
         if long > short:
             summary[f"{cell}_time_growth_T{short}_to_T{long}"] = round(
-                last["forward_backward_ms"] / first["forward_backward_ms"], 2)
-            summary[f"{cell}_memory_growth_T{short}_to_T{long}"] = round(last["peak_MB"] / max(first["peak_MB"], 1e-3), 2)
-    return {"benchmark": "delta", "machine": machine(), "shape": {"B": 1, "H": HEADS, "d": HEAD_DIM, "chunk": CHUNK},
-            "rows": rows, "summary": summary}
+                last["forward_backward_ms"] / first["forward_backward_ms"], 2
+            )
+            summary[f"{cell}_memory_growth_T{short}_to_T{long}"] = round(
+                last["peak_MB"] / max(first["peak_MB"], 1e-3), 2
+            )
+    return {
+        "benchmark": "delta",
+        "machine": machine(),
+        "shape": {"B": 1, "H": HEADS, "d": HEAD_DIM, "chunk": CHUNK},
+        "rows": rows,
+        "summary": summary,
+    }
 
 
 def plot(result: dict, path) -> None:
@@ -166,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; keep benchmarks/results as it is")
     args = parser.parse_args(argv)
     result = run(args.quick, args.lengths, args.repeats, tuple(args.cells))
-    print(f"delta rule / mLSTM cells, B=1 H={HEADS} d={HEAD_DIM} chunk {CHUNK}, fp32, "
-          f"{result['machine']['threads']} threads")
+    print(
+        f"delta rule / mLSTM cells, B=1 H={HEADS} d={HEAD_DIM} chunk {CHUNK}, fp32, "
+        f"{result['machine']['threads']} threads"
+    )
     print_table(result["rows"], ["cell", "T", "path", "forward_ms", "forward_backward_ms", "peak_MB"])
     for key, value in result["summary"].items():
         print(f"{key}: {value}")

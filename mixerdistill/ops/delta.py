@@ -43,8 +43,12 @@ from mixerdistill.ops.ssd import segsum
 ChunkStep = Callable[..., tuple[torch.Tensor, object]]
 
 
-def scan_chunks(step: ChunkStep, sequences: tuple[torch.Tensor, ...], state, chunk_size: int,
-                ) -> tuple[torch.Tensor, object]:
+def scan_chunks(
+    step: ChunkStep,
+    sequences: tuple[torch.Tensor, ...],
+    state,
+    chunk_size: int,
+) -> tuple[torch.Tensor, object]:
     """Run ``step(*chunk_of_each_sequence, state) → (output, state)`` over chunks of ``chunk_size`` tokens.
 
     sequences: tensors (B, H, T, ·) or (B, H, T); outputs (B, H, Q, ·) are concatenated to (B, H, T, ·).
@@ -53,7 +57,7 @@ def scan_chunks(step: ChunkStep, sequences: tuple[torch.Tensor, ...], state, chu
     length = sequences[0].shape[2]
     outputs = []
     for start in range(0, length, chunk_size):
-        output, state = step(*(s[:, :, start:start + chunk_size] for s in sequences), state)
+        output, state = step(*(s[:, :, start : start + chunk_size] for s in sequences), state)
         outputs.append(output)
     return torch.cat(outputs, dim=2), state
 
@@ -63,8 +67,14 @@ def heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in tensors)
 
 
-def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                     log_a: torch.Tensor | None, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_rule_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_a: torch.Tensor | None,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of Q tokens in the WY/UT form (see the module docstring).
 
     q, k: (B, H, Q, N)   v: (B, H, Q, P)   beta: (B, H, Q)   log_a: (B, H, Q) or None (α = 1)
@@ -94,26 +104,14 @@ def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     return output, chunk_decay * state + (k * to_end).transpose(-1, -2) @ pseudo_values
 
 
-def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                       log_a: torch.Tensor | None, chunk_size: int, initial_state: torch.Tensor | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunked delta rule. q, k: (B, T, H, N)   v: (B, T, H, P)   beta, log_a: (B, T, H) (log_a None: α = 1)
-    initial_state: (B, H, N, P) or None (zeros)   →   o: (B, T, H, P), final state (B, H, N, P)."""
-    batch, _, heads, n = k.shape
-    if initial_state is None:
-        initial_state = v.new_zeros(batch, heads, n, v.shape[-1])
-    sequences = heads_first(q, k, v, beta) + (() if log_a is None else heads_first(log_a))
-
-    def step(q_c, k_c, v_c, beta_c, *rest):
-        *log_a_c, state = rest
-        return delta_rule_chunk(q_c, k_c, v_c, beta_c, log_a_c[0] if log_a_c else None, state)
-
-    output, final_state = scan_chunks(step, sequences, initial_state.to(v.dtype), chunk_size)
-    return output.transpose(1, 2), final_state
-
-
-def delta_rule_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, beta_t: torch.Tensor,
-                    log_a_t: torch.Tensor | None, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_rule_step(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    beta_t: torch.Tensor,
+    log_a_t: torch.Tensor | None,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: S ← α (S − β k (kᵀ S)) + β k vᵀ, o = Sᵀ q.
 
     q_t, k_t: (B, H, N)   v_t: (B, H, P)   beta_t, log_a_t: (B, H) (log_a_t None: α = 1)   state: (B, H, N, P)
@@ -126,8 +124,9 @@ def delta_rule_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, bet
     return (q_t.unsqueeze(-2) @ state).squeeze(-2), state
 
 
-def delta_rule_matrix_rows(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, log_a: torch.Tensor | None,
-                           chunk_size: int = 64) -> MatrixRows:
+def delta_rule_matrix_rows(
+    q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, log_a: torch.Tensor | None, chunk_size: int = 64
+) -> MatrixRows:
     """Row blocks of the exact mixing matrix M = (tril(Q Kᵀ) ∘ Γ)(I + A)⁻¹ diag(β): ``rows(start, stop)`` →
     M[:, :, start:stop, :stop] (B, H, stop − start, stop). q, k: (B, T, H, N); beta, log_a: (B, T, H).
 
@@ -145,33 +144,58 @@ def delta_rule_matrix_rows(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor,
         for begin in range(0, stop, chunk_size):
             end = min(begin + chunk_size, stop)
             identity = F.pad(torch.eye(end - begin, dtype=k.dtype, device=k.device), (begin, 0))  # (Q, end): v_j = e_j
-            block, state = delta_rule_chunk(q[:, :, begin:end], k[:, :, begin:end],
-                                            identity.expand(batch, heads, -1, -1), beta[:, :, begin:end],
-                                            None if log_a is None else log_a[:, :, begin:end],
-                                            F.pad(state, (0, end - begin)))
+            block, state = delta_rule_chunk(
+                q[:, :, begin:end],
+                k[:, :, begin:end],
+                identity.expand(batch, heads, -1, -1),
+                beta[:, :, begin:end],
+                None if log_a is None else log_a[:, :, begin:end],
+                F.pad(state, (0, end - begin)),
+            )
             if end > start:
-                blocks.append(F.pad(block[:, :, max(start - begin, 0):], (0, stop - end)))
+                blocks.append(F.pad(block[:, :, max(start - begin, 0) :], (0, stop - end)))
         return torch.cat(blocks, dim=2)
 
     return rows
 
 
-def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_a: torch.Tensor | None,
-               chunk_size: int, initial_state: torch.Tensor | None = None, kernel: KernelChoice = "auto",
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast path mixers call: same arguments and results as ``delta_rule_chunked``.
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_a: torch.Tensor | None,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+    kernel: KernelChoice = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked delta rule, the path mixers call.
 
-    Kernels (fla): ``chunk_gated_delta_rule`` with ``log_a``, ``chunk_delta_rule`` without; fed the queries
-    as they are (scale 1.0) and keys already normalised by the caller (no in-kernel L2 norm).
+    q, k: (B, T, H, N)   v: (B, T, H, P)   beta, log_a: (B, T, H) (log_a None: α = 1)
+    initial_state: (B, H, N, P) or None (zeros)   →   o: (B, T, H, P), final state (B, H, N, P).
+
+    Reference: ``delta_rule_chunk`` in a loop over chunks. Kernels (fla, see ``mixerdistill.ops.kernels``):
+    ``chunk_gated_delta_rule`` with ``log_a``, ``chunk_delta_rule`` without; fed the queries as they are
+    (scale 1.0) and keys already normalised by the caller (no in-kernel L2 norm).
     """
     if log_a is None:
         fla = kernel_module(kernel, "fla.ops.delta_rule", "delta rule", q)
         if fla is not None:
-            return fla.chunk_delta_rule(q, k, v, beta, scale=1.0, initial_state=initial_state,
-                                        output_final_state=True)
+            return fla.chunk_delta_rule(q, k, v, beta, scale=1.0, initial_state=initial_state, output_final_state=True)
     else:
         fla = kernel_module(kernel, "fla.ops.gated_delta_rule", "gated delta rule", q)
         if fla is not None:
-            return fla.chunk_gated_delta_rule(q, k, v, log_a, beta, scale=1.0, initial_state=initial_state,
-                                              output_final_state=True)
-    return delta_rule_chunked(q, k, v, beta, log_a, chunk_size, initial_state)
+            return fla.chunk_gated_delta_rule(
+                q, k, v, log_a, beta, scale=1.0, initial_state=initial_state, output_final_state=True
+            )
+    batch, _, heads, n = k.shape
+    if initial_state is None:
+        initial_state = v.new_zeros(batch, heads, n, v.shape[-1])
+    sequences = heads_first(q, k, v, beta) + (() if log_a is None else heads_first(log_a))
+
+    def step(q_c, k_c, v_c, beta_c, *rest):
+        *log_a_c, state = rest
+        return delta_rule_chunk(q_c, k_c, v_c, beta_c, log_a_c[0] if log_a_c else None, state)
+
+    output, final_state = scan_chunks(step, sequences, initial_state.to(v.dtype), chunk_size)
+    return output.transpose(1, 2), final_state

@@ -33,8 +33,9 @@ from mixerdistill.ops.ssd import segsum
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C' (B, H, N, P), n' (B, H, N), m (B, H)
 
 
-def mlstm_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor, log_i: torch.Tensor,
-                state: MLSTMState) -> tuple[torch.Tensor, MLSTMState]:
+def mlstm_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor, log_i: torch.Tensor, state: MLSTMState
+) -> tuple[torch.Tensor, MLSTMState]:
     """One chunk of Q tokens (Q = 1 is the recurrent step).
 
     q, k: (B, H, Q, N)   v: (B, H, Q, P)   log_f, log_i: (B, H, Q)   state (C', n', m) entering the chunk
@@ -64,8 +65,15 @@ def mlstm_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.
     return h, (memory, normaliser, m_out.to(state[2].dtype))
 
 
-def mlstm_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor, log_i: torch.Tensor,
-                  chunk_size: int, state: MLSTMState | None = None) -> tuple[torch.Tensor, MLSTMState]:
+def mlstm_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_f: torch.Tensor,
+    log_i: torch.Tensor,
+    chunk_size: int,
+    state: MLSTMState | None = None,
+) -> tuple[torch.Tensor, MLSTMState]:
     """q, k: (B, T, H, N)   v: (B, T, H, P)   log_f, log_i: (B, T, H)   state: (C', n', m) or None (zeros)
     → h: (B, T, H, P), the state after token T. Linear in T: a loop over chunks."""
     if state is None:
@@ -75,11 +83,18 @@ def mlstm_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torc
     return h.transpose(1, 2), state
 
 
-def mlstm_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, log_f_t: torch.Tensor,
-               log_i_t: torch.Tensor, state: MLSTMState) -> tuple[torch.Tensor, MLSTMState]:
+def mlstm_step(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    log_f_t: torch.Tensor,
+    log_i_t: torch.Tensor,
+    state: MLSTMState,
+) -> tuple[torch.Tensor, MLSTMState]:
     """One token: q_t, k_t (B, H, N), v_t (B, H, P), log_f_t, log_i_t (B, H) → h_t (B, H, P), next state."""
-    h, state = mlstm_chunk(q_t[:, :, None], k_t[:, :, None], v_t[:, :, None], log_f_t[..., None],
-                           log_i_t[..., None], state)
+    h, state = mlstm_chunk(
+        q_t[:, :, None], k_t[:, :, None], v_t[:, :, None], log_f_t[..., None], log_i_t[..., None], state
+    )
     return h[:, :, 0], state
 
 
@@ -96,7 +111,7 @@ def mlstm_matrix_rows(q: torch.Tensor, k: torch.Tensor, log_f: torch.Tensor, log
 
     def rows(start: int, stop: int) -> torch.Tensor:
         above = torch.arange(start, stop, device=cum.device)[:, None] < torch.arange(stop, device=cum.device)
-        log_weights = (cum[..., start:stop, None] - cum[..., None, :stop] + log_i[..., None, :stop])
+        log_weights = cum[..., start:stop, None] - cum[..., None, :stop] + log_i[..., None, :stop]
         log_weights = log_weights.masked_fill(above, float("-inf"))  # (B, H, r, stop)
         m_row = log_weights.amax(-1, keepdim=True)
         scores = (q[:, :, start:stop] @ k[:, :, :stop].transpose(-1, -2)) * torch.exp(log_weights - m_row).to(q.dtype)
