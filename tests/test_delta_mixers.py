@@ -267,6 +267,5 @@ def test_delta_benchmark_reports_every_path_and_the_growth_of_the_chunked_one():
     }
     assert all(row["forward_backward_ms"] > 0 and row["peak_MB"] >= 0 for row in result["rows"])
     assert set(result["summary"]) == {
-        "gated_delta_rule_time_growth_T64_to_T128",
-        "gated_delta_rule_memory_growth_T64_to_T128",
+        f"gated_delta_rule_{key}_growth_T64_to_T128" for key in ("forward_backward", "forward_backward_cpu", "memory")
     }
