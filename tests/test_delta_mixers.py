@@ -257,7 +257,7 @@ def test_fla_delta_rule_kernel_matches_the_reference(gated):
         assert relative_error(got, want) <= 5e-3
 
 
-@pytest.mark.slow  # six fresh interpreters for the memory figures: about a minute of CPU
+@pytest.mark.slow  # a fresh interpreter for the memory figures and a token loop: ~20 s of CPU
 def test_delta_benchmark_reports_every_path_and_the_growth_of_the_chunked_one():
     from mixerdistill.bench import delta
 

@@ -2,7 +2,7 @@
 
 SmolLM2-135M shapes: batch 1, H = 9 heads, head_dim 64 (keys and values), fp32, chunk 64. Cells: the gated
 delta rule (Gated DeltaNet), the delta rule (DeltaNet) and the mLSTM. For each, forward (no grad) and
-forward+backward (loss = Σ y²) times, and the peak memory of forward+backward in a fresh process. The
+forward+backward (loss = Σ y²) times, and the peak memory of forward+backward (one fresh process per cell). The
 materialised path stops at T = 2048 and the recurrence at T = 1024 (both grow faster than linearly).
 The summary gives the chunked path's growth from T = 1024 to 8192 (8× the tokens): linear means ≈ 8×.
 
@@ -121,13 +121,21 @@ def timings(cell: str, path: str, length: int, repeats: int) -> dict:
     }
 
 
-def peak_memory_mb(cell: str, path: str, length: int) -> float:
-    """Peak memory growth (MiB) of one forward+backward, inputs excluded (runs in a subprocess)."""
-    tensors = inputs(cell, length)
-    PATHS[path](cell, *[t.detach()[:, :8] for t in tensors])  # warm-up allocations
-    with PeakMemory() as memory:
-        PATHS[path](cell, *tensors).square().sum().backward()
-    return memory.bytes / 2**20
+def peak_memories_mb(cell: str, jobs: list[tuple[str, int]]) -> list[float]:
+    """Peak memory growth (MiB) of one forward+backward per (path, T) in ``jobs``, inputs excluded.
+
+    Runs in one fresh process per cell (``in_subprocess(track_memory=True)``: large buffers go back to the
+    system when freed, so the high-water mark, reset before each job, follows that job's live tensors).
+    """
+    peaks = []
+    for path, length in jobs:
+        tensors = inputs(cell, length)
+        PATHS[path](cell, *[t.detach()[:, :8] for t in tensors])  # warm-up allocations
+        with PeakMemory() as memory:
+            PATHS[path](cell, *tensors).square().sum().backward()
+        peaks.append(memory.bytes / 2**20)
+        del tensors
+    return peaks
 
 
 def run(quick: bool = False, lengths: list[int] | None = None, repeats: int = 3, cells=CELLS) -> dict:
@@ -135,18 +143,22 @@ def run(quick: bool = False, lengths: list[int] | None = None, repeats: int = 3,
     repeats = 1 if quick else repeats
     rows = []
     for cell in cells:
-        for length in lengths:
-            for path in PATHS:
-                if length > LIMITS.get(path, length) or (quick and path == "recurrent"):
-                    continue
-                row = {
-                    "cell": cell,
-                    "T": length,
-                    "path": path,
-                    **timings(cell, path, length, 1 if path == "recurrent" else repeats),
-                    "peak_MB": in_subprocess(peak_memory_mb, cell, path, length, track_memory=True),
-                }
-                rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+        jobs = [
+            (path, length)
+            for length in lengths
+            for path in PATHS
+            if length <= LIMITS.get(path, length) and not (quick and path == "recurrent")
+        ]
+        peaks = in_subprocess(peak_memories_mb, cell, jobs, track_memory=True)
+        for (path, length), peak in zip(jobs, peaks):
+            row = {
+                "cell": cell,
+                "T": length,
+                "path": path,
+                **timings(cell, path, length, 1 if path == "recurrent" else repeats),
+                "peak_MB": peak,
+            }
+            rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     summary = {}
     by_key = {(row["cell"], row["T"], row["path"]): row for row in rows}
     short, long = min(lengths), max(lengths)
