@@ -53,11 +53,12 @@ def scan_chunks(
 
     sequences: tensors (B, H, T, ·) or (B, H, T); outputs (B, H, Q, ·) are concatenated to (B, H, T, ·).
     The last chunk may be shorter: every step here works for any chunk length, so nothing is padded.
+    The chunks come from ``split``, whose backward is one concatenation: slicing each chunk instead would
+    make autograd write every chunk's gradient into a zero tensor of the full length, O(T²) in all.
     """
-    length = sequences[0].shape[2]
     outputs = []
-    for start in range(0, length, chunk_size):
-        output, state = step(*(s[:, :, start : start + chunk_size] for s in sequences), state)
+    for chunk in zip(*(s.split(chunk_size, dim=2) for s in sequences)):
+        output, state = step(*chunk, state)
         outputs.append(output)
     return torch.cat(outputs, dim=2), state
 
