@@ -140,21 +140,23 @@ def delta_rule_matrix_rows(
     batch, heads, _, n = k.shape
 
     def rows(start: int, stop: int) -> torch.Tensor:
+        sequences = (q, k, beta) if log_a is None else (q, k, beta, log_a)
         state = k.new_zeros(batch, heads, n, 0)  # columns: the tokens seen so far
-        blocks = []
-        for begin in range(0, stop, chunk_size):
-            end = min(begin + chunk_size, stop)
+        begin, blocks = 0, []
+        for q_c, k_c, beta_c, *log_a_c in zip(*(s[:, :, :stop].split(chunk_size, dim=2) for s in sequences)):
+            end = begin + q_c.shape[2]
             identity = F.pad(torch.eye(end - begin, dtype=k.dtype, device=k.device), (begin, 0))  # (Q, end): v_j = e_j
             block, state = delta_rule_chunk(
-                q[:, :, begin:end],
-                k[:, :, begin:end],
+                q_c,
+                k_c,
                 identity.expand(batch, heads, -1, -1),
-                beta[:, :, begin:end],
-                None if log_a is None else log_a[:, :, begin:end],
+                beta_c,
+                log_a_c[0] if log_a_c else None,
                 F.pad(state, (0, end - begin)),
             )
             if end > start:
                 blocks.append(F.pad(block[:, :, max(start - begin, 0) :], (0, stop - end)))
+            begin = end
         return torch.cat(blocks, dim=2)
 
     return rows
