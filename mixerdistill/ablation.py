@@ -42,6 +42,12 @@ def held_out_distances(recipe: Recipe, checkpoint: Path, teacher, adapter, windo
                        device: torch.device) -> dict[int, float]:
     """{layer: mean stage-1 distance over ``windows`` (N, T)} for the student saved in ``checkpoint``."""
     student, _ = load_student(checkpoint, device)
+    return student_distances(recipe, student, teacher, adapter, windows, device)
+
+
+def student_distances(recipe: Recipe, student, teacher, adapter, windows: torch.Tensor,
+                      device: torch.device) -> dict[int, float]:
+    """{layer: mean stage-1 distance over ``windows`` (N, T)} for every mixer layer of ``student``."""
     stage_block = next(block for block in recipe.stages if block.name == STAGE)
     batch_size = stage_block.config.batch_size
     stage = get_stage(STAGE)(stage_block.config,

@@ -9,7 +9,7 @@ import typer
 
 from mixerdistill.cli import app
 
-BENCHMARKS = ["ssd", "stage1", "decode", "training"]
+BENCHMARKS = ["ssd", "delta", "stage1", "decode", "training"]
 
 
 @app.command("bench")

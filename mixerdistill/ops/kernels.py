@@ -6,6 +6,8 @@ kernel from an optional GPU package (install the ``cuda`` extra):
   ssd (scalar decay)            mamba-ssm   ``mamba_chunk_scan_combined``   (discrete_mamba2, mamba2)
   ssd (scalar decay)            fla         ``chunk_simple_gla``           (linear / gated linear attention)
   diagonal-decay SSM            fla         ``chunk_gla``                  (gated linear attention, key-dim gates)
+  gated delta rule              fla         ``chunk_gated_delta_rule``     (gated_delta_net)
+  delta rule                    fla         ``chunk_delta_rule``           (delta_net)
   causal depthwise conv1d       causal-conv1d ``causal_conv1d_fn``
 
 A mixer's Config carries ``kernel: auto | reference | cuda``. ``auto`` uses the kernel when the tensors
