@@ -33,7 +33,7 @@ def state_bytes(cache) -> int:
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, **kwargs):
     return model.generate(ids, attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)),
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+                          max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, **kwargs)
 
 
 @torch.no_grad()

@@ -47,20 +47,25 @@ def family_options(name: str) -> dict:
     return options
 
 
-def tiny_checkpoint(root: Path, mixer_name: str, keep: list[int]) -> Path:
-    """A stage checkpoint of a 3-layer random Llama student (weights nudged off their initialisation), with a
-    byte tokenizer beside it as in a run directory."""
-    teacher = tiny_llama(layers=3)
+def nudged_student(mixer_name: str, keep: list[int]):
+    """A 3-layer random Llama student, weights nudged off their initialisation so that every input matters
+    (the identity conv and zero biases would hide a padding bug). → (student, mixer config)."""
     mixer_cls = get_mixer(mixer_name)
     config = mixer_cls.Config.model_validate(family_options(mixer_name))
     torch.manual_seed(1)
-    student = build_student(teacher, LlamaAdapter(), mixer_cls, config, keep, transfer=False)
+    student = build_student(tiny_llama(layers=3), LlamaAdapter(), mixer_cls, config, keep, transfer=False)
     with torch.no_grad():
         for parameter in student.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
+    return student.eval(), config
+
+
+def tiny_checkpoint(root: Path, mixer_name: str, keep: list[int]) -> Path:
+    """A stage checkpoint of ``nudged_student`` with a byte tokenizer beside it, as in a run directory."""
+    student, config = nudged_student(mixer_name, keep)
     spec = StudentSpec(mixer=mixer_name, mixer_config=config.model_dump(mode="json"), keep_attention=keep,
                        adapter="llama", teacher={"source": "config", "model_type": "llama", "dtype": "float32"},
-                       teacher_config=teacher.config.to_dict())
+                       teacher_config=student.config.to_dict())
     ByteTokenizer().save_pretrained(root / "tokenizer")
     checkpoint = root / "stage_3_knowledge_distillation"
     save_checkpoint(student, spec, checkpoint)
@@ -153,38 +158,46 @@ def test_sharded_weights_above_the_shard_size(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [[], [1]], ids=["pure", "hybrid"])
-def test_left_padded_batch_gives_each_prompt_its_own_tokens_in_mixerdistill(keep):
-    """mixerdistill's own student through transformers' generate: left padding changes nothing."""
-    mixer = get_mixer("discrete_mamba2")
-    torch.manual_seed(0)
-    student = build_student(tiny_llama(layers=3), LlamaAdapter(), mixer, mixer.Config(chunk_size=4), keep,
-                            transfer=False).eval()
+@torch.no_grad()
+def test_left_padded_batch_gives_each_prompt_its_own_outputs_in_mixerdistill(keep):
+    """mixerdistill's own student, forward and transformers' generate: left padding changes nothing."""
+    student, _ = nudged_student("discrete_mamba2", keep)
     short, long = PADDED
-    batch = torch.tensor([[0] * (len(long) - len(short)) + short, long])
-    mask = (torch.arange(len(long)) >= len(long) - len(short)).long().expand(2, -1).clone()
-    mask[1] = 1
-    together = student.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                pad_token_id=0)[:, len(long):]
+    pad = len(long) - len(short)
+    batch = torch.tensor([[0] * pad + short, long])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers them: kept attention's RoPE
+    logits = student(input_ids=batch, attention_mask=mask, position_ids=positions).logits
+    alone = student(input_ids=torch.tensor([short])).logits
+    assert (logits[0, pad:] - alone[0]).abs().max() < 1e-5
+    greedy = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    together = student.generate(batch, attention_mask=mask, **greedy)[:, len(long):]
     for row, prompt in enumerate((short, long)):
-        alone = student.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 pad_token_id=0)[0, len(prompt):]
+        alone = student.generate(torch.tensor([prompt]), **greedy)[0, len(prompt):]
         assert torch.equal(together[row], alone), row
 
 
 # -- the exported folders in a fresh environment ---------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """recipes/tiny.yaml through the CLI with 2048 tokens per stage: a real run directory with its report."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    done = run_cli("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(run), "--no-progress",
+                   *[f"--set=stages.{i}.tokens=2048" for i in range(3)], "--set=eval.every_tokens=null")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
 @pytest.mark.slow
-def test_every_family_exports_and_matches_mixerdistill_in_a_fresh_venv(tmp_path):
-    """All built-in mixer families (pure), a hybrid, and a checkpoint of a real CLI run: loaded with only torch
-    and transformers, same logits (≤ 1e-5) and greedy tokens as mixerdistill's student; constant-size cache,
+def test_every_family_exports_and_matches_mixerdistill_in_a_fresh_venv(tmp_path, tiny_run):
+    """All built-in mixer families (pure), a hybrid, and a real CLI run: loaded with only torch and
+    transformers, same logits (≤ 1e-5) and greedy tokens as mixerdistill's student; constant-size cache,
     left padding, save_pretrained round trip, dtype on load."""
     cases = {name: (name, []) for name in builtin_families()}
     cases["hybrid_discrete_mamba2"] = ("discrete_mamba2", [1])
     checkpoints = {name: tiny_checkpoint(tmp_path / name, mixer, keep) for name, (mixer, keep) in cases.items()}
-    run = tmp_path / "tiny_run"
-    done = run_cli("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(run), "--no-progress",
-                   *[f"--set=stages.{i}.tokens=2048" for i in range(3)], "--set=eval.every_tokens=null")
-    assert done.returncode == 0, done.stderr
-    checkpoints["tiny_run"] = run
+    checkpoints["tiny_run"] = sorted(tiny_run.glob("stage_*"))[-1]
     folders = {name: export_student(path, tmp_path / "export" / name).folder for name, path in checkpoints.items()}
     grows = [name for name, (mixer, _) in cases.items() if get_mixer(mixer).state_grows]
     results = run_in_fresh_venv(folders, padding=[n for n in folders if n not in grows],
@@ -192,15 +205,38 @@ def test_every_family_exports_and_matches_mixerdistill_in_a_fresh_venv(tmp_path)
                                 dtype_check=["discrete_mamba2", "tiny_run"])
     assert results.pop("__mixerdistill_importable__") is False
     for name, got in results.items():
-        logits, tokens = reference_outputs(checkpoints[name] if name != "tiny_run" else
-                                           sorted(run.glob("stage_*"))[-1])
+        logits, tokens = reference_outputs(checkpoints[name])
         assert (got["logits"] - logits).abs().max().item() <= 1e-5, name
         assert torch.equal(got["greedy"], tokens), name
         if name not in grows:
             assert got["state_bytes"][0] == got["state_bytes"][1] > 0, name  # constant in the tokens seen
             for row in range(2):
                 assert torch.equal(got["padded_batch"][row], got["padded_alone"][row]), (name, row)
-    assert results["discrete_mamba2"]["round_trip_diff"] == 0 and results["hybrid_discrete_mamba2"]["round_trip_diff"] == 0
+    assert all(results[name]["round_trip_diff"] == 0 for name in ("discrete_mamba2", "hybrid_discrete_mamba2"))
     assert results["tiny_run"]["bf16_dtypes"] == ["torch.bfloat16"] and results["tiny_run"]["bf16_finite"]
     card = (folders["tiny_run"] / "README.md").read_text()
     assert "## Training" in card and "## Perplexity" in card and "## Recipe" in card and "random" in card
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_scores_the_export_like_mixerdistill(tmp_path, tiny_run):
+    """lm-eval's own ``hf`` model on the exported folder (trust_remote_code) and ``mixerdistill`` on the run:
+    the same scores on offline tasks."""
+    from lm_eval import simple_evaluate
+
+    from mixerdistill.harness import task_manager
+
+    folder = export_student(tiny_run, tmp_path / "export").folder
+    tasks = ["austen_cloze", "austen_ppl"]
+    scores = {}
+    for model, args in (("hf", f"pretrained={folder},trust_remote_code=True"),
+                        ("mixerdistill", f"pretrained={tiny_run}")):
+        results = simple_evaluate(model=model, model_args=args, tasks=tasks, limit=6, batch_size=2,
+                                  task_manager=task_manager(tasks), bootstrap_iters=0)
+        scores[model] = {task: {k: v for k, v in values.items() if isinstance(v, float)}
+                         for task, values in results["results"].items()}
+    assert set(scores["hf"]) == set(tasks)
+    for task in tasks:
+        assert scores["hf"][task].keys() == scores["mixerdistill"][task].keys()
+        for metric, value in scores["mixerdistill"][task].items():
+            assert scores["hf"][task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
