@@ -2,7 +2,8 @@
 transformers.
 
 Starting from the modules that define a student's mixer class (and ``mixerdistill.mixer_layer``), every
-``mixerdistill`` / ``mixerdistill_plugins`` module they import is collected, transitively, and each becomes one
+``mixerdistill`` / ``mixerdistill_plugins`` module they import (and every module of a third-party mixer's own
+package) is collected, transitively, and each becomes one
 flat file of the exported folder (``mixerdistill.ops.ssd`` → ``mixerdistill_ops_ssd.py``) with its imports
 made relative (``from .mixerdistill_ops_ssd import ssd``), which transformers' remote-code loader follows.
 What only the framework needs is cut out on the way:
@@ -43,8 +44,8 @@ def flat_name(module: str) -> str:
     return module.replace(".", "_")
 
 
-def _ours(module: str | None) -> bool:
-    return module is not None and module.split(".")[0] in PACKAGES
+def _ours(module: str | None, packages: tuple[str, ...] = PACKAGES) -> bool:
+    return module is not None and module.split(".")[0] in packages
 
 
 def _dropped(module: str | None) -> bool:
@@ -68,10 +69,10 @@ def _first_line(node: ast.stmt) -> int:
     return min([node.lineno] + [d.lineno for d in decorators])
 
 
-def _module_path(module: str) -> Path:
+def _module_path(module: str, packages: tuple[str, ...] = PACKAGES) -> Path:
     spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None or not _ours(module):
-        raise ExportError(f"cannot export {module}: not a module of {' or '.join(PACKAGES)}")
+    if spec is None or spec.origin is None or not _ours(module, packages):
+        raise ExportError(f"cannot export {module}: not a module of {' or '.join(packages)}")
     return Path(spec.origin)
 
 
@@ -89,19 +90,20 @@ def _dropped_statements(tree: ast.Module) -> list[ast.stmt]:
 
 
 @functools.cache
-def _dropped_names(module: str) -> frozenset[str]:
+def _dropped_names(module: str, packages: tuple[str, ...]) -> frozenset[str]:
     """Names of ``module``'s top-level statements that an export leaves out (so importers drop them too)."""
-    tree = ast.parse(_module_path(module).read_text())
+    tree = ast.parse(_module_path(module, packages).read_text())
     return frozenset(node.name for node in _dropped_statements(tree) if node in tree.body and hasattr(node, "name"))
 
 
-def rewrite_module(module: str) -> tuple[str, list[str]]:
-    """(standalone source of ``module``, the mixerdistill modules it imports).
+def rewrite_module(module: str, packages: tuple[str, ...] = PACKAGES) -> tuple[str, list[str]]:
+    """(standalone source of ``module``, the modules of ``packages`` it imports).
 
-    Raises ExportError for a module outside mixerdistill's packages, or one importing a third-party package
-    other than torch and transformers.
+    ``packages``: the top-level packages whose modules are exported too (mixerdistill's, and a third-party
+    mixer's own). Raises ExportError for a module outside them, or one importing another package than torch,
+    transformers and the standard library.
     """
-    path = _module_path(module)
+    path = _module_path(module, packages)
     lines = path.read_text().splitlines()
     tree = ast.parse("\n".join(lines), filename=str(path))
     edits: dict[int, tuple[int, str | None]] = {}  # first line → (last line, replacement or None to drop)
@@ -115,16 +117,16 @@ def rewrite_module(module: str) -> tuple[str, list[str]]:
             continue
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if _ours(alias.name) or alias.name.split(".")[0] not in ALLOWED_TOP_LEVEL:
+                if _ours(alias.name, packages) or alias.name.split(".")[0] not in ALLOWED_TOP_LEVEL:
                     raise ExportError(f"{path}:{node.lineno}: `import {alias.name}` cannot be exported; use "
                                       f"`from {alias.name} import …` for mixerdistill modules")
         elif node.level:
             raise ExportError(f"{path}:{node.lineno}: relative imports are not supported in exported modules")
         elif _dropped(node.module):
             edits[node.lineno] = (node.end_lineno, None)
-        elif _ours(node.module):
+        elif _ours(node.module, packages):
             imports.append(node.module)
-            names = [alias for alias in node.names if alias.name not in _dropped_names(node.module)]
+            names = [alias for alias in node.names if alias.name not in _dropped_names(node.module, packages)]
             indent = lines[node.lineno - 1][: node.col_offset]
             relative = ast.ImportFrom(module=flat_name(node.module), names=names, level=1)
             edits[node.lineno] = (node.end_lineno, indent + ast.unparse(relative) if names else None)
@@ -149,7 +151,9 @@ def rewrite_module(module: str) -> tuple[str, list[str]]:
 
 
 def export_sources(modules: list[str]) -> dict[str, str]:
-    """{file name: source} for ``modules`` and every mixerdistill module they import, transitively."""
+    """{file name: source} for ``modules`` and every module of theirs or mixerdistill's they import,
+    transitively (a third-party mixer's package is exported with it)."""
+    packages = tuple(dict.fromkeys([*PACKAGES, *(module.split(".")[0] for module in modules)]))
     files: dict[str, str] = {}
     queue = list(modules)
     while queue:
@@ -157,6 +161,6 @@ def export_sources(modules: list[str]) -> dict[str, str]:
         name = f"{flat_name(module)}.py"
         if name in files:
             continue
-        files[name], imported = rewrite_module(module)
+        files[name], imported = rewrite_module(module, packages)
         queue += imported
     return dict(sorted(files.items()))
