@@ -251,3 +251,26 @@ def test_teacher_licence_is_carried_over():
     assert teacher_licence({"source": "config", "model_type": "llama"}).text is None
     missing = teacher_licence({"source": "gguf_package", "package": "no-such-package-here", "file": "x.gguf"})
     assert missing.identifier == "unknown"
+
+
+@pytest.mark.slow
+def test_smollm2_student_exports_and_matches_in_a_fresh_venv(tmp_path):
+    """A short real SmolLM2 run: the export carries the teacher's licence, and in a fresh venv gives the same
+    logits (≤ 1e-5) and greedy tokens as mixerdistill's student, left-padded batches included."""
+    run = tmp_path / "smollm2"
+    stage = "{name: knowledge_distillation, tokens: 512, batch_size: 2, seq_len: 256}"
+    done = run_cli("run", str(REPO / "recipes" / "smollm2_mamba.yaml"), "--output", str(run), "--no-progress",
+                   "--set", f"stages=[{stage}]", "--set", "eval.tokens=512", "--set", "eval.seq_len=128",
+                   "--set", "eval.max_new_tokens=8", "--set", "eval.every_tokens=null",
+                   "--set", "eval.lm_eval.tasks=[]")
+    assert done.returncode == 0, done.stderr
+    folder = export_student(run, tmp_path / "export").folder
+    card = (folder / "README.md").read_text()
+    assert "license: apache-2.0" in card and (folder / "LICENSE").is_file() and "30 of 30 layers" in card
+    got = run_in_fresh_venv({"smollm2": folder}, padding=["smollm2"], round_trip=[], dtype_check=[],
+                            pad_token_id=json.loads((folder / "config.json").read_text())["eos_token_id"])["smollm2"]
+    logits, tokens = reference_outputs(sorted(run.glob("stage_*"))[-1])
+    assert (got["logits"] - logits).abs().max().item() <= 1e-5
+    assert torch.equal(got["greedy"], tokens)
+    for row in range(2):
+        assert torch.equal(got["padded_batch"][row], got["padded_alone"][row]), row
