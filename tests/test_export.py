@@ -231,7 +231,7 @@ def test_stock_lm_eval_scores_the_export_like_mixerdistill(tmp_path, tiny_run):
     scores = {}
     for model, args in (("hf", f"pretrained={folder},trust_remote_code=True"),
                         ("mixerdistill", f"pretrained={tiny_run}")):
-        results = simple_evaluate(model=model, model_args=args, tasks=tasks, limit=6, batch_size=2,
+        results = simple_evaluate(model=model, model_args=args, tasks=tasks, limit=6, batch_size=2, device="cpu",
                                   task_manager=task_manager(tasks), bootstrap_iters=0)
         scores[model] = {task: {k: v for k, v in values.items() if isinstance(v, float)}
                          for task, values in results["results"].items()}
