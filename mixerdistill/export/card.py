@@ -82,6 +82,16 @@ def teacher_licence(teacher: dict) -> Licence:
     return Licence("other", f"the licence of {name} applies (see its model card on the hub)")
 
 
+def teacher_display_name(teacher: dict) -> str:
+    """How the card names the teacher a recipe's ``teacher`` block describes."""
+    source = teacher.get("source")
+    if source == "gguf_package":
+        return f"{teacher['file'].removesuffix('.gguf')} (GGUF from the pip package {teacher['package']})"
+    if source == "config":
+        return f"a random {teacher.get('model_type', '')} model built from a config"
+    return str(teacher.get("name") or teacher.get("path"))
+
+
 def _mixer_summary(mixer: str, options: dict, mixer_layers: dict, num_layers: int) -> list[str]:
     replaced = sorted(geometry["layer_idx"] for geometry in mixer_layers.values())
     kept = [i for i in range(num_layers) if i not in replaced]
@@ -136,8 +146,7 @@ def model_card(*, name: str, spec_teacher: dict, mixer: str, options: dict, mixe
                parameters: int, dtype: str, stage_folder: str, licence: Licence, report: dict,
                run_dir: Path | None) -> str:
     """README.md of an exported student (Markdown with Hugging Face front matter)."""
-    teacher_name = spec_teacher.get("name") or spec_teacher.get("package") or spec_teacher.get("path") \
-        or f"random {spec_teacher.get('model_type', '')} config"
+    teacher_name = teacher_display_name(spec_teacher)
     front = {"library_name": "transformers", "license": licence.identifier,
              "tags": ["mixerdistill", "distillation", "mohawk", mixer]}
     if spec_teacher.get("source") == "hub":
