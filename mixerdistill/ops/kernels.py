@@ -19,6 +19,8 @@ packages are imported only here, lazily, on first use.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Literal
 
 import torch
@@ -45,16 +47,15 @@ def _import(module: str):
 
 
 def notice_once(operator: str, reason: str) -> None:
-    """Print, once per (operator, reason) per process, that the reference path is used (rank 0 only)."""
-    from mixerdistill.distributed.world import current_world
+    """Print, once per (operator, reason) per process, that the reference path is used (rank 0 only).
 
-    if (operator, reason) in _noticed or not current_world().main:
+    Plain ``print`` and the ``RANK`` variable rather than mixerdistill's console and process helpers: this
+    module also runs inside exported models, which have only torch and transformers.
+    """
+    if (operator, reason) in _noticed or os.environ.get("RANK", "0") != "0":
         return
     _noticed.add((operator, reason))
-    from mixerdistill.console import stderr_console
-
-    stderr_console.print(f"[dim]mixerdistill: {operator} runs its PyTorch reference path ({reason})[/]",
-                         highlight=False)
+    print(f"mixerdistill: {operator} runs its PyTorch reference path ({reason})", file=sys.stderr)
 
 
 def kernel_module(choice: KernelChoice, module: str, operator: str, tensor: torch.Tensor):
