@@ -101,7 +101,8 @@ class MixerLayer(nn.Module):
     """Sits where a teacher attention module was; calls ``mixer`` with the teacher's inputs.
 
     Called as ``forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kw)``
-    and returns ``(output, None)`` like a transformers attention module. With a cache (``generate``),
+    (the cache also under its older names ``past_key_values`` and GPT-NeoX's ``layer_past``) and returns
+    ``(output, None)`` like a transformers attention module. With a cache (``generate``),
     the mixer state lives in the cache as a ``MixerCacheLayer``; a single new token goes through the
     mixer's recurrent ``step``, longer inputs (the prompt) through its chunked ``forward``.
     """
@@ -112,8 +113,8 @@ class MixerLayer(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                cache=None, past_key_values=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
+                cache=None, past_key_values=None, layer_past=None, **kwargs):
+        cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         if cache is None:
             output, _ = self.mixer(hidden_states, rotary=position_embeddings)
             return output, None
@@ -155,16 +156,22 @@ def build_student(teacher: nn.Module, adapter: TeacherAdapter, mixer_cls: type[S
                   mixer_config, keep_attention: list[int], transfer: bool = True) -> nn.Module:
     """A deep copy of ``teacher`` with every layer not in ``keep_attention`` using ``mixer_cls``.
 
+    First the transfer check (``mixerdistill.transfer_check``): the adapter's view of every layer to be
+    replaced must reproduce the teacher's layer, or a ``TransferMismatch`` names the layer and the piece.
     With ``transfer`` the mixer is built by ``mixer_cls.from_attention`` from the teacher's q/k/v/o;
     otherwise it starts from the mixer's own initialisation.
     """
-    student = copy.deepcopy(teacher)
-    layers = adapter.layers(student)
-    bad = [i for i in keep_attention if not 0 <= i < len(layers)]
+    from mixerdistill.transfer_check import check_transfer
+
+    count = len(adapter.layers(teacher))
+    bad = [i for i in keep_attention if not 0 <= i < count]
     if bad:
         from mixerdistill.errors import UserError
 
-        raise UserError(f"keep_attention {bad} out of range: the teacher has {len(layers)} layers")
+        raise UserError(f"keep_attention {bad} out of range: the teacher has {count} layers")
+    check_transfer(teacher, adapter, set(range(count)) - set(keep_attention))
+    student = copy.deepcopy(teacher)
+    layers = adapter.layers(student)
     for idx, layer in enumerate(layers):
         if idx in keep_attention:
             continue

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
+from mixerdistill.mixer import (fold_qk_norm, AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
                                 SequenceMixer, State, repeat_kv_rows)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
@@ -193,6 +193,7 @@ class DiscreteMamba2(SequenceMixer):
         serves query heads g·H/H_kv … (g+1)·H/H_kv − 1). q/k/v biases are dropped (in_proj has none);
         the o bias is copied. Needs N = P = head_dim and H = num_heads.
         """
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
         wrong = [f"{name}={value} (teacher: {want})" for name, value, want in (

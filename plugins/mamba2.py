@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
+from mixerdistill.mixer import (fold_qk_norm, AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
                                 SequenceMixer, State, copy_projection, repeat_kv_rows)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
@@ -175,6 +175,7 @@ class Mamba2(SequenceMixer):
         discrete Mamba-2. z rows keep their random initialisation (Mamba-2 has no gate bias, and z = 0
         would silence the layer). Needs N = P = head_dim, H = num_heads and one group per head.
         """
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
         wrong = [f"{name}={value} (needs {want})" for name, value, want in (

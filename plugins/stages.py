@@ -115,8 +115,8 @@ class MatrixOrientation(Stage):
         for idx, mixer in context.mixers.items():
             hidden = trace.mixer_inputs[idx]  # (B, T, D), already normalised
             with torch.no_grad():
-                target = context.teacher_attention[idx].matrix_rows(hidden, trace.rotary)
-            distance = matrix_distance(mixer.matrix_rows(hidden, trace.rotary), target, input_ids.shape[1],
+                target = context.teacher_attention[idx].matrix_rows(hidden, trace.rotary(idx))
+            distance = matrix_distance(mixer.matrix_rows(hidden, trace.rotary(idx)), target, input_ids.shape[1],
                                        block_rows, self.config.sink_tokens).mean()
             metrics[f"layer_{idx}"] = distance.item()
             total = total + distance
@@ -164,10 +164,10 @@ class HiddenStateAlignment(Stage):
         metrics = {}
         for idx, mixer in context.mixers.items():
             if self.config.target == "block":
-                output = context.adapter.run_block(layers[idx], trace.block_inputs[idx], trace.rotary, positions)
+                output = context.adapter.run_block(layers[idx], trace.block_inputs[idx], trace.rotary(idx), positions)
                 target = trace.block_outputs[idx]
             else:
-                output, _ = mixer(trace.mixer_inputs[idx], rotary=trace.rotary)
+                output, _ = mixer(trace.mixer_inputs[idx], rotary=trace.rotary(idx))
                 target = trace.mixer_outputs[idx]
             distance = (output - target).norm(dim=-1)  # (B, T) per-token L2
             if self.config.distance == "relative":
