@@ -161,9 +161,9 @@ def build_student(teacher: nn.Module, adapter: TeacherAdapter, mixer_cls: type[S
     With ``transfer`` the mixer is built by ``mixer_cls.from_attention`` from the teacher's q/k/v/o;
     otherwise it starts from the mixer's own initialisation.
     """
-    from mixerdistill.transfer_check import check_transfer
+    from mixerdistill.transfer_check import check_transfer, teacher_layers
 
-    count = len(adapter.layers(teacher))
+    count = len(teacher_layers(teacher, adapter))
     bad = [i for i in keep_attention if not 0 <= i < count]
     if bad:
         from mixerdistill.errors import UserError

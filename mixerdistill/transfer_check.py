@@ -29,6 +29,14 @@ class TransferMismatch(UserError):
     """The adapter's view of a teacher layer does not compute what the layer computes."""
 
 
+def teacher_layers(teacher: nn.Module, adapter: TeacherAdapter) -> nn.ModuleList:
+    """The adapter's decoder blocks of ``teacher``; a ``TransferMismatch`` when the adapter cannot find them."""
+    try:
+        return adapter.layers(teacher)
+    except AttributeError as error:
+        raise _mismatch(teacher, adapter, None, "the decoder layers", str(error)) from None
+
+
 def check_transfer(teacher: nn.Module, adapter: TeacherAdapter, layers: Iterable[int], seed: int = 0) -> None:
     """Raise ``TransferMismatch`` unless the adapter's view of every layer in ``layers`` reproduces the
     teacher's attention output on a probe of random tokens (run with eager attention, so the teacher's
@@ -36,6 +44,7 @@ def check_transfer(teacher: nn.Module, adapter: TeacherAdapter, layers: Iterable
     layers = sorted(layers)
     if not layers:
         return
+    blocks = teacher_layers(teacher, adapter)
     try:
         geometries = {idx: adapter.geometry(teacher.config, idx) for idx in layers}
     except (AttributeError, KeyError, TypeError, ValueError) as error:
@@ -53,7 +62,11 @@ def check_transfer(teacher: nn.Module, adapter: TeacherAdapter, layers: Iterable
             if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
                 probabilities[_idx] = output[1].detach()
 
-        handles.append(adapter.attention(adapter.layers(teacher)[idx]).register_forward_hook(keep_probabilities))
+        try:
+            attention = adapter.attention(blocks[idx])
+        except AttributeError as error:
+            raise _mismatch(teacher, adapter, idx, "the attention module", str(error)) from None
+        handles.append(attention.register_forward_hook(keep_probabilities))
     implementation = teacher.config._attn_implementation
     teacher.config._attn_implementation = "eager"
     try:
@@ -122,14 +135,16 @@ def unread_parameters(attention: nn.Module, weights: AttentionWeights) -> list[s
             if parameter.untyped_storage().data_ptr() not in read]
 
 
-def _mismatch(teacher, adapter, idx, piece: str, detail: str) -> TransferMismatch:
-    """The error for layer ``idx``: which adapter, which family, which piece, and what to do."""
+def _mismatch(teacher, adapter, idx: int | None, piece: str, detail: str) -> TransferMismatch:
+    """The error for layer ``idx`` (None: the whole model): which adapter, which family, which piece, and
+    what to do."""
     model_type = getattr(teacher.config, "model_type", "?")
     try:
         suggestion = f"the adapter for model_type '{model_type}' is '{find_adapter(teacher.config).name}'"
     except UserError:
         suggestion = f"no installed adapter declares model_type '{model_type}'"
     return TransferMismatch(
-        f"teacher adapter '{adapter.name}' does not reproduce layer {idx} of this {model_type} teacher "
+        f"teacher adapter '{adapter.name}' does not reproduce {'the layers' if idx is None else f'layer {idx}'} "
+        f"of this {model_type} teacher "
         f"({type(teacher).__name__}): first differing piece: {piece}: {detail}. "
         f"Set teacher.adapter to an adapter for this family or leave it unset ({suggestion}).")
