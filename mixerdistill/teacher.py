@@ -125,7 +125,7 @@ class DeclaredAdapter(TeacherAdapter):
     rotary_per_layer_type: ClassVar[bool] = False  # rotary_emb(x, positions, layer_type) (Gemma 3)
     # the projections, in the attention module: q, k, v, o — or one fused qkv and o
     projection_names: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    fused_qkv: ClassVar[str | None] = None  # "concat" (rows q | k | v), "per_head" (rows per head: q_h k_h v_h)
+    fused_qkv: ClassVar[str | None] = None  # "concat" (rows q, then k, then v), "per_head" (rows per head: q_h k_h v_h)
     # the q/k norm: None, "head" or "projection" (see QKNorm); weight = offset + w
     qk_norm_names: ClassVar[tuple[str, str]] = ("q_norm", "k_norm")
     qk_norm_scope: ClassVar[str | None] = None

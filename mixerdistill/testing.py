@@ -265,7 +265,8 @@ def check_adapter(model_type: str, adapter=None, *, model=None, batch: int = 2, 
     mixerdistill's ``attention`` mixer transferred through ``adapter`` (default: the one registered for the
     model type), then asserts max |difference| ≤ ``tolerance`` (fp32) for
 
-      * the logits of a full-sequence forward;
+      * the logits of a full-sequence forward, and of ``mixerdistill.logits`` (final hidden state, then the
+        LM head and the family's logit scaling) against the model's own;
       * every block's traced input and output, and every attention layer's input and output;
       * the logits of token-by-token decoding through the generation cache (the mixers' ``step``),
         against the teacher's full forward at each position; and the tokens of greedy ``generate``.
@@ -276,6 +277,7 @@ def check_adapter(model_type: str, adapter=None, *, model=None, batch: int = 2, 
     import torch
     from transformers import DynamicCache
 
+    from mixerdistill.logits import final_hidden, logits_from_hidden
     from mixerdistill.plugins import get_mixer
     from mixerdistill.student import build_student, mixer_layers
     from mixerdistill.teacher import TRACE_FIELDS, find_adapter, trace_teacher
@@ -300,6 +302,8 @@ def check_adapter(model_type: str, adapter=None, *, model=None, batch: int = 2, 
         expected = trace_teacher(teacher, adapter, input_ids, record=set(TRACE_FIELDS), keep_logits=True)
         actual = trace_teacher(student, adapter, input_ids, record=set(TRACE_FIELDS), keep_logits=True)
         close("logits", actual.logits, expected.logits)
+        close("logits from the final hidden state", logits_from_hidden(teacher, final_hidden(teacher, input_ids)),
+              expected.logits)
         for name in TRACE_FIELDS:
             for idx, tensor in getattr(expected, name).items():
                 close(f"{name}[{idx}]", getattr(actual, name)[idx], tensor)

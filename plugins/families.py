@@ -109,7 +109,7 @@ class PhiAdapter(DeclaredAdapter):
 
 
 class Phi3Adapter(DeclaredAdapter):
-    """Phi-3: one fused ``qkv_proj`` (rows q | k | v), no biases."""
+    """Phi-3: one fused ``qkv_proj`` (rows q, then k, then v), no biases."""
 
     name = "phi3"
     model_types = ("phi3",)
@@ -153,7 +153,7 @@ class GPTNeoXAdapter(DeclaredAdapter):
 
 
 class GPT2Adapter(DeclaredAdapter):
-    """GPT-2: learned positions (no RoPE), one fused ``c_attn`` (Conv1D, columns q | k | v), LayerNorm blocks."""
+    """GPT-2: learned positions (no RoPE), one fused ``c_attn`` (Conv1D, columns q, k, v), LayerNorm blocks."""
 
     name = "gpt2"
     model_types = ("gpt2",)

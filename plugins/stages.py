@@ -14,11 +14,11 @@ import os
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from mixerdistill.hookspecs import hookimpl
+from mixerdistill.logits import chunked_distillation_loss
 from mixerdistill.mixer import MatrixRows
 from mixerdistill.stages import Stage, StageConfig, teacher_attention_mixer
 from mixerdistill.teacher import trace_teacher
@@ -178,11 +178,6 @@ class HiddenStateAlignment(Stage):
         return total, metrics
 
 
-def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / temperature, without a pass over the (B·T, vocab) logits when it is 1."""
-    return logits if temperature == 1 else logits / temperature
-
-
 class KnowledgeDistillation(Stage):
     """Stage 3: end-to-end distillation from the teacher's logits."""
 
@@ -212,20 +207,13 @@ class KnowledgeDistillation(Stage):
         return [p for p in student.parameters() if id(p) not in frozen]
 
     def loss(self, input_ids):
+        """KL of the student's next-token distribution from the teacher's (× temperature²), plus the weighted
+        cross-entropy on the text; the vocabulary is handled a chunk of tokens at a time (mixerdistill.logits)."""
         context = self.context
-        temperature = self.config.temperature
-        with torch.no_grad():
-            teacher_logits = context.teacher(input_ids=input_ids, use_cache=False).logits
-        student_logits = context.student(input_ids=input_ids, use_cache=False).logits
-        vocab = student_logits.shape[-1]
-        student_log_probs = F.log_softmax(_tempered(student_logits.float().view(-1, vocab), temperature), dim=-1)
-        teacher_log_probs = F.log_softmax(_tempered(teacher_logits.float().view(-1, vocab), temperature), dim=-1)
-        kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-        kl = kl * temperature**2
+        kl, ce = chunked_distillation_loss(context.student, context.teacher, input_ids, self.config.temperature)
         metrics = {"kl": kl.item()}
         total = self.config.kd_weight * kl
         if self.config.ce_weight > 0:
-            ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
             metrics["ce"] = ce.item()
             total = total + self.config.ce_weight * ce
         return total, metrics
