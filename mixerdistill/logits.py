@@ -38,8 +38,14 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunk_kd(student: nn.Module, teacher: nn.Module, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-              targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_kd(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: (n, D) hidden states and (n,) next tokens (−100: none) → (Σ KL(teacher ‖ student) at
     ``temperature``, Σ cross-entropy of the student on ``targets``)."""
     student_logits = logits_from_hidden(student, student_hidden).float()
@@ -51,8 +57,13 @@ def _chunk_kd(student: nn.Module, teacher: nn.Module, student_hidden: torch.Tens
     return kl, F.nll_loss(plain_log_probs, targets, reduction="sum", ignore_index=-100)
 
 
-def chunked_distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, temperature: float,
-                              chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids → (KL(teacher ‖ student) per token × temperature², next-token cross-entropy per predicted
     token), both scalars with the student's gradient, the vocabulary handled ``chunk_tokens`` at a time."""
     with torch.no_grad():
@@ -62,8 +73,16 @@ def chunked_distillation_loss(student: nn.Module, teacher: nn.Module, input_ids:
     kl = ce = student_hidden.new_zeros(())
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        chunk_kl, chunk_ce = checkpoint(_chunk_kd, student, teacher, student_hidden[piece], teacher_hidden[piece],
-                                        targets[piece], temperature, use_reentrant=False)
+        chunk_kl, chunk_ce = checkpoint(
+            _chunk_kd,
+            student,
+            teacher,
+            student_hidden[piece],
+            teacher_hidden[piece],
+            targets[piece],
+            temperature,
+            use_reentrant=False,
+        )
         kl, ce = kl + chunk_kl, ce + chunk_ce
     predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
     return kl * temperature**2 / len(targets), ce / predicted
@@ -76,6 +95,6 @@ def next_token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int 
     targets = input_ids[:, 1:].flatten()
     total = 0.0
     for start in range(0, len(targets), chunk_tokens):
-        logits = logits_from_hidden(model, hidden[start:start + chunk_tokens]).float()
-        total += F.cross_entropy(logits, targets[start:start + chunk_tokens], reduction="sum").item()
+        logits = logits_from_hidden(model, hidden[start : start + chunk_tokens]).float()
+        total += F.cross_entropy(logits, targets[start : start + chunk_tokens], reduction="sum").item()
     return total

@@ -190,7 +190,7 @@ class SequenceMixer(nn.Module):
     # -- construction from a teacher -----------------------------------------------------------
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig) -> "SequenceMixer":
+                       config: MixerConfig) -> SequenceMixer:
         """A mixer initialised from a teacher attention layer. Default: a fresh mixer (no transfer)."""
         return cls(geometry, config)
 

@@ -148,7 +148,7 @@ class StudentSpec:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
 
     @classmethod
-    def from_file(cls, path: Path) -> "StudentSpec":
+    def from_file(cls, path: Path) -> StudentSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 

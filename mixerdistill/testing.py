@@ -291,10 +291,11 @@ def check_adapter(model_type: str, adapter=None, *, model=None, batch: int = 2, 
     report = AdapterReport(model_type, adapter.name)
 
     def close(label: str, actual, expected) -> None:
-        assert actual.shape == expected.shape, f"{model_type}: {label}: shape {tuple(actual.shape)} ≠ {tuple(expected.shape)}"
+        where = f"{model_type} ({adapter.name}): {label}"
+        assert actual.shape == expected.shape, f"{where}: shape {tuple(actual.shape)} ≠ {tuple(expected.shape)}"
         difference = (actual - expected).abs().max().item()
         report.differences[label] = difference
-        assert difference <= tolerance, f"{model_type} ({adapter.name}): {label} differ by {difference:.3g}, tolerance {tolerance:g}"
+        assert difference <= tolerance, f"{where} differ by {difference:.3g}, tolerance {tolerance:g}"
 
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, teacher.config.vocab_size, (batch, length), generator=generator)

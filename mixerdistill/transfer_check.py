@@ -48,8 +48,9 @@ def check_transfer(teacher: nn.Module, adapter: TeacherAdapter, layers: Iterable
     try:
         geometries = {idx: adapter.geometry(teacher.config, idx) for idx in layers}
     except (AttributeError, KeyError, TypeError, ValueError) as error:
-        raise _mismatch(teacher, adapter, layers[0], "the attention geometry (config)",
-                        f"{type(error).__name__}: {error}") from None
+        raise _mismatch(
+            teacher, adapter, layers[0], "the attention geometry (config)", f"{type(error).__name__}: {error}"
+        ) from None
     windows = [g.sliding_window for g in geometries.values() if g.sliding_window is not None]
     length = min(MAX_PROBE_TOKENS, PROBE_TOKENS + max(windows, default=0))
     generator = torch.Generator().manual_seed(seed)
@@ -58,6 +59,7 @@ def check_transfer(teacher: nn.Module, adapter: TeacherAdapter, layers: Iterable
     probabilities: dict[int, torch.Tensor] = {}
     handles = []
     for idx in layers:
+
         def keep_probabilities(module, args, output, _idx=idx):
             if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
                 probabilities[_idx] = output[1].detach()
@@ -70,15 +72,23 @@ def check_transfer(teacher: nn.Module, adapter: TeacherAdapter, layers: Iterable
     implementation = teacher.config._attn_implementation
     teacher.config._attn_implementation = "eager"
     try:
-        trace = trace_teacher(teacher, adapter, probe.to(device), record={"mixer_inputs", "mixer_outputs"},
-                              layers=set(layers))
+        trace = trace_teacher(
+            teacher, adapter, probe.to(device), record={"mixer_inputs", "mixer_outputs"}, layers=set(layers)
+        )
     finally:
         teacher.config._attn_implementation = implementation
         for handle in handles:
             handle.remove()
     for idx in layers:
-        _check_layer(teacher, adapter, idx, trace.mixer_inputs[idx], trace.rotary(idx),
-                     trace.mixer_outputs[idx], probabilities.get(idx))
+        _check_layer(
+            teacher,
+            adapter,
+            idx,
+            trace.mixer_inputs[idx],
+            trace.rotary(idx),
+            trace.mixer_outputs[idx],
+            probabilities.get(idx),
+        )
 
 
 @torch.no_grad()
@@ -90,33 +100,42 @@ def _check_layer(teacher, adapter, idx, inputs, rotary, expected, teacher_probab
     try:
         mixer = teacher_attention_mixer(teacher, adapter, idx)
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise _mismatch(teacher, adapter, idx, "reading the projections",
-                        f"{type(error).__name__}: {error}") from None
+        raise _mismatch(teacher, adapter, idx, "reading the projections", f"{type(error).__name__}: {error}") from None
     try:
         output, _ = mixer(inputs, rotary=rotary)
     except (RuntimeError, ValueError) as error:
-        raise _mismatch(teacher, adapter, idx, "running the adapter's view",
-                        f"{type(error).__name__}: {error}") from None
+        raise _mismatch(
+            teacher, adapter, idx, "running the adapter's view", f"{type(error).__name__}: {error}"
+        ) from None
     error = relative_error(output, expected)
     if error <= TOLERANCE.get(expected.dtype, LOW_PRECISION_TOLERANCE):
         return
     unread = unread_parameters(attention, adapter.attention_weights(attention))
     summary = f"the attention output differs by {error:.2g} (relative)"
     if unread:
-        raise _mismatch(teacher, adapter, idx, "projections and norms",
-                        f"the teacher's attention has parameters the adapter does not read: {', '.join(unread)}; "
-                        f"{summary}")
+        raise _mismatch(
+            teacher,
+            adapter,
+            idx,
+            "projections and norms",
+            f"the teacher's attention has parameters the adapter does not read: {', '.join(unread)}; {summary}",
+        )
     g = mixer.geometry
     if teacher_probabilities is not None:
         probability_error = relative_error(mixer.mixing_matrix(inputs, rotary), teacher_probabilities)
         if probability_error > TOLERANCE.get(expected.dtype, LOW_PRECISION_TOLERANCE):
             raise _mismatch(
-                teacher, adapter, idx, "attention probabilities (q/k norms, RoPE, softmax scale, soft-capping or "
-                "window)", f"they differ by {probability_error:.2g} (relative); the adapter's view: "
+                teacher,
+                adapter,
+                idx,
+                "attention probabilities (q/k norms, RoPE, softmax scale, soft-capping or window)",
+                f"they differ by {probability_error:.2g} (relative); the adapter's view: "
                 f"qk_norm={g.qk_norm}, rotary_dim={g.rotary_dim}, interleaved={g.rotary_interleaved}, "
-                f"scale={g.scale:.4g}, softcap={g.logit_softcap}, window={g.sliding_window}; {summary}")
-        raise _mismatch(teacher, adapter, idx, "values or output projection",
-                        f"the attention probabilities agree; {summary}")
+                f"scale={g.scale:.4g}, softcap={g.logit_softcap}, window={g.sliding_window}; {summary}",
+            )
+        raise _mismatch(
+            teacher, adapter, idx, "values or output projection", f"the attention probabilities agree; {summary}"
+        )
     raise _mismatch(teacher, adapter, idx, "attention output", summary)
 
 
@@ -131,8 +150,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def unread_parameters(attention: nn.Module, weights: AttentionWeights) -> list[str]:
     """Names of ``attention``'s parameters whose storage none of ``weights``' tensors shares."""
     read = {t.untyped_storage().data_ptr() for t in vars(weights).values() if isinstance(t, torch.Tensor)}
-    return [name for name, parameter in attention.named_parameters()
-            if parameter.untyped_storage().data_ptr() not in read]
+    return [
+        name for name, parameter in attention.named_parameters() if parameter.untyped_storage().data_ptr() not in read
+    ]
 
 
 def _mismatch(teacher, adapter, idx: int | None, piece: str, detail: str) -> TransferMismatch:
@@ -147,4 +167,5 @@ def _mismatch(teacher, adapter, idx: int | None, piece: str, detail: str) -> Tra
         f"teacher adapter '{adapter.name}' does not reproduce {'the layers' if idx is None else f'layer {idx}'} "
         f"of this {model_type} teacher "
         f"({type(teacher).__name__}): first differing piece: {piece}: {detail}. "
-        f"Set teacher.adapter to an adapter for this family or leave it unset ({suggestion}).")
+        f"Set teacher.adapter to an adapter for this family or leave it unset ({suggestion})."
+    )

@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, QKNorm, RotaryEmbedding,
-                                SequenceMixer, State)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    QKNorm,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+)
 
 
 def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -173,7 +181,7 @@ class AttentionMixer(SequenceMixer):
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig) -> "AttentionMixer":
+                       config: MixerConfig) -> AttentionMixer:
         """An exact copy of the teacher layer's projections (and q/k norms), on their device and dtype."""
         mixer = cls(geometry, config).to(device=weights.q.device, dtype=weights.q.dtype)
         if (geometry.qk_norm is None) != (weights.q_norm is None or weights.k_norm is None):

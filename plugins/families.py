@@ -56,8 +56,12 @@ class Gemma2Adapter(DeclaredAdapter):
 
     name = "gemma2"
     model_types = ("gemma2",)
-    norm_names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                  "post_feedforward_layernorm")
+    norm_names = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    )
 
     def softmax_scale(self, config, layer_idx: int) -> float | None:
         return config.query_pre_attn_scalar**-0.5
@@ -174,8 +178,22 @@ class GPT2Adapter(DeclaredAdapter):
         return scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
 
-ADAPTERS = (LlamaAdapter, Qwen3Adapter, Olmo2Adapter, GemmaAdapter, Gemma2Adapter, Gemma3Adapter, GraniteAdapter,
-            CohereAdapter, PhiAdapter, Phi3Adapter, StableLmAdapter, SmolLM3Adapter, GPTNeoXAdapter, GPT2Adapter)
+ADAPTERS = (
+    LlamaAdapter,
+    Qwen3Adapter,
+    Olmo2Adapter,
+    GemmaAdapter,
+    Gemma2Adapter,
+    Gemma3Adapter,
+    GraniteAdapter,
+    CohereAdapter,
+    PhiAdapter,
+    Phi3Adapter,
+    StableLmAdapter,
+    SmolLM3Adapter,
+    GPTNeoXAdapter,
+    GPT2Adapter,
+)
 
 
 @hookimpl

@@ -45,13 +45,16 @@ def test_no_wrong_adapter_is_silent():
     assert outcomes["gemma", "llama"] == "exact"  # Gemma's attention is Llama's
 
 
-@pytest.mark.parametrize("model_type, adapter, piece", [
-    ("qwen3", "llama", "first differing piece: projections and norms: .* q_norm.weight, k_norm.weight"),
-    ("granite", "llama", "first differing piece: attention probabilities .* scale=0.25"),
-    ("gemma2", "gemma", "first differing piece: attention probabilities"),
-    ("phi", "llama", "first differing piece: reading the projections: .*'o_proj'"),
-    ("gpt_neox", "llama", "first differing piece: the decoder layers"),
-])
+@pytest.mark.parametrize(
+    "model_type, adapter, piece",
+    [
+        ("qwen3", "llama", "first differing piece: projections and norms: .* q_norm.weight, k_norm.weight"),
+        ("granite", "llama", "first differing piece: attention probabilities .* scale=0.25"),
+        ("gemma2", "gemma", "first differing piece: attention probabilities"),
+        ("phi", "llama", "first differing piece: reading the projections: .*'o_proj'"),
+        ("gpt_neox", "llama", "first differing piece: the decoder layers"),
+    ],
+)
 def test_transfer_mismatch_names_layer_family_and_piece(model_type, adapter, piece):
     with pytest.raises(TransferMismatch, match=f"adapter '{adapter}' does not reproduce") as caught:
         check_adapter(model_type, registry("teachers").get(adapter))

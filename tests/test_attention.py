@@ -10,8 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalL
 from mixerdistill.errors import UserError
 from mixerdistill.teacher import trace_teacher
 from mixerdistill_plugins.attention import AttentionMixer
-from mixerdistill_plugins.families import LlamaAdapter
-from mixerdistill_plugins.families import PhiAdapter
+from mixerdistill_plugins.families import LlamaAdapter, PhiAdapter
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
              num_attention_heads=4, attn_implementation="eager")

@@ -21,8 +21,15 @@ def test_chunked_distillation_equals_whole_logits(temperature):
 
     logits, target_logits = student(input_ids).logits, teacher(input_ids).logits  # soft-capped by the model
     log_probs = F.log_softmax(logits.flatten(0, 1) / temperature, -1)
-    whole_kl = F.kl_div(log_probs, F.log_softmax(target_logits.flatten(0, 1) / temperature, -1), log_target=True,
-                        reduction="batchmean") * temperature**2
+    whole_kl = (
+        F.kl_div(
+            log_probs,
+            F.log_softmax(target_logits.flatten(0, 1) / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     whole_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
     (whole_kl + whole_ce).backward()
     assert torch.allclose(kl, whole_kl, rtol=1e-5) and torch.allclose(ce, whole_ce, rtol=1e-5)
