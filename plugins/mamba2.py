@@ -182,7 +182,8 @@ class Mamba2(SequenceMixer):
         """C ← q · scale, B ← k (kv heads repeated), x ← v, out_proj ← o; dt ≈ 1 and a = ``a_init``.
 
         Then M = L ∘ (C Bᵀ) starts as the teacher's scaled q·k scores under an exponential decay, as for
-        discrete Mamba-2 (a teacher's q/k norm contributes its elementwise gain, ``fold_qk_norm``). z rows keep their random initialisation (Mamba-2 has no gate bias, and z = 0
+        discrete Mamba-2 (a teacher's q/k norm contributes its elementwise gain, ``fold_qk_norm``).
+        z rows keep their random initialisation (Mamba-2 has no gate bias, and z = 0
         would silence the layer). Needs N = P = head_dim, H = num_heads and one group per head.
         """
         weights = fold_qk_norm(weights, geometry)

@@ -139,6 +139,12 @@ class HiddenStateAlignment(Stage):
                               "‖target‖₂, so tokens with massive activations (e.g. attention sinks, norms "
                               "of 1e4 in SmolLM2's middle layers) do not drown out the rest.")
 
+        recompute: bool = Field(
+            True, description="Recompute each layer's forward in the backward pass (activation checkpointing): "
+                              "the backward holds one layer's activations instead of every layer's (SmolLM2, "
+                              "30 discrete Mamba-2 layers at 4 × 256 tokens: 47 MB instead of 1.4 GB) for one "
+                              "more forward of the mixers.")
+
     def trainable_parameters(self):
         context = self.context
         layers = context.adapter.layers(context.student)
@@ -160,19 +166,27 @@ class HiddenStateAlignment(Stage):
                               layers=set(context.mixers))
         layers = context.adapter.layers(context.student)
         positions = _positions(input_ids)
-        total = 0.0
-        metrics = {}
-        for idx, mixer in context.mixers.items():
+
+        def layer_distance(idx: int, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            """Mean per-token distance of layer ``idx``'s output on the teacher's ``inputs`` from ``target``."""
             if self.config.target == "block":
-                output = context.adapter.run_block(layers[idx], trace.block_inputs[idx], trace.rotary(idx), positions)
-                target = trace.block_outputs[idx]
+                output = context.adapter.run_block(layers[idx], inputs, trace.rotary(idx), positions)
             else:
-                output, _ = mixer(trace.mixer_inputs[idx], rotary=trace.rotary(idx))
-                target = trace.mixer_outputs[idx]
+                output, _ = context.mixers[idx](inputs, rotary=trace.rotary(idx))
             distance = (output - target).norm(dim=-1)  # (B, T) per-token L2
             if self.config.distance == "relative":
                 distance = distance / target.norm(dim=-1).clamp_min(1e-6)
-            distance = distance.mean()
+            return distance.mean()
+
+        total = 0.0
+        metrics = {}
+        for idx in context.mixers:
+            inputs, target = ((trace.block_inputs[idx], trace.block_outputs[idx]) if self.config.target == "block"
+                              else (trace.mixer_inputs[idx], trace.mixer_outputs[idx]))
+            if self.config.recompute:
+                distance = checkpoint(layer_distance, idx, inputs, target, use_reentrant=False)
+            else:
+                distance = layer_distance(idx, inputs, target)
             metrics[f"layer_{idx}"] = distance.item()
             total = total + distance
         return total, metrics

@@ -43,3 +43,29 @@ def test_next_token_nll_equals_whole_logits():
     logits = model(input_ids).logits[:, :-1]
     expected = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum").item()
     assert next_token_nll(model, input_ids, chunk_tokens=4) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("target", ["block", "mixer"])
+def test_stage2_recompute_gives_the_same_loss_and_gradients(target):
+    from mixerdistill.plugins import get_mixer, get_stage
+    from mixerdistill.stages import StageContext
+    from mixerdistill.student import build_student, mixer_layers
+    from mixerdistill_plugins.families import LlamaAdapter
+
+    teacher, adapter, mixer = tiny_model("llama"), LlamaAdapter(), get_mixer("discrete_mamba2")
+    student = build_student(teacher, adapter, mixer, mixer.Config(chunk_size=4), keep_attention=[1])
+    context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
+    stage_cls = get_stage("hidden_state_alignment")
+    input_ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute in (True, False):
+        stage = stage_cls(stage_cls.Config(tokens=20, target=target, recompute=recompute), context)
+        parameters = stage.trainable_parameters()
+        for parameter in parameters:
+            parameter.requires_grad_(True).grad = None
+        loss, _ = stage.loss(input_ids)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in parameters]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads_a, grads_b))
