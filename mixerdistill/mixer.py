@@ -13,7 +13,7 @@ decoding. ``materialised_forward`` computes the output through M so tests can ch
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -39,8 +39,27 @@ class MixerConfig(BaseModel):
 
 
 @dataclass(frozen=True)
+class QKNorm:
+    """A norm the teacher applies to q and k after projection, before RoPE (Qwen3, OLMo2, Gemma 3).
+
+    ``scope`` "head": over each head's d dims with one (d,) weight shared by all heads (Qwen3, Gemma 3);
+    "projection": over all heads' H·d dims at once with an (H·d,) weight (OLMo2).
+    y = x / sqrt(mean(x²) + eps) · (offset + w): Gemma stores w − 1, so its offset is 1.
+    """
+
+    scope: str = "head"  # "head" | "projection"
+    eps: float = 1e-6
+    offset: float = 0.0
+
+    def __post_init__(self):
+        if self.scope not in ("head", "projection"):
+            raise ValueError(f"QKNorm.scope must be 'head' or 'projection', not {self.scope!r}")
+
+
+@dataclass(frozen=True)
 class AttentionGeometry:
-    """The shape of one teacher attention layer, which a student mixer must fit into."""
+    """The shape of one teacher attention layer, which a student mixer must fit into, and what the teacher
+    does between its projections (norms, rotary, scale, soft-capping, window)."""
 
     hidden_size: int  # D
     num_heads: int  # H (query heads)
@@ -51,6 +70,10 @@ class AttentionGeometry:
     attention_bias: bool = False  # q/k/v projections carry biases
     output_bias: bool = False  # output projection carries a bias
     softmax_scale: float | None = None  # None means 1/sqrt(head_dim)
+    rotary_interleaved: bool = False  # RoPE rotates pairs (2i, 2i+1) (Cohere), not halves
+    qk_norm: QKNorm | None = None  # a norm on q and k before RoPE
+    logit_softcap: float | None = None  # scores → cap·tanh(scores/cap) before the softmax (Gemma 2)
+    sliding_window: int | None = None  # query i sees keys j with i − j < window (Mistral, Gemma 2/3)
 
     @property
     def scale(self) -> float:
@@ -69,6 +92,8 @@ class AttentionWeights:
     """A teacher attention layer's projections in (out_features, in_features) layout.
 
     q: (H·d, D)   k, v: (H_kv·d, D)   o: (D, H·d); biases are None when the family has none.
+    q_norm, k_norm: the weights of the geometry's ``qk_norm`` ((d,) per head, or (H·d,) / (H_kv·d,)
+    over the projection), None without one.
     """
 
     q: torch.Tensor
@@ -79,6 +104,29 @@ class AttentionWeights:
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+def fold_qk_norm(weights: AttentionWeights, geometry: AttentionGeometry) -> AttentionWeights:
+    """``weights`` with what is linear of the geometry's q/k norm folded into the q and k projections: the
+    norm's elementwise gain (offset + w) scales each output row and bias. For mixers that map q → C and
+    k → B (or copy q and k). The norm's division by each token's root mean square is not linear and cannot
+    be folded into a projection, so such a student starts from q and k up to that per-token, per-head
+    factor, which stages 1–2 learn around. Without a q/k norm, ``weights`` itself.
+    """
+    norm = geometry.qk_norm
+    if norm is None:
+        return weights
+    gains = []
+    for projection, gain in ((weights.q, weights.q_norm), (weights.k, weights.k_norm)):
+        gain = norm.offset + gain
+        gains.append(gain.repeat(projection.shape[0] // gain.numel()))  # per head: one (d,) gain for every head
+    q_gain, k_gain = gains
+    return replace(weights, q=weights.q * q_gain[:, None], k=weights.k * k_gain[:, None],
+                   q_bias=None if weights.q_bias is None else weights.q_bias * q_gain,
+                   k_bias=None if weights.k_bias is None else weights.k_bias * k_gain,
+                   q_norm=None, k_norm=None)
 
 
 class SequenceMixer(nn.Module):
@@ -155,7 +203,7 @@ class SequenceMixer(nn.Module):
     # -- construction from a teacher -----------------------------------------------------------
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig) -> "SequenceMixer":
+                       config: MixerConfig) -> SequenceMixer:
         """A mixer initialised from a teacher attention layer. Default: a fresh mixer (no transfer)."""
         return cls(geometry, config)
 

@@ -114,7 +114,7 @@ class MixerLayer(nn.Module):
     """Sits where a teacher attention module was; calls ``mixer`` with the teacher's inputs.
 
     Called as ``forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kw)``
-    and returns ``(output, None)`` like a transformers attention module. With a cache (``generate``),
+    (the cache also under its older names ``past_key_values`` and GPT-NeoX's ``layer_past``) and returns ``(output, None)`` like a transformers attention module. With a cache (``generate``),
     the mixer state lives in the cache as a ``MixerCacheLayer``; a single new token goes through the
     mixer's recurrent ``step``, longer inputs (the prompt) through its chunked ``forward``.
 
@@ -128,8 +128,8 @@ class MixerLayer(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                cache=None, past_key_values=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
+                cache=None, past_key_values=None, layer_past=None, **kwargs):
+        cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         entry = None if cache is None else mixer_cache_layer(cache, self.layer_idx)
         state = None if entry is None else entry.state
         batch, length = hidden_states.shape[:2]

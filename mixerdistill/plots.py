@@ -139,8 +139,8 @@ def inspect_mixing(checkpoint: Path, layer: int, head: int, length: int, path: P
     input_ids = heldout_tokens(checkpoint, load_tokenizer(checkpoint), length)
     trace = trace_teacher(teacher, adapter, input_ids, record={"mixer_inputs"}, layers={layer})
     hidden = trace.mixer_inputs[layer]  # (1, T, D)
-    target = teacher_attention_mixer(teacher, adapter, layer).mixing_matrix(hidden, trace.rotary)[0, head]
-    matrix = mixers[layer].mixing_matrix(hidden, trace.rotary)[0, head]  # (T, T)
+    target = teacher_attention_mixer(teacher, adapter, layer).mixing_matrix(hidden, trace.rotary(layer))[0, head]
+    matrix = mixers[layer].mixing_matrix(hidden, trace.rotary(layer))[0, head]  # (T, T)
     distance = torch.linalg.matrix_norm(matrix - target, ord="fro").item()
 
     plt = pyplot()

@@ -46,7 +46,7 @@ class StudentSpec:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
 
     @classmethod
-    def from_file(cls, path: Path) -> "StudentSpec":
+    def from_file(cls, path: Path) -> StudentSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
@@ -54,16 +54,22 @@ def build_student(teacher: nn.Module, adapter: TeacherAdapter, mixer_cls: type[S
                   mixer_config, keep_attention: list[int], transfer: bool = True) -> nn.Module:
     """A deep copy of ``teacher`` with every layer not in ``keep_attention`` using ``mixer_cls``.
 
+    First the transfer check (``mixerdistill.transfer_check``): the adapter's view of every layer to be
+    replaced must reproduce the teacher's layer, or a ``TransferMismatch`` names the layer and the piece.
     With ``transfer`` the mixer is built by ``mixer_cls.from_attention`` from the teacher's q/k/v/o;
     otherwise it starts from the mixer's own initialisation.
     """
-    student = copy.deepcopy(teacher)
-    layers = adapter.layers(student)
-    bad = [i for i in keep_attention if not 0 <= i < len(layers)]
+    from mixerdistill.transfer_check import check_transfer, teacher_layers
+
+    count = len(teacher_layers(teacher, adapter))
+    bad = [i for i in keep_attention if not 0 <= i < count]
     if bad:
         from mixerdistill.errors import UserError
 
-        raise UserError(f"keep_attention {bad} out of range: the teacher has {len(layers)} layers")
+        raise UserError(f"keep_attention {bad} out of range: the teacher has {count} layers")
+    check_transfer(teacher, adapter, set(range(count)) - set(keep_attention))
+    student = copy.deepcopy(teacher)
+    layers = adapter.layers(student)
     for idx, layer in enumerate(layers):
         if idx in keep_attention:
             continue

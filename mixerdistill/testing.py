@@ -432,3 +432,121 @@ def register_plugin():
     yield register
     for name in names:
         manager.unregister(name)
+
+
+# -- teacher adapters ------------------------------------------------------------------------------------
+
+TINY_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 attn_implementation="eager")
+GQA = dict(num_key_value_heads=2)
+WINDOW = 6  # shorter than check_adapter's sequence, so sliding windows matter
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": GQA,
+    "mistral": {**GQA, "sliding_window": WINDOW},
+    "qwen2": GQA,
+    "qwen3": {**GQA, "head_dim": 16},
+    "olmo2": GQA,
+    "gemma": {**GQA, "head_dim": 16},
+    "gemma2": {**GQA, "head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
+               "final_logit_softcapping": 30.0, "sliding_window": WINDOW},
+    "gemma3_text": {**GQA, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW,
+                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
+    "granite": {**GQA, "attention_multiplier": 0.5, "residual_multiplier": 0.7, "embedding_multiplier": 2.0,
+                "logits_scaling": 3.0},
+    "cohere": GQA,
+    "phi": {"partial_rotary_factor": 0.5},
+    "phi3": GQA,
+    "gpt2": {"n_positions": 128},
+    "gpt_neox": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+    "stablelm": {**GQA, "use_qkv_bias": True},
+    "smollm3": {**GQA, "no_rope_layers": [1, 0, 1]},
+}
+"""Per ``model_type``: what a tiny random model of the family sets beyond ``TINY_BASE`` — the options that
+make its attention differ from Llama's (GQA, windows shorter than the test sequence, scales, soft-capping,
+partial or missing RoPE, biases)."""
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A random fp32 CausalLM of ``model_type`` built from ``TINY_BASE`` + ``TINY_CONFIGS[model_type]`` +
+    ``overrides``, in eval mode with gradients off."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**TINY_BASE, **TINY_CONFIGS.get(model_type, {}), **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+
+
+@dataclass
+class AdapterReport:
+    """What ``check_adapter`` measured: max |difference| per comparison (logits, traced tensors)."""
+
+    model_type: str
+    adapter: str
+    differences: dict[str, float] = field(default_factory=dict)
+
+
+def check_adapter(model_type: str, adapter=None, *, model=None, batch: int = 2, length: int = 12,
+                  new_tokens: int = 5, seed: int = 0, tolerance: float = 1e-5) -> AdapterReport:
+    """Assert that the all-``attention`` student built through a teacher adapter reproduces the teacher.
+
+    Builds ``model`` (default: ``tiny_model(model_type)``) and the student whose every attention layer is
+    mixerdistill's ``attention`` mixer transferred through ``adapter`` (default: the one registered for the
+    model type), then asserts max |difference| ≤ ``tolerance`` (fp32) for
+
+      * the logits of a full-sequence forward, and of ``mixerdistill.logits`` (final hidden state, then the
+        LM head and the family's logit scaling) against the model's own;
+      * every block's traced input and output, and every attention layer's input and output;
+      * the logits of token-by-token decoding through the generation cache (the mixers' ``step``),
+        against the teacher's full forward at each position; and the tokens of greedy ``generate``.
+
+    Raises AssertionError naming the first comparison that fails (the transfer check's
+    ``TransferMismatch`` when the adapter's view of a layer is wrong).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from mixerdistill.logits import final_hidden, logits_from_hidden
+    from mixerdistill.plugins import get_mixer
+    from mixerdistill.student import build_student, mixer_layers
+    from mixerdistill.teacher import TRACE_FIELDS, find_adapter, trace_teacher
+
+    teacher = model if model is not None else tiny_model(model_type, seed)
+    adapter = adapter if adapter is not None else find_adapter(teacher.config)
+    attention = get_mixer("attention")
+    student = build_student(teacher, adapter, attention, attention.Config(), keep_attention=[])
+    replaced = mixer_layers(student, adapter)
+    assert len(replaced) == len(adapter.layers(teacher)), f"{model_type}: not every layer was replaced"
+    report = AdapterReport(model_type, adapter.name)
+
+    def close(label: str, actual, expected) -> None:
+        where = f"{model_type} ({adapter.name}): {label}"
+        assert actual.shape == expected.shape, f"{where}: shape {tuple(actual.shape)} ≠ {tuple(expected.shape)}"
+        difference = (actual - expected).abs().max().item()
+        report.differences[label] = difference
+        assert difference <= tolerance, f"{where} differ by {difference:.3g}, tolerance {tolerance:g}"
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, teacher.config.vocab_size, (batch, length), generator=generator)
+    with torch.no_grad():
+        expected = trace_teacher(teacher, adapter, input_ids, record=set(TRACE_FIELDS), keep_logits=True)
+        actual = trace_teacher(student, adapter, input_ids, record=set(TRACE_FIELDS), keep_logits=True)
+        close("logits", actual.logits, expected.logits)
+        close("logits from the final hidden state", logits_from_hidden(teacher, final_hidden(teacher, input_ids)),
+              expected.logits)
+        for name in TRACE_FIELDS:
+            for idx, tensor in getattr(expected, name).items():
+                close(f"{name}[{idx}]", getattr(actual, name)[idx], tensor)
+
+        cache = DynamicCache(config=student.config)
+        for t in range(length):
+            logits = student(input_ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            close(f"decoding logits at position {t}", logits[:, 0], expected.logits[:, t])
+
+        prompt = input_ids[:, : length // 2]
+        options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        generated = student.generate(prompt, **options)
+        wanted = teacher.generate(prompt, **options)
+    assert torch.equal(generated, wanted), f"{model_type} ({adapter.name}): greedy generate differs from the teacher's"
+    return report

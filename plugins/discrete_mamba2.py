@@ -18,8 +18,17 @@ from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
-                                SequenceMixer, State, repeat_kv_rows)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    fold_qk_norm,
+    repeat_kv_rows,
+)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
 from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
@@ -173,7 +182,7 @@ class DiscreteMamba2(SequenceMixer):
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: Config | None = None) -> "DiscreteMamba2":
+                       config: Config | None = None) -> DiscreteMamba2:
         """Transfer: C ← q · scale (1/√d folded into C), B ← k, x ← v, out_proj ← o; z and A_log rows 0.
 
         With ``bc_transfer: average`` the B and C rows start at zero and the conv biases of the B and C
@@ -183,9 +192,11 @@ class DiscreteMamba2(SequenceMixer):
         (SmolLM2-135M held-out perplexity right after transfer: ~3e3 against ~7e6, teacher 45).
 
         K/V heads are repeated for grouped-query attention as transformers' ``repeat_kv`` does (kv head g
-        serves query heads g·H/H_kv … (g+1)·H/H_kv − 1). q/k/v biases are dropped (in_proj has none);
+        serves query heads g·H/H_kv … (g+1)·H/H_kv − 1). A teacher's q/k norm contributes its elementwise
+        gain (``fold_qk_norm``; its per-token 1/rms cannot be folded). q/k/v biases are dropped (in_proj has none);
         the o bias is copied. Needs N = P = head_dim and H = num_heads.
         """
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
         wrong = [f"{name}={value} (teacher: {want})" for name, value, want in (

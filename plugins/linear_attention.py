@@ -28,8 +28,17 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
-                                SequenceMixer, State, copy_projection)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    copy_projection,
+    fold_qk_norm,
+)
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
 from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
 
@@ -149,8 +158,10 @@ class LinearAttention(SequenceMixer):
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig | None = None) -> "LinearAttention":
-        """q, k, v, o (and their biases) copied from the teacher layer; feature maps and decays as initialised."""
+                       config: MixerConfig | None = None) -> LinearAttention:
+        """q, k, v, o (and their biases) copied from the teacher layer, a q/k norm's elementwise gain folded into q
+        and k (``fold_qk_norm``); feature maps and decays as initialised."""
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         for linear, weight, bias in ((mixer.q_proj, weights.q, weights.q_bias),
                                      (mixer.k_proj, weights.k, weights.k_bias),

@@ -23,8 +23,18 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
-                                SequenceMixer, State, copy_projection, repeat_kv_rows)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    copy_projection,
+    fold_qk_norm,
+    repeat_kv_rows,
+)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
 from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
@@ -163,13 +173,15 @@ class Mamba2(SequenceMixer):
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: Config | None = None) -> "Mamba2":
+                       config: Config | None = None) -> Mamba2:
         """C ← q · scale, B ← k (kv heads repeated), x ← v, out_proj ← o; dt ≈ 1 and a = ``a_init``.
 
         Then M = L ∘ (C Bᵀ) starts as the teacher's scaled q·k scores under an exponential decay, as for
-        discrete Mamba-2. z rows keep their random initialisation (Mamba-2 has no gate bias, and z = 0
+        discrete Mamba-2 (a teacher's q/k norm contributes its elementwise gain, ``fold_qk_norm``).
+        z rows keep their random initialisation (Mamba-2 has no gate bias, and z = 0
         would silence the layer). Needs N = P = head_dim, H = num_heads and one group per head.
         """
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
         wrong = [f"{name}={value} (needs {want})" for name, value, want in (

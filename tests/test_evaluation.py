@@ -63,7 +63,7 @@ def test_lm_eval_scores_an_in_memory_student_beside_its_teacher():
     from mixerdistill.report import comparison_rows
     from mixerdistill.plugins import get_mixer
     from mixerdistill.student import build_student
-    from mixerdistill_plugins.llama import LlamaAdapter
+    from mixerdistill_plugins.families import LlamaAdapter
 
     teacher = tiny_llama()
     mixer = get_mixer("discrete_mamba2")

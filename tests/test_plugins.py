@@ -35,7 +35,8 @@ def test_builtins_listed_as_json():
     assert {"matrix_orientation", "hidden_state_alignment", "knowledge_distillation"} <= set(listing["stages"])
     builtins = {p["name"]: p for p in listing["plugins"] if p["builtin"]}
     assert builtins["discrete_mamba2"]["registers"] == {"mixers": ["discrete_mamba2"]}
-    assert builtins["llama"]["version"] == "0.1.0"
+    assert builtins["families"]["version"] == "0.1.0"
+    assert {"llama", "qwen3", "gemma3", "gpt2"} <= set(builtins["families"]["registers"]["teachers"])
 
 
 def test_third_party_plugin_is_discovered_restricted_and_usable(tmp_path: Path):

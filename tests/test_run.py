@@ -13,7 +13,7 @@ from conftest import REPO, run_cli, tiny_llama
 from mixerdistill.checkpoint import is_complete, load_student
 from mixerdistill.plugins import get_mixer
 from mixerdistill.student import build_student
-from mixerdistill_plugins.llama import LlamaAdapter
+from mixerdistill_plugins.families import LlamaAdapter
 
 TINY = str(REPO / "recipes" / "tiny.yaml")
 

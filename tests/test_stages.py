@@ -11,7 +11,7 @@ from mixerdistill.stages import ScheduleConfig, StageContext
 from mixerdistill.student import build_student, mixer_layers
 from mixerdistill.teacher import trace_teacher
 from mixerdistill.training import train_stage
-from mixerdistill_plugins.llama import LlamaAdapter
+from mixerdistill_plugins.families import LlamaAdapter
 
 
 def context_for(teacher):

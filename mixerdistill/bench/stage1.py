@@ -39,7 +39,7 @@ def measure_layer(length: int, mode: str, block_rows: int, repeats: int) -> dict
                                        adapter.geometry(teacher.config, LAYER), recipe.student.mixer.config)
     torch.manual_seed(0)
     hidden = torch.randn(1, length, teacher.config.hidden_size)
-    rotary = adapter.rotary(teacher, hidden, torch.arange(length)[None])
+    rotary = adapter.rotary(teacher, hidden, torch.arange(length)[None], LAYER)
     rows = None if mode == "materialised" else block_rows
 
     def step():
