@@ -28,11 +28,12 @@ from mixerdistill import distributed
 from mixerdistill.checkpoint import (PROGRESS_DIR, StageProgress, load_weights, read_manifest, save_checkpoint,
                                      write_text_atomic)
 from mixerdistill.console import stderr_console
-from mixerdistill.data import TokenData
+from mixerdistill.domains import DomainEvaluation, domain_table
 from mixerdistill.errors import UserError, writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
 from mixerdistill.plots import write_run_plots
-from mixerdistill.plugins import get_dataset, get_mixer, get_stage
+from mixerdistill.mixture import MixedData, build_data
+from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.recipe import Recipe
 from mixerdistill.report import write_report_markdown
 from mixerdistill.stages import StageContext
@@ -117,8 +118,11 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
     adapter = find_adapter(teacher.config, recipe.teacher.adapter)
 
     log("[bold]data[/]: tokenising")
-    source_cls = get_dataset(recipe.data.source)
-    data = TokenData(source_cls(recipe.data.config), tokenizer)
+    # issue 21: one source or a weighted mixture (teacher_samples are made or read from the cache here);
+    # the unseen domains of eval.domains, refused when one of them is in the training stream.
+    data, sources = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"),
+                               show_progress and main)
+    domain_eval = DomainEvaluation.for_recipe(recipe, data, sources, tokenizer, teacher, device, show_progress)
     eval_windows = data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens) if recipe.eval.tokens else None
 
     mixer_name = recipe.student.mixer.name
@@ -149,17 +153,23 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
         "student": {"mixers": counts, "parameters": sum(p.numel() for p in student.parameters()),
                     "perplexity_after_transfer": previous.get("student", {}).get("perplexity_after_transfer"),
                     "perplexity": None},
-        "data": {"train_tokens": len(data.train) if data.train is not None else None,
+        "data": {"train_tokens": data.train_tokens,
                  "heldout_tokens": len(data.heldout),
                  "eval_tokens": int(eval_windows.numel()) if eval_windows is not None else 0},
         "stages": [],
     }
+    if isinstance(data, MixedData):  # issue 21: each source's share of the training windows
+        report["data"]["mix"] = data.shares(recipe.stages, recipe.seed)
+    if domain_eval:  # issue 21
+        report["teacher"]["domains"] = previous.get("teacher", {}).get("domains") or domain_eval.measure(teacher)
     if report["teacher"]["perplexity"] is None and eval_windows is not None:
         log("[bold]eval[/]: teacher perplexity")
         report["teacher"]["perplexity"] = measure(teacher)
     if recipe.eval.after_each_stage and report["student"]["perplexity_after_transfer"] is None:
         log("[bold]eval[/]: student perplexity after transfer")
         report["student"]["perplexity_after_transfer"] = measure(student)
+        if domain_eval:  # issue 21
+            report["student"]["domains_after_transfer"] = domain_eval.measure(student)
     if main:
         _write_report(output, report)
 
@@ -181,8 +191,11 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
             if (earlier + tokens) // every == (earlier + tokens - step_tokens) // every:
                 return None
             value = measure(plan.evaluation_model(student))
-            report["curve"].append({"stage_index": index, "tokens": earlier + tokens, "perplexity": value})
-            return {"perplexity": value}
+            point = {"stage_index": index, "tokens": earlier + tokens, "perplexity": value}
+            if domain_eval:  # issue 21: the perplexity-vs-tokens curve per domain
+                point["domains"] = domain_eval.measure(plan.evaluation_model(student))
+            report["curve"].append(point)
+            return {key: point[key] for key in ("perplexity", "domains") if key in point}
         return on_step
 
     def stage_curve(index: int) -> list[dict]:
@@ -235,6 +248,8 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
                  "seconds": round(result.seconds, 3), "tokens_per_second": round(result.tokens_per_second, 2),
                  "loss_first": result.loss_first, "loss_last": result.loss_last,
                  "perplexity_after": measure(student) if recipe.eval.after_each_stage else None}
+        if domain_eval and recipe.eval.after_each_stage:  # issue 21
+            entry["domains_after"] = domain_eval.measure(student)
         report["stages"].append(entry)
         if main:
             metrics_bytes = metrics_path.stat().st_size
@@ -250,6 +265,10 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
 
     last = report["stages"][-1]["perplexity_after"] if report["stages"] else None
     report["student"]["perplexity"] = last if last is not None else measure(student)
+    if domain_eval:  # issue 21: student.domains and student.domain_ratio_geomean
+        final = report["stages"][-1].get("domains_after") if report["stages"] else None
+        report["student"]["domains"], report["student"]["domain_ratio_geomean"] = domain_table(
+            report["teacher"]["domains"], final or domain_eval.measure(student))
     if not main:
         return report  # samples, lm-eval scores and the report's last write are rank 0's
     if not report["stages"]:
