@@ -238,3 +238,33 @@ class DomainEvaluation:
 
     def measure(self, model) -> dict[str, float]:
         return domain_perplexities(model, self.domains, self.batch_size, self.device)
+
+
+def measure_run_domains(run_dir, student, names: list[str] | None, device, show_progress: bool = True) -> dict:
+    """``mixerdistill eval --domains``: the domain table of a finished run's student, the domains being
+    ``names`` (built-in names) or else its recipe's eval.domains; the teacher is measured beside it."""
+    import yaml
+
+    from mixerdistill.mixture import build_data
+    from mixerdistill.recipe import validate_recipe
+    from mixerdistill.run import RECIPE_FILE
+    from mixerdistill.teacher_sources import load_teacher
+
+    path = run_dir / RECIPE_FILE
+    if not path.is_file():
+        raise UserError(f"--domains needs a run directory with its {RECIPE_FILE}; {run_dir} has none")
+    raw = yaml.safe_load(path.read_text())
+    if names:
+        raw["eval"]["domains"] = names
+    recipe = validate_recipe(raw, source=f"{path} (with --domains)")
+    if not recipe.eval.domains:
+        raise UserError(f"the recipe in {run_dir} names no eval.domains: give them with --domains, e.g. "
+                        f"--domains {','.join(BUILTIN_DOMAINS)}")
+    teacher, tokenizer = load_teacher(recipe.teacher)
+    teacher.to(device)
+    data, sources = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"),
+                               show_progress)
+    evaluation = DomainEvaluation.for_recipe(recipe, data, sources, tokenizer, teacher, device, show_progress)
+    table, geomean = domain_table(evaluation.measure(teacher), evaluation.measure(student))
+    return {"domains": table, "domain_ratio_geomean": geomean, "domain_tokens": recipe.eval.domain_tokens,
+            "seq_len": recipe.eval.seq_len}

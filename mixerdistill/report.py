@@ -40,6 +40,11 @@ def render_report(report: dict) -> str:
     for stage in report.get("stages", []):
         row(f"student after stage {stage['index']} ({stage['name']})", stage.get("perplexity_after"))
     row("**student (final)**", student.get("perplexity"))
+    if student.get("domains"):  # issue 21: the unseen-domain table
+        from mixerdistill.domains import domain_markdown
+
+        lines += ["", "## Unseen domains (never trained on)", "",
+                  *domain_markdown(student["domains"], student.get("domain_ratio_geomean"))]
     lines += ["", "## Stages", "",
               "| # | stage | steps | tokens | seconds | tokens/s | loss first | loss last |",
               "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -49,9 +54,13 @@ def render_report(report: dict) -> str:
                      f"| {format_number(stage['loss_first'], 4)} | {format_number(stage['loss_last'], 4)} |")
     curve = report.get("curve")
     if curve:
-        lines += ["", "## Held-out perplexity during training", "", "| training tokens | stage | perplexity |",
-                  "|---:|---:|---:|"]
-        lines += [f"| {format_number(p['tokens'])} | {p['stage_index']} | {format_number(p['perplexity'])} |" for p in curve]
+        domains = list(dict.fromkeys(name for p in curve for name in p.get("domains", {})))  # issue 21
+        lines += ["", "## Held-out perplexity during training", "",
+                  "| training tokens | stage | perplexity |" + "".join(f" {name} |" for name in domains),
+                  "|---:|---:|---:|" + "---:|" * len(domains)]
+        lines += [f"| {format_number(p['tokens'])} | {p['stage_index']} | {format_number(p['perplexity'])} |"
+                  + "".join(f" {format_number(p.get('domains', {}).get(name))} |" for name in domains)
+                  for p in curve]
     evaluation = report.get("eval")
     if evaluation:
         from mixerdistill.harness import comparison_markdown
@@ -101,7 +110,15 @@ def summarise_run(directory: Path) -> dict:
             "student_perplexity": report.get("student", {}).get("perplexity"),
             "training_tokens": sum(stage["tokens"] for stage in stages),
             "training_seconds": round(sum(stage["seconds"] for stage in stages), 2),
-            "seconds": report.get("seconds"), "eval": scores}
+            "seconds": report.get("seconds"), "eval": scores,
+            **_domain_summary(report.get("student", {}), _read_json(directory / EVAL_FILE))}
+
+
+def _domain_summary(student: dict, evaluated: dict | None) -> dict:
+    """issue 21: student/teacher perplexity per unseen domain, from report.json or else eval.json."""
+    source = student if student.get("domains") else (evaluated or {})
+    return {"domain_ratios": {name: row["ratio"] for name, row in source.get("domains", {}).items()},
+            "domain_ratio_geomean": source.get("domain_ratio_geomean")}
 
 
 def comparison_table(summaries: list[dict]) -> tuple[list[str], list[tuple[str, list]]]:
@@ -112,6 +129,10 @@ def comparison_table(summaries: list[dict]) -> tuple[list[str], list[tuple[str, 
     rows += [(name.replace("_", " "), [s[name] for s in summaries])
              for name in ("teacher_perplexity", "student_perplexity", "training_tokens", "training_seconds",
                           "seconds")]
+    domains = dict.fromkeys(name for s in summaries for name in s.get("domain_ratios", {}))  # issue 21
+    rows += [(f"× teacher: {name}", [s.get("domain_ratios", {}).get(name) for s in summaries]) for name in domains]
+    if domains:
+        rows.append(("× teacher: geometric mean", [s.get("domain_ratio_geomean") for s in summaries]))
     for who in ("student", "teacher"):
         keys = dict.fromkeys((task, metric) for s in summaries for task, values in s["eval"][who].items()
                              for metric in values)

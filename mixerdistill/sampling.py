@@ -2,12 +2,13 @@
 
 ``generate_samples`` draws continuations of prompts from the teacher in batches, with its KV cache,
 temperature and nucleus (top-p) sampling. Batch ``b`` is seeded with ``seed`` and ``b`` alone, so a
-batch is the same whether it is made in one go or after an interruption. The samples are cached under
-``$MIXERDISTILL_CACHE/teacher_samples/<key>``, the key a hash of the teacher and every setting that
-changes the text; finished batches of an interrupted run are kept in ``<key>.partial`` and not redone.
+batch is the same whether it is made in one go, after an interruption, or for a larger ``samples``.
+Each finished batch is a file under ``$MIXERDISTILL_CACHE/teacher_samples/<key>/``, the key a hash of
+the teacher and every setting that changes the text (not the sample count): an interrupted run keeps
+its finished batches, a re-run reads them, a run asking for more samples adds only the missing ones.
 
-When every batch is done, degenerate samples (repetition loops, see ``repeated_ngram_share``) and
-exact duplicates are dropped, and the rest are published with ``meta.json`` (counts, throughput).
+On reading, degenerate samples (repetition loops, see ``repeated_ngram_share``), too-short ones and
+exact duplicates are dropped.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from pydantic import Field, field_validator
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from mixerdistill.cache import cache_dir, publish_dir
+from mixerdistill.cache import cache_dir
 from mixerdistill.console import stderr_console
 from mixerdistill.data import DataSource, DataSourceConfig, resolve_input_path
 from mixerdistill.errors import UserError
 
 SAMPLER_VERSION = 1  # part of the cache key: bump when the sampling loop changes its output
-SAMPLES_FILE = "samples.jsonl"
 META_FILE = "meta.json"
 
 # Short openings of many kinds of text, so the samples cover more than one register of the teacher.
@@ -98,7 +98,7 @@ class SampleSettings(DataSourceConfig):
 
     def generation_key(self) -> dict:
         """The settings that change the generated text (the filters and the split are applied on reading)."""
-        return {"samples": self.samples, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "batch_size": self.batch_size, "seed": self.seed,
                 "prompts": self.prompt_list(), "chat_template": self.chat_template, "sampler": SAMPLER_VERSION}
 
@@ -185,65 +185,57 @@ def forward_tokens_per_second(model: nn.Module, batch_size: int, seq_len: int) -
 
 
 def generate_samples(model: nn.Module, tokenizer, settings: SampleSettings, teacher_identity: dict,
-                     show_progress: bool = True) -> Path:
-    """The cache entry (a folder with samples.jsonl and meta.json) of these settings, made if missing."""
+                     show_progress: bool = True) -> tuple[list[dict], dict]:
+    """(the kept samples, figures of the sampling) for these settings; the batches missing from the cache
+    are made first. Each record: prompt, continuation, new_tokens, repeated_ngrams."""
     key = cache_key(teacher_identity, settings)
-    final = cache_dir("teacher_samples") / key
-    if (final / META_FILE).is_file():
-        return final
-    partial = cache_dir("teacher_samples", f"{key}.partial")
+    entry = cache_dir("teacher_samples", key)
     prompts = settings.prompt_list()
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(settings.seed)).tolist()
     batches = -(-settings.samples // settings.batch_size)
+    missing = [b for b in range(batches) if not (entry / _batch_file(b)).is_file()]
     eos_id = tokenizer.eos_token_id
     pad_id = eos_id if eos_id is not None else 0
-    model.eval()
     made_tokens, begin = 0, time.perf_counter()
     bar = Progress(TextColumn("[bold]teacher samples"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[speed]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=stderr_console, disable=not show_progress)
+                   console=stderr_console, disable=not (show_progress and missing))
     with bar:
-        done = [b for b in range(batches) if (partial / _batch_file(b)).is_file()]
-        task = bar.add_task("samples", total=batches, completed=len(done), speed="-")
-        for b in range(batches):
-            if b in done:
-                continue
-            numbers = range(b * settings.batch_size, min(settings.samples, (b + 1) * settings.batch_size))
-            texts = [prompts[order[i % len(prompts)]] for i in numbers]
+        task = bar.add_task("samples", total=batches, completed=batches - len(missing), speed="-")
+        for b in missing:
+            texts = [prompts[order[i % len(prompts)]]
+                     for i in range(b * settings.batch_size, (b + 1) * settings.batch_size)]
             prompt_ids = [encode_prompt(tokenizer, text, settings.chat_template) for text in texts]
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + b)
-            continuations = sample_batch(model, prompt_ids, settings, eos_id, pad_id, generator)
+            continuations = sample_batch(model.eval(), prompt_ids, settings, eos_id, pad_id, generator)
             records = [{"prompt": tokenizer.decode(p, skip_special_tokens=False),
                         "continuation": tokenizer.decode(c, skip_special_tokens=True),
                         "new_tokens": len(c), "repeated_ngrams": round(repeated_ngram_share(c), 4)}
                        for p, c in zip(prompt_ids, continuations)]
-            _write_atomic(partial / _batch_file(b), "".join(json.dumps(r) + "\n" for r in records))
+            _write_atomic(entry / _batch_file(b), "".join(json.dumps(r) + "\n" for r in records))
             made_tokens += sum(r["new_tokens"] for r in records)
-            bar.update(task, completed=b + 1, speed=f"{made_tokens / (time.perf_counter() - begin):.0f}")
-    seconds = time.perf_counter() - begin
+            bar.advance(task)
+            bar.update(task, speed=f"{made_tokens / (time.perf_counter() - begin):.0f}")
     records = [json.loads(line) for b in range(batches)
-               for line in (partial / _batch_file(b)).read_text().splitlines()]
+               for line in (entry / _batch_file(b)).read_text().splitlines()][:settings.samples]
     kept, dropped = filter_samples(records, settings)
-    meta = {"key": key, "teacher": teacher_identity, "settings": settings.generation_key(),
-            "generated": len(records), "kept": len(kept), "dropped": dropped,
+    meta = {"key": key, "generated": len(records), "kept": len(kept), "dropped": dropped,
             "new_tokens": sum(r["new_tokens"] for r in records),
-            "seconds_this_session": round(seconds, 2),
-            "tokens_per_second": round(made_tokens / seconds, 1) if made_tokens else None}
+            "kept_tokens": sum(r["new_tokens"] for r in kept)}
     if made_tokens:
+        seconds = time.perf_counter() - begin
         forward = forward_tokens_per_second(model, settings.batch_size, settings.max_new_tokens)
-        meta["teacher_forward_tokens_per_second"] = round(forward, 1)
-        stderr_console.print(f"[bold]teacher samples[/]: {made_tokens:,} new tokens at {meta['tokens_per_second']:,.0f} "
+        meta.update(made_tokens=made_tokens, seconds=round(seconds, 2),
+                    tokens_per_second=round(made_tokens / seconds, 1),
+                    teacher_forward_tokens_per_second=round(forward, 1))
+        _write_atomic(entry / META_FILE, json.dumps(meta, indent=2) + "\n")
+        stderr_console.print(f"[bold]teacher samples[/]: {made_tokens:,} new tokens at {made_tokens / seconds:,.0f} "
                              f"tok/s (the teacher's plain forward: {forward:,.0f} tok/s at {settings.batch_size} × "
-                             f"{settings.max_new_tokens}); kept {len(kept)} of {len(records)} "
-                             f"({dropped['degenerate']} degenerate, {dropped['short']} short, "
-                             f"{dropped['duplicate']} duplicates)")
-    with publish_dir(final) as tmp:
-        (tmp / SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    for b in range(batches):
-        (partial / _batch_file(b)).unlink(missing_ok=True)
-    partial.rmdir()
-    return final
+                             f"{settings.max_new_tokens} tokens)")
+    stderr_console.print(f"[bold]teacher samples[/]: kept {len(kept)} of {len(records)} ({meta['kept_tokens']:,} "
+                         f"new tokens; dropped {dropped['degenerate']} repetition loops, {dropped['short']} short, "
+                         f"{dropped['duplicate']} duplicates)")
+    return kept, meta
 
 
 def filter_samples(records: list[dict], settings: SampleSettings) -> tuple[list[dict], dict[str, int]]:
@@ -285,21 +277,15 @@ class TeacherSamples(DataSource):
 
     def __init__(self, config: SampleSettings):
         super().__init__(config)
-        self.entry: Path | None = None
+        self.records: list[dict] | None = None
+        self.meta: dict = {}
 
     def bind(self, model: nn.Module, tokenizer, teacher_identity: dict, show_progress: bool = True) -> None:
-        self.entry = generate_samples(model, tokenizer, self.config, teacher_identity, show_progress)
-
-    def meta(self) -> dict:
-        return json.loads((self._entry() / META_FILE).read_text())
+        self.records, self.meta = generate_samples(model, tokenizer, self.config, teacher_identity, show_progress)
 
     def documents(self, split: str) -> Iterable[str]:
-        records = [json.loads(line) for line in (self._entry() / SAMPLES_FILE).read_text().splitlines()]
-        texts = [r["prompt"] + r["continuation"] for r in records]
+        if self.records is None:
+            raise RuntimeError("teacher_samples used before bind() gave it the teacher")
+        texts = [r["prompt"] + r["continuation"] for r in self.records]
         cut = len(texts) - max(1, round(len(texts) * self.config.heldout_fraction))
         return texts[:cut] if split == "train" else texts[cut:]
-
-    def _entry(self) -> Path:
-        if self.entry is None:
-            raise RuntimeError("teacher_samples used before bind() gave it the teacher")
-        return self.entry

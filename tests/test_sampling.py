@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import shutil
 
 import pytest
 import torch
 
 from conftest import tiny_llama
 from mixerdistill.data import ByteTokenizer
-from mixerdistill.sampling import (SAMPLES_FILE, SampleSettings, TeacherSamples, filter_samples, generate_samples,
+from mixerdistill.sampling import (SampleSettings, TeacherSamples, filter_samples, generate_samples,
                                    repeated_ngram_share, sample_batch)
 
 SETTINGS = dict(samples=6, batch_size=4, max_new_tokens=12, min_new_tokens=1, max_repeated_ngrams=1.0,
@@ -21,10 +21,6 @@ IDENTITY = {"source": "config", "test": "tiny llama"}
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def read_samples(entry):
-    return [json.loads(line) for line in (entry / SAMPLES_FILE).read_text().splitlines()]
 
 
 class CountingTeacher(torch.nn.Module):
@@ -57,23 +53,23 @@ def test_cached_sampling_equals_recomputing_without_cache():
 
 def test_samples_are_seeded_and_cached(cache):
     model, tokenizer = tiny_llama(), ByteTokenizer()
-    entry = generate_samples(model, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)
-    first = read_samples(entry)
+    first, meta = generate_samples(model, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)
     assert len(first) == 6 and all(r["new_tokens"] == 12 for r in first)
-    assert json.loads((entry / "meta.json").read_text())["generated"] == 6
+    assert meta["generated"] == 6 and meta["made_tokens"] == 8 * 12  # whole batches of 4
     counting = CountingTeacher(model)
-    assert generate_samples(counting, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False) == entry
-    assert counting.calls == 0  # read from the cache
-    other = generate_samples(model, tokenizer, SampleSettings(**{**SETTINGS, "seed": 1}), IDENTITY,
-                             show_progress=False)
-    assert other != entry and read_samples(other) != first
-    other_teacher = generate_samples(model, tokenizer, SampleSettings(**SETTINGS), {"other": 1}, show_progress=False)
-    assert other_teacher != entry  # the key includes the teacher
-    # the same settings in a fresh cache give the same text
-    import shutil
-    shutil.rmtree(cache)
-    assert read_samples(generate_samples(model, tokenizer, SampleSettings(**SETTINGS), IDENTITY,
-                                         show_progress=False)) == first
+    again, meta = generate_samples(counting, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)
+    assert again == first and counting.calls == 0 and "made_tokens" not in meta  # read from the cache
+    more, _ = generate_samples(counting, tokenizer, SampleSettings(**{**SETTINGS, "samples": 10}), IDENTITY,
+                               show_progress=False)
+    assert more[:6] == first and counting.calls == 12 + 1  # one batch more (+1: the throughput pass)
+    other, _ = generate_samples(model, tokenizer, SampleSettings(**{**SETTINGS, "seed": 1}), IDENTITY,
+                                show_progress=False)
+    assert other != first
+    assert len(list(cache.glob("teacher_samples/*"))) == 2
+    generate_samples(model, tokenizer, SampleSettings(**SETTINGS), {"other": 1}, show_progress=False)
+    assert len(list(cache.glob("teacher_samples/*"))) == 3  # the key includes the teacher
+    shutil.rmtree(cache)  # the same settings in a fresh cache give the same text
+    assert generate_samples(model, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)[0] == first
 
 
 def test_interrupted_sampling_resumes_with_the_same_text(cache, tmp_path, monkeypatch):
@@ -82,15 +78,12 @@ def test_interrupted_sampling_resumes_with_the_same_text(cache, tmp_path, monkey
     interrupted = CountingTeacher(model, fail_at=settings.max_new_tokens + 3)  # inside the second batch
     with pytest.raises(KeyboardInterrupt):
         generate_samples(interrupted, tokenizer, settings, IDENTITY, show_progress=False)
-    partial = list(cache.glob("teacher_samples/*.partial/batch_*.jsonl"))
-    assert [p.name for p in partial] == ["batch_00000.jsonl"]
+    assert [p.name for p in cache.glob("teacher_samples/*/batch_*")] == ["batch_00000.jsonl"]
     resumed = CountingTeacher(model)
-    entry = generate_samples(resumed, tokenizer, settings, IDENTITY, show_progress=False)
-    assert resumed.calls <= settings.max_new_tokens + 1  # only the second batch was made again (+1: throughput)
+    samples, _ = generate_samples(resumed, tokenizer, settings, IDENTITY, show_progress=False)
+    assert resumed.calls == settings.max_new_tokens + 1  # only the second batch was made (+1: throughput)
     monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "fresh"))
-    assert read_samples(entry) == read_samples(generate_samples(model, tokenizer, settings, IDENTITY,
-                                                                show_progress=False))
-    assert not list(cache.glob("teacher_samples/*.partial"))
+    assert samples == generate_samples(model, tokenizer, settings, IDENTITY, show_progress=False)[0]
 
 
 def test_filters_drop_loops_short_samples_and_duplicates():
@@ -112,6 +105,6 @@ def test_teacher_samples_source_splits_off_heldout_samples(cache):
         source.documents("train")
     source.bind(tiny_llama(), ByteTokenizer(), IDENTITY, show_progress=False)
     train, heldout = list(source.documents("train")), list(source.documents("heldout"))
-    kept = source.meta()["kept"]
+    kept = source.meta["kept"]
     assert len(heldout) == round(kept * 0.25) and len(train) + len(heldout) == kept
     assert not set(train) & set(heldout)
