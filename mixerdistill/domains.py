@@ -25,7 +25,12 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from mixerdistill.data import DataSource, expand_paths, resolve_input_path, tokenize_documents
+from mixerdistill.data import (
+    DataSource,
+    expand_paths,
+    resolve_input_path,
+    tokenize_documents,
+)
 from mixerdistill.errors import UserError
 from mixerdistill.evaluation import perplexity
 
@@ -38,8 +43,10 @@ class DomainFiles(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Name of the domain in reports.")
-    path: str = Field(description="A file or glob pattern (relative to the recipe); *.jsonl files are read as "
-                                  "JSON lines with a `text` field.")
+    path: str = Field(
+        description="A file or glob pattern (relative to the recipe); *.jsonl files are read as "
+        "JSON lines with a `text` field."
+    )
 
     @field_validator("path")
     @classmethod
@@ -67,8 +74,10 @@ def check_domain_names(entries: list) -> list:
 
     for entry in entries:
         if isinstance(entry, str) and entry not in BUILTIN_DOMAINS:
-            raise ValueError(f"unknown built-in domain '{entry}'{suggest(entry, BUILTIN_DOMAINS)}; built-ins: "
-                             f"{', '.join(BUILTIN_DOMAINS)} (or give {{name: ..., path: ...}})")
+            raise ValueError(
+                f"unknown built-in domain '{entry}'{suggest(entry, BUILTIN_DOMAINS)}; built-ins: "
+                f"{', '.join(BUILTIN_DOMAINS)} (or give {{name: ..., path: ...}})"
+            )
     names = [domain_name(e) for e in entries]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -87,8 +96,9 @@ class Domain:
 def reflow(text: str) -> str:
     """Paragraphs (blocks between blank lines) with their lines joined by single spaces."""
     paragraphs = re.split(r"\n\s*\n", text)
-    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs
-                       if p.strip())
+    return "\n\n".join(
+        " ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs if p.strip()
+    )
 
 
 def pydoc_documents() -> list[str]:
@@ -118,8 +128,15 @@ def file_documents(spec: DomainFiles) -> list[str]:
     return documents
 
 
-def load_domains(entries: list, data, sources: dict[str, DataSource], tokenizer, seq_len: int, tokens: int,
-                 teacher_samples: Callable[[], DataSource]) -> list[Domain]:
+def load_domains(
+    entries: list,
+    data,
+    sources: dict[str, DataSource],
+    tokenizer,
+    seq_len: int,
+    tokens: int,
+    teacher_samples: Callable[[], DataSource],
+) -> list[Domain]:
     """The windows of each domain of ``eval.domains``: at most ``tokens`` tokens in windows of ``seq_len``.
     ``data`` is the training data (its held-out stream is the ``heldout`` domain); ``teacher_samples()``
     gives the teacher_samples source when the mixture has none."""
@@ -132,8 +149,10 @@ def load_domains(entries: list, data, sources: dict[str, DataSource], tokenizer,
             if name == "heldout_reflowed":
                 documents = heldout_documents(sources)
                 if documents is None:
-                    raise UserError("eval.domains: 'heldout_reflowed' needs a data source with its own held-out "
-                                    "documents (such as austen's held-out novel)")
+                    raise UserError(
+                        "eval.domains: 'heldout_reflowed' needs a data source with its own held-out "
+                        "documents (such as austen's held-out novel)"
+                    )
                 documents = [reflow(d) for d in documents]
             elif name == "pydoc":
                 documents = pydoc_documents()
@@ -146,7 +165,7 @@ def load_domains(entries: list, data, sources: dict[str, DataSource], tokenizer,
         count = min(len(stream), tokens) // seq_len
         if count == 0:
             raise UserError(f"eval.domains: '{name}' has {len(stream)} tokens, too few for one window of {seq_len}")
-        windows = stream[:count * seq_len].view(count, seq_len)
+        windows = stream[: count * seq_len].view(count, seq_len)
         domains.append(Domain(name, windows, tokenizer.decode(windows.reshape(-1).tolist())))
     return domains
 
@@ -162,15 +181,16 @@ def probes(text: str, count: int = 16) -> list[str]:
     if len(text) <= PROBE_CHARS:
         return [text] if text else []
     step = (len(text) - PROBE_CHARS) / max(1, count - 1)
-    return list(dict.fromkeys(text[round(i * step):round(i * step) + PROBE_CHARS] for i in range(count)))
+    return list(dict.fromkeys(text[round(i * step) : round(i * step) + PROBE_CHARS] for i in range(count)))
 
 
 def training_texts(data, tokenizer) -> dict[str, str]:
     """Source name → the whitespace-normalised text of the training stream it feeds (decoded tokens)."""
     parts = getattr(data, "parts", None)
     streams = {p.name: p.data.train for p in parts} if parts else {"data": data.train}
-    return {name: normalise(tokenizer.decode(stream.tolist())) for name, stream in streams.items()
-            if stream is not None}
+    return {
+        name: normalise(tokenizer.decode(stream.tolist())) for name, stream in streams.items() if stream is not None
+    }
 
 
 def check_no_leak(domains: list[Domain], data, tokenizer) -> None:
@@ -180,9 +200,11 @@ def check_no_leak(domains: list[Domain], data, tokenizer) -> None:
         for probe in probes(domain.text):
             for source, text in texts.items():
                 if probe in text:
-                    raise UserError(f"eval.domains: the evaluation text of domain '{domain.name}' appears in the "
-                                    f"training stream of data source '{source}' (e.g. “{probe[:80]}…”); "
-                                    f"remove it from the training data or from eval.domains")
+                    raise UserError(
+                        f"eval.domains: the evaluation text of domain '{domain.name}' appears in the "
+                        f"training stream of data source '{source}' (e.g. “{probe[:80]}…”); "
+                        f"remove it from the training data or from eval.domains"
+                    )
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -192,8 +214,11 @@ def domain_perplexities(model, domains: list[Domain], batch_size: int, device) -
 
 def domain_table(teacher: dict[str, float], student: dict[str, float]) -> tuple[dict[str, dict], float | None]:
     """({domain: {teacher, student, ratio}}, geometric mean of the ratios)."""
-    table = {name: {"teacher": teacher[name], "student": student[name], "ratio": student[name] / teacher[name]}
-             for name in student if name in teacher}
+    table = {
+        name: {"teacher": teacher[name], "student": student[name], "ratio": student[name] / teacher[name]}
+        for name in student
+        if name in teacher
+    }
     ratios = [row["ratio"] for row in table.values()]
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else None
     return table, geomean
@@ -204,11 +229,13 @@ def domain_markdown(table: dict[str, dict], geomean: float | None) -> list[str]:
     from mixerdistill.report import format_number
 
     lines = ["| domain | teacher | student | × teacher |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {format_number(row['teacher'])} | {format_number(row['student'])} "
-              f"| {format_number(row['ratio'])} |" for name, row in table.items()]
+    lines += [
+        f"| {name} | {format_number(row['teacher'])} | {format_number(row['student'])} "
+        f"| {format_number(row['ratio'])} |"
+        for name, row in table.items()
+    ]
     lines.append(f"| **geometric mean** | | | **{format_number(geomean)}** |")
     return lines
-
 
 
 class DomainEvaluation:
@@ -219,8 +246,9 @@ class DomainEvaluation:
         self.domains, self.batch_size, self.device = domains, batch_size, device
 
     @classmethod
-    def for_recipe(cls, recipe, data, sources: dict[str, DataSource], tokenizer, teacher, device,
-                   show_progress: bool = True) -> DomainEvaluation | None:
+    def for_recipe(
+        cls, recipe, data, sources: dict[str, DataSource], tokenizer, teacher, device, show_progress: bool = True
+    ) -> DomainEvaluation | None:
         """None when the recipe names no domain; raises UserError when a domain leaks into training."""
         if not recipe.eval.domains:
             return None
@@ -228,11 +256,24 @@ class DomainEvaluation:
         from mixerdistill.sampling import SampleSettings
 
         def default_samples() -> DataSource:
-            return make_source("teacher_samples", SampleSettings(), tokenizer, teacher,
-                               recipe.teacher.model_dump(mode="json"), show_progress)
+            return make_source(
+                "teacher_samples",
+                SampleSettings(),
+                tokenizer,
+                teacher,
+                recipe.teacher.model_dump(mode="json"),
+                show_progress,
+            )
 
-        domains = load_domains(recipe.eval.domains, data, sources, tokenizer, recipe.eval.seq_len,
-                               recipe.eval.domain_tokens, default_samples)
+        domains = load_domains(
+            recipe.eval.domains,
+            data,
+            sources,
+            tokenizer,
+            recipe.eval.seq_len,
+            recipe.eval.domain_tokens,
+            default_samples,
+        )
         check_no_leak(domains, data, tokenizer)
         return cls(domains, recipe.eval.batch_size, device)
 
@@ -258,13 +299,18 @@ def measure_run_domains(run_dir, student, names: list[str] | None, device, show_
         raw["eval"]["domains"] = names
     recipe = validate_recipe(raw, source=f"{path} (with --domains)")
     if not recipe.eval.domains:
-        raise UserError(f"the recipe in {run_dir} names no eval.domains: give them with --domains, e.g. "
-                        f"--domains {','.join(BUILTIN_DOMAINS)}")
+        raise UserError(
+            f"the recipe in {run_dir} names no eval.domains: give them with --domains, e.g. "
+            f"--domains {','.join(BUILTIN_DOMAINS)}"
+        )
     teacher, tokenizer = load_teacher(recipe.teacher)
     teacher.to(device)
-    data, sources = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"),
-                               show_progress)
+    data, sources = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"), show_progress)
     evaluation = DomainEvaluation.for_recipe(recipe, data, sources, tokenizer, teacher, device, show_progress)
     table, geomean = domain_table(evaluation.measure(teacher), evaluation.measure(student))
-    return {"domains": table, "domain_ratio_geomean": geomean, "domain_tokens": recipe.eval.domain_tokens,
-            "seq_len": recipe.eval.seq_len}
+    return {
+        "domains": table,
+        "domain_ratio_geomean": geomean,
+        "domain_tokens": recipe.eval.domain_tokens,
+        "seq_len": recipe.eval.seq_len,
+    }

@@ -54,8 +54,7 @@ class MixedData:
             counts += torch.bincount(self.source_picks(batch_size, batch, seed), minlength=len(self.parts))
         return counts.tolist()
 
-    def train_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int = 0
-                      ) -> Iterator[torch.Tensor]:
+    def train_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """Endless (batch_size, seq_len) batches; ``start_batch`` skips that many (resuming exactly)."""
         walkers = [_WindowWalk(p, seq_len, seed + 7919 * i) for i, p in enumerate(self.parts)]
         for walker, count in zip(walkers, self.drawn_windows(batch_size, start_batch, seed)):
@@ -74,9 +73,16 @@ class MixedData:
             seed = config.seed if config.seed is not None else default_seed + index
             drawn += torch.tensor(self.drawn_windows(config.batch_size, config.steps(), seed)) * config.seq_len
         total = int(drawn.sum())
-        return [{"source": p.name, "weight": p.weight, "train_tokens": len(p.data.train),
-                 "drawn_tokens": int(d), "share": round(int(d) / total, 4) if total else None}
-                for p, d in zip(self.parts, drawn.tolist())]
+        return [
+            {
+                "source": p.name,
+                "weight": p.weight,
+                "train_tokens": len(p.data.train),
+                "drawn_tokens": int(d),
+                "share": round(int(d) / total, 4) if total else None,
+            }
+            for p, d in zip(self.parts, drawn.tolist())
+        ]
 
 
 class _WindowWalk:
@@ -86,8 +92,9 @@ class _WindowWalk:
         self.tokens, self.seq_len, self.seed = part.data.train, seq_len, seed
         self.windows = len(self.tokens) // seq_len
         if self.windows == 0:
-            raise UserError(f"data source '{part.name}' has {len(self.tokens)} training tokens: too few for one "
-                            f"window of {seq_len}")
+            raise UserError(
+                f"data source '{part.name}' has {len(self.tokens)} training tokens: too few for one window of {seq_len}"
+            )
         self.position = 0
         self._pass, self._order = -1, None
 
@@ -98,11 +105,12 @@ class _WindowWalk:
             self._pass = epoch
         self.position += 1
         start = int(self._order[index]) * self.seq_len
-        return self.tokens[start:start + self.seq_len]
+        return self.tokens[start : start + self.seq_len]
 
 
-def build_data(data_block, tokenizer, teacher=None, teacher_identity: dict | None = None,
-               show_progress: bool = True) -> tuple[TokenData | MixedData, dict[str, DataSource]]:
+def build_data(
+    data_block, tokenizer, teacher=None, teacher_identity: dict | None = None, show_progress: bool = True
+) -> tuple[TokenData | MixedData, dict[str, DataSource]]:
     """The recipe's training data and its sources by name. A source that needs the teacher
     (teacher_samples) is given it first, so its samples are made (or read from the cache)."""
     blocks = data_block.mix if data_block.mix else [data_block]
@@ -120,8 +128,9 @@ def build_data(data_block, tokenizer, teacher=None, teacher_identity: dict | Non
     return MixedData(parts), sources
 
 
-def make_source(name: str, config, tokenizer, teacher=None, teacher_identity: dict | None = None,
-                show_progress: bool = True) -> DataSource:
+def make_source(
+    name: str, config, tokenizer, teacher=None, teacher_identity: dict | None = None, show_progress: bool = True
+) -> DataSource:
     source = get_dataset(name)(config)
     if getattr(source, "needs_teacher", False):
         if teacher is None:

@@ -10,7 +10,13 @@ import yaml
 
 from conftest import REPO, STAGES
 from mixerdistill.data import ByteTokenizer, TokenData
-from mixerdistill.domains import Domain, check_no_leak, domain_table, pydoc_documents, reflow
+from mixerdistill.domains import (
+    Domain,
+    check_no_leak,
+    domain_table,
+    pydoc_documents,
+    reflow,
+)
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.plugins import get_dataset
 from mixerdistill.recipe import load_recipe, validate_recipe
@@ -19,8 +25,9 @@ from mixerdistill.run import execute
 
 def text_data(*paths, heldout=()) -> TokenData:
     source_cls = get_dataset("text")
-    config = source_cls.Config.model_validate({"paths": [str(p) for p in paths],
-                                               "heldout_paths": [str(p) for p in heldout]})
+    config = source_cls.Config.model_validate(
+        {"paths": [str(p) for p in paths], "heldout_paths": [str(p) for p in heldout]}
+    )
     return TokenData(source_cls(config), ByteTokenizer())
 
 
@@ -61,23 +68,51 @@ def tiny_mix_recipe(tmp_path, domains: list) -> dict:
     (tmp_path / "held.txt").write_text((REPO / "docs" / "evaluation.md").read_text())
     recipe = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
     recipe["teacher"]["config"].update(num_hidden_layers=2, hidden_size=32, intermediate_size=64)
-    recipe["data"] = {"mix": [
-        {"source": "text", "paths": [str(REPO / "README.md"), str(tmp_path / "held.txt")],
-         "heldout_paths": [str(tmp_path / "held.txt")], "weight": 3},
-        {"source": "teacher_samples", "samples": 24, "batch_size": 8, "max_new_tokens": 48,
-         "heldout_fraction": 0.25, "max_repeated_ngrams": 1.0, "weight": 1}]}
-    recipe["stages"] = [{"name": name, "tokens": 2 * 4 * 64, "batch_size": 4, "seq_len": 64,
-                         "optimizer": {"lr": 1e-3}} for name in STAGES]
-    recipe["eval"] = {"tokens": 256, "seq_len": 64, "batch_size": 4, "prompt": None, "domains": domains,
-                      "domain_tokens": 128}
+    recipe["data"] = {
+        "mix": [
+            {
+                "source": "text",
+                "paths": [str(REPO / "README.md"), str(tmp_path / "held.txt")],
+                "heldout_paths": [str(tmp_path / "held.txt")],
+                "weight": 3,
+            },
+            {
+                "source": "teacher_samples",
+                "samples": 24,
+                "batch_size": 8,
+                "max_new_tokens": 48,
+                "heldout_fraction": 0.25,
+                "max_repeated_ngrams": 1.0,
+                "weight": 1,
+            },
+        ]
+    }
+    recipe["stages"] = [
+        {"name": name, "tokens": 2 * 4 * 64, "batch_size": 4, "seq_len": 64, "optimizer": {"lr": 1e-3}}
+        for name in STAGES
+    ]
+    recipe["eval"] = {
+        "tokens": 256,
+        "seq_len": 64,
+        "batch_size": 4,
+        "prompt": None,
+        "domains": domains,
+        "domain_tokens": 128,
+    }
     return recipe
 
 
+@pytest.mark.slow  # a whole run with teacher sampling: ~25 s on an idle 2-core machine
 def test_a_mixture_run_reports_every_domain(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "cache"))
     (tmp_path / "notes.txt").write_text("Notes that nobody trains on. " * 40)
-    domains = ["heldout", "heldout_reflowed", "pydoc", "teacher_samples",
-               {"name": "notes", "path": str(tmp_path / "notes.txt")}]
+    domains = [
+        "heldout",
+        "heldout_reflowed",
+        "pydoc",
+        "teacher_samples",
+        {"name": "notes", "path": str(tmp_path / "notes.txt")},
+    ]
     recipe = validate_recipe(tiny_mix_recipe(tmp_path, domains))
     report = execute(recipe, tmp_path / "run", show_progress=False)
     names = ["heldout", "heldout_reflowed", "pydoc", "teacher_samples", "notes"]
@@ -97,7 +132,9 @@ def test_a_mixture_run_reports_every_domain(tmp_path, monkeypatch):
 
 def test_a_run_whose_training_text_holds_an_evaluation_document_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "cache"))
-    recipe = validate_recipe(tiny_mix_recipe(tmp_path, [{"name": "readme", "path": str(REPO / "README.md")}]))
+    raw = tiny_mix_recipe(tmp_path, [{"name": "readme", "path": str(REPO / "README.md")}])
+    raw["data"] = {"mix": raw["data"]["mix"][:1]}  # a mixture of one source: no sampling, a quick refusal
+    recipe = validate_recipe(raw)
     with pytest.raises(UserError, match="domain 'readme' appears in the training stream of data source 'text'"):
         execute(recipe, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import REPO
 from mixerdistill.data import ByteTokenizer, TokenData
 from mixerdistill.errors import RecipeError
 from mixerdistill.mixture import MixedData, MixPart
 from mixerdistill.plugins import get_dataset
 from mixerdistill.recipe import load_recipe
-from conftest import REPO
 
 
 def text_part(folder, name: str, letter: str, length: int, weight: float) -> MixPart:
@@ -49,13 +49,17 @@ def test_mixture_draws_by_weight_and_reports_shares(mixture):
 
 
 def test_recipe_mix_validates_every_entry():
-    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [
-        "data={mix: [{source: text, paths: ['../README.md'], weight: 2}, {source: teacher_samples, samples: 8}]}"])
+    recipe = load_recipe(
+        REPO / "recipes" / "tiny.yaml",
+        ["data={mix: [{source: text, paths: ['../README.md'], weight: 2}, {source: teacher_samples, samples: 8}]}"],
+    )
     assert [p.source for p in recipe.data.mix] == ["text", "teacher_samples"]
     assert recipe.resolved()["data"]["mix"][1]["weight"] == 1.0
     with pytest.raises(RecipeError) as error:
-        load_recipe(REPO / "recipes" / "tiny.yaml", [
-            "data={mix: [{source: text, paths: ['../README.md'], wieght: 2}, {source: teacher_sample}]}"])
+        load_recipe(
+            REPO / "recipes" / "tiny.yaml",
+            ["data={mix: [{source: text, paths: ['../README.md'], wieght: 2}, {source: teacher_sample}]}"],
+        )
     problems = dict(error.value.problems)
     assert "unknown field 'wieght'" in problems["data.mix.0.wieght"]
     assert "did you mean 'teacher_samples'" in problems["data.mix.1.source"]

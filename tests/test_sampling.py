@@ -9,11 +9,23 @@ import torch
 
 from conftest import tiny_llama
 from mixerdistill.data import ByteTokenizer
-from mixerdistill.sampling import (SampleSettings, TeacherSamples, filter_samples, generate_samples,
-                                   repeated_ngram_share, sample_batch)
+from mixerdistill.sampling import (
+    SampleSettings,
+    TeacherSamples,
+    filter_samples,
+    generate_samples,
+    repeated_ngram_share,
+    sample_batch,
+)
 
-SETTINGS = dict(samples=6, batch_size=4, max_new_tokens=12, min_new_tokens=1, max_repeated_ngrams=1.0,
-                prompts=["Once upon", "A", "The cat sat on the"])
+SETTINGS = {
+    "samples": 6,
+    "batch_size": 4,
+    "max_new_tokens": 12,
+    "min_new_tokens": 1,
+    "max_repeated_ngrams": 1.0,
+    "prompts": ["Once upon", "A", "The cat sat on the"],
+}
 IDENTITY = {"source": "config", "test": "tiny llama"}
 
 
@@ -48,7 +60,7 @@ def test_cached_sampling_equals_recomputing_without_cache():
         ids = list(prompt)
         for _ in range(10):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-        assert continuation == ids[len(prompt):]
+        assert continuation == ids[len(prompt) :]
 
 
 def test_samples_are_seeded_and_cached(cache):
@@ -59,11 +71,13 @@ def test_samples_are_seeded_and_cached(cache):
     counting = CountingTeacher(model)
     again, meta = generate_samples(counting, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)
     assert again == first and counting.calls == 0 and "made_tokens" not in meta  # read from the cache
-    more, _ = generate_samples(counting, tokenizer, SampleSettings(**{**SETTINGS, "samples": 10}), IDENTITY,
-                               show_progress=False)
+    more, _ = generate_samples(
+        counting, tokenizer, SampleSettings(**{**SETTINGS, "samples": 10}), IDENTITY, show_progress=False
+    )
     assert more[:6] == first and counting.calls == 12 + 1  # one batch more (+1: the throughput pass)
-    other, _ = generate_samples(model, tokenizer, SampleSettings(**{**SETTINGS, "seed": 1}), IDENTITY,
-                                show_progress=False)
+    other, _ = generate_samples(
+        model, tokenizer, SampleSettings(**{**SETTINGS, "seed": 1}), IDENTITY, show_progress=False
+    )
     assert other != first
     assert len(list(cache.glob("teacher_samples/*"))) == 2
     generate_samples(model, tokenizer, SampleSettings(**SETTINGS), {"other": 1}, show_progress=False)
@@ -90,10 +104,12 @@ def test_filters_drop_loops_short_samples_and_duplicates():
     assert repeated_ngram_share([1, 2, 3, 4, 5, 6, 7, 8]) == 0
     assert repeated_ngram_share([1, 2, 3] * 20) > 0.9
     settings = SampleSettings(min_new_tokens=4)
-    records = [{"prompt": "A", "continuation": " fine text", "new_tokens": 9, "repeated_ngrams": 0.0},
-               {"prompt": "A", "continuation": "  fine   text", "new_tokens": 10, "repeated_ngrams": 0.0},
-               {"prompt": "B", "continuation": " the the the", "new_tokens": 40, "repeated_ngrams": 0.8},
-               {"prompt": "C", "continuation": ".", "new_tokens": 1, "repeated_ngrams": 0.0}]
+    records = [
+        {"prompt": "A", "continuation": " fine text", "new_tokens": 9, "repeated_ngrams": 0.0},
+        {"prompt": "A", "continuation": "  fine   text", "new_tokens": 10, "repeated_ngrams": 0.0},
+        {"prompt": "B", "continuation": " the the the", "new_tokens": 40, "repeated_ngrams": 0.8},
+        {"prompt": "C", "continuation": ".", "new_tokens": 1, "repeated_ngrams": 0.0},
+    ]
     kept, dropped = filter_samples(records, settings)
     assert kept == records[:1]
     assert dropped == {"degenerate": 1, "short": 1, "duplicate": 1}
