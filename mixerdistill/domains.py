@@ -283,7 +283,8 @@ class DomainEvaluation:
 
 def measure_run_domains(run_dir, student, names: list[str] | None, device, show_progress: bool = True) -> dict:
     """``mixerdistill eval --domains``: the domain table of a finished run's student, the domains being
-    ``names`` (built-in names) or else its recipe's eval.domains; the teacher is measured beside it."""
+    ``names`` (built-ins, or names of the recipe's file domains) or else its recipe's eval.domains; the
+    teacher is measured beside it."""
     import yaml
 
     from mixerdistill.mixture import build_data
@@ -295,8 +296,9 @@ def measure_run_domains(run_dir, student, names: list[str] | None, device, show_
     if not path.is_file():
         raise UserError(f"--domains needs a run directory with its {RECIPE_FILE}; {run_dir} has none")
     raw = yaml.safe_load(path.read_text())
-    if names:
-        raw["eval"]["domains"] = names
+    if names:  # the recipe's own entry of that name (a file domain), else the built-in
+        named = {e if isinstance(e, str) else e["name"]: e for e in raw["eval"].get("domains", [])}
+        raw["eval"]["domains"] = [named.get(name, name) for name in names]
     recipe = validate_recipe(raw, source=f"{path} (with --domains)")
     if not recipe.eval.domains:
         raise UserError(

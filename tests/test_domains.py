@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from conftest import REPO, STAGES
+from conftest import REPO, STAGES, run_cli
 from mixerdistill.data import ByteTokenizer, TokenData
 from mixerdistill.domains import (
     Domain,
@@ -20,6 +20,7 @@ from mixerdistill.domains import (
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.plugins import get_dataset
 from mixerdistill.recipe import load_recipe, validate_recipe
+from mixerdistill.report import comparison_table, render_report, summarise_run
 from mixerdistill.run import execute
 
 
@@ -128,6 +129,32 @@ def test_a_mixture_run_reports_every_domain(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "run" / "report.json").read_text())
     assert written["student"]["domain_ratio_geomean"] == report["student"]["domain_ratio_geomean"]
     assert "| pydoc |" in (tmp_path / "run" / "report.md").read_text()
+    evaluated = run_cli(
+        "eval", str(tmp_path / "run"), "--domains", "pydoc,notes", env={"MIXERDISTILL_CACHE": str(tmp_path / "cache")}
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "geometric mean" in evaluated.stdout
+    scores = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert list(scores["domains"]) == ["pydoc", "notes"]
+    assert scores["domains"]["pydoc"]["student"] == pytest.approx(report["student"]["domains"]["pydoc"]["student"])
+
+
+def test_report_and_compare_show_the_domain_table(tmp_path):
+    table, geomean = domain_table({"pydoc": 10.0, "heldout": 40.0}, {"pydoc": 30.0, "heldout": 60.0})
+    report = {
+        "recipe": "r",
+        "teacher": {"perplexity": 40.0, "domains": {"pydoc": 10.0, "heldout": 40.0}},
+        "student": {"perplexity": 60.0, "domains": table, "domain_ratio_geomean": geomean},
+        "stages": [],
+        "curve": [{"stage_index": 1, "tokens": 8, "perplexity": 61.0, "domains": {"pydoc": 31.0, "heldout": 61.0}}],
+    }
+    markdown = render_report(report)
+    assert "| pydoc | 10.00 | 30.00 | 3.00 |" in markdown and f"**{geomean:.2f}**" in markdown
+    assert "| training tokens | stage | perplexity | pydoc | heldout |" in markdown
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    labels, rows = comparison_table([summarise_run(tmp_path)])
+    assert dict(rows)["× teacher: pydoc"] == [3.0]
+    assert dict(rows)["× teacher: geometric mean"] == [pytest.approx(math.sqrt(3 * 1.5))]
 
 
 def test_a_run_whose_training_text_holds_an_evaluation_document_is_refused(tmp_path, monkeypatch):
