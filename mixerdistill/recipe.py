@@ -132,17 +132,26 @@ class MixPartBlock(PluginBlock):
 
 
 class DataBlock(PluginBlock):
-    source: str | None = Field(None, description="Registered data source name (see `mixerdistill plugins`); "
-                                                 "leave it out when `mix` is given.")
     mix: list[MixPartBlock] | None = Field(
         None, description="A weighted mixture instead of one source: a list of data blocks, each with a "
                           "`weight`; every training window comes from one of them with probability "
                           "proportional to its weight (seeded; the held-out split is the first one's).")
+    source: str | None = Field(None, validate_default=True,
+                               description="Registered data source name (see `mixerdistill plugins`); "
+                                           "leave it out when `mix` is given.")
+
+    @field_validator("source")
+    @classmethod
+    def _one_source_or_a_mix(cls, source: str | None, info: ValidationInfo) -> str | None:
+        mixed = info.data.get("mix") is not None
+        if source is None and not mixed:
+            raise ValueError("required field is missing (or give `mix`, a list of weighted sources)")
+        if source is not None and mixed:
+            raise ValueError("give either `source` or `mix`, not both")
+        return source
 
     @model_validator(mode="after")
-    def _one_source_or_a_mix(self):
-        if (self.source is None) == (self.mix is None):
-            raise ValueError("give either `source` or `mix`")
+    def _mix_alone(self):
         if self.mix is not None and self.model_extra:
             raise ValueError(f"a mixture takes no other fields here (got {', '.join(self.model_extra)}); "
                              f"put them in its entries")
