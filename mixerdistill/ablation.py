@@ -16,10 +16,10 @@ import torch
 
 from mixerdistill.checkpoint import load_student, write_text_atomic
 from mixerdistill.console import stderr_console
-from mixerdistill.data import TokenData
 from mixerdistill.errors import UserError
 from mixerdistill.plots import pyplot
-from mixerdistill.plugins import get_dataset, get_stage
+from mixerdistill.mixture import build_data
+from mixerdistill.plugins import get_stage
 from mixerdistill.recipe import Recipe
 from mixerdistill.device import pick_device
 from mixerdistill.run import execute
@@ -87,7 +87,7 @@ def run_ablation(recipe: Recipe, output: Path, overwrite: bool = False, show_pro
     teacher, tokenizer = load_teacher(recipe.teacher)
     teacher.to(device)
     adapter = find_adapter(teacher.config, recipe.teacher.adapter)
-    data = TokenData(get_dataset(recipe.data.source)(recipe.data.config), tokenizer)
+    data, _ = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"), show_progress)
     windows = data.heldout_windows(stage_blocks[-1].config.seq_len, recipe.eval.tokens)
     families = {}
     for label, block in zip(labels, recipe.ablation):

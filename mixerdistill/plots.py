@@ -95,7 +95,7 @@ def heldout_tokens(checkpoint: Path, tokenizer, length: int) -> torch.Tensor:
 
     from mixerdistill.data import TokenData, tokenize_documents
     from mixerdistill.errors import UserError
-    from mixerdistill.plugins import get_dataset
+    from mixerdistill.mixture import make_source
     from mixerdistill.recipe import validate_recipe
     from mixerdistill.run_directory import RECIPE_FILE
 
@@ -103,7 +103,8 @@ def heldout_tokens(checkpoint: Path, tokenizer, length: int) -> torch.Tensor:
     if not recipe_path.is_file():
         raise UserError(f"no {RECIPE_FILE} beside {checkpoint}: inspect a checkpoint inside its run directory")
     recipe = validate_recipe(yaml.safe_load(recipe_path.read_text()), source=str(recipe_path))
-    source = get_dataset(recipe.data.source)(recipe.data.config)
+    block = recipe.data.mix[0] if recipe.data.mix else recipe.data  # a mixture's held-out text is its first source's
+    source = make_source(block.source, block.config, tokenizer)
     documents = source.documents("heldout")
     if documents is None:
         stream = TokenData(source, tokenizer).heldout

@@ -101,7 +101,11 @@ def render_recipe_reference() -> str:
                 ("stages[]", "stages", "name", "### stage")]
     for path, kind, key, title in sections:
         if path == "data":
-            lines += ["", "## `data`", "", "The `source` field names a data source plugin; its fields follow."]
+            lines += ["", "## `data`", "", "The `source` field names a data source plugin; its fields follow. Or a "
+                      "weighted mixture: `data: {mix: [{source: austen, weight: 1}, {source: teacher_samples, "
+                      "weight: 1}]}`, each entry a data block with a `weight` (default 1): every training window "
+                      "comes from one entry with probability proportional to its weight, in a seeded order that "
+                      "resumes exactly; the held-out split is the first entry's (docs/data.md)."]
         if path == "stages[]":
             lines += ["", "## `stages`", "", "A list, run in order; each entry's `name` names a stage plugin."]
         if path == "student.mixer":

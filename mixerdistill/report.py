@@ -30,12 +30,13 @@ def render_report(report: RunReport) -> str:
     mixers = ", ".join(f"{count} × {name}" for name, count in student.mixers.items())
     lines += [f"Student: {mixers} ({format_number(student.parameters)} parameters); "
               f"teacher: {teacher.adapter} ({format_number(teacher.parameters)} parameters).", ""]
-    lines += _perplexity_table(report) + _stage_table(report)
-    if report.curve:
-        lines += ["", "## Held-out perplexity during training", "", "| training tokens | stage | perplexity |",
-                  "|---:|---:|---:|"]
-        lines += [f"| {format_number(p.tokens)} | {p.stage_index} | {format_number(p.perplexity)} |"
-                  for p in report.curve]
+    lines += _perplexity_table(report)
+    if student.domains:
+        from mixerdistill.domains import domain_markdown
+
+        lines += ["", "## Unseen domains (never trained on)", "",
+                  *domain_markdown(student.domains, student.domain_ratio_geomean)]
+    lines += _stage_table(report) + _curve_table(report)
     evaluation = report.eval
     if evaluation:
         limit = f", limit {evaluation['limit']}" if evaluation.get("limit") is not None else ""
@@ -84,6 +85,20 @@ def _stage_table(report: RunReport) -> list[str]:
     return lines
 
 
+def _curve_table(report: RunReport) -> list[str]:
+    """Held-out perplexity during training, with a column per unseen domain when the run measures them."""
+    if not report.curve:
+        return []
+    domains = list(dict.fromkeys(name for point in report.curve for name in (point.domains or {})))
+    lines = ["", "## Held-out perplexity during training", "",
+             "| training tokens | stage | perplexity |" + "".join(f" {name} |" for name in domains),
+             "|---:|---:|---:|" + "---:|" * len(domains)]
+    lines += [f"| {format_number(p.tokens)} | {p.stage_index} | {format_number(p.perplexity)} |"
+              + "".join(f" {format_number((p.domains or {}).get(name))} |" for name in domains)
+              for p in report.curve]
+    return lines
+
+
 def comparison_rows(entry: dict) -> list[dict]:
     """One row per (task, metric) of an lm-eval entry: teacher value, student value and student/teacher."""
     student = entry["student"]["scores"]
@@ -123,7 +138,15 @@ def summarise_run(directory: Path) -> dict:
             "student_perplexity": report.student.perplexity,
             "training_tokens": sum(stage.tokens for stage in report.stages),
             "training_seconds": round(sum(stage.seconds for stage in report.stages), 2),
-            "seconds": report.seconds, "eval": scores}
+            "seconds": report.seconds, "eval": scores,
+            **_domain_summary(report.student.model_dump(), _read_json(directory / EVAL_FILE))}
+
+
+def _domain_summary(student: dict, evaluated: dict | None) -> dict:
+    """Student/teacher perplexity per unseen domain, from report.json or else eval.json."""
+    source = student if student.get("domains") else (evaluated or {})
+    return {"domain_ratios": {name: row["ratio"] for name, row in (source.get("domains") or {}).items()},
+            "domain_ratio_geomean": source.get("domain_ratio_geomean")}
 
 
 def comparison_table(summaries: list[dict]) -> tuple[list[str], list[tuple[str, list]]]:
@@ -134,6 +157,10 @@ def comparison_table(summaries: list[dict]) -> tuple[list[str], list[tuple[str, 
     rows += [(name.replace("_", " "), [s[name] for s in summaries])
              for name in ("teacher_perplexity", "student_perplexity", "training_tokens", "training_seconds",
                           "seconds")]
+    domains = dict.fromkeys(name for s in summaries for name in s.get("domain_ratios", {}))  # issue 21
+    rows += [(f"× teacher: {name}", [s.get("domain_ratios", {}).get(name) for s in summaries]) for name in domains]
+    if domains:
+        rows.append(("× teacher: geometric mean", [s.get("domain_ratio_geomean") for s in summaries]))
     for who in ("student", "teacher"):
         keys = dict.fromkeys((task, metric) for s in summaries for task, values in s["eval"][who].items()
                              for metric in values)

@@ -26,13 +26,14 @@ import torch
 
 from mixerdistill.checkpoint import PROGRESS_DIR, ResumePoint, StageProgress, load_weights, read_manifest, save_checkpoint
 from mixerdistill.console import stderr_console
-from mixerdistill.data import TokenData
 from mixerdistill.device import pick_device
 from mixerdistill.distributed import plans, world as worlds
+from mixerdistill.domains import DomainEvaluation, domain_table
 from mixerdistill.errors import writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
 from mixerdistill.plots import write_run_plots
-from mixerdistill.plugins import get_dataset, get_mixer, get_stage
+from mixerdistill.mixture import MixedData, build_data
+from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.recipe import Recipe
 from mixerdistill.report import write_report
 from mixerdistill.run_directory import (METRICS_FILE, check_output, check_same_recipe, prepare_output,
@@ -117,7 +118,12 @@ class Distillation:
     def _load_data(self) -> None:
         recipe = self.recipe
         self.log("[bold]data[/]: tokenising")
-        self.data = TokenData(get_dataset(recipe.data.source)(recipe.data.config), self.tokenizer)
+        # One source or a weighted mixture (teacher_samples are made or read from the cache here); the
+        # unseen domains of eval.domains, refused when one of them is in the training stream.
+        self.data, sources = build_data(recipe.data, self.tokenizer, self.teacher,
+                                        recipe.teacher.model_dump(mode="json"), self.show_progress and self.world.main)
+        self.domain_eval = DomainEvaluation.for_recipe(recipe, self.data, sources, self.tokenizer, self.teacher,
+                                                       self.device, self.show_progress)
         self.eval_windows = (self.data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens)
                              if recipe.eval.tokens else None)
 
@@ -151,10 +157,14 @@ class Distillation:
             student=StudentFigures(mixers=self.counts, parameters=sum(p.numel() for p in self.student.parameters()),
                                    perplexity_after_transfer=previous.student.perplexity_after_transfer
                                    if previous else None),
-            data=DataFigures(train_tokens=len(self.data.train) if self.data.train is not None else None,
-                             heldout_tokens=len(self.data.heldout),
+            data=DataFigures(train_tokens=self.data.train_tokens, heldout_tokens=len(self.data.heldout),
                              eval_tokens=int(self.eval_windows.numel()) if self.eval_windows is not None else 0))
         self.previous_eval = previous.eval if previous else None
+        if isinstance(self.data, MixedData):
+            self.report.data.mix = self.data.shares(self.recipe.stages, self.recipe.seed)
+        if self.domain_eval:
+            self.report.teacher.domains = (previous.teacher.domains if previous else None) or \
+                self.domain_eval.measure(self.teacher)
         if self.report.teacher.perplexity is None and self.eval_windows is not None:
             self.log("[bold]eval[/]: teacher perplexity")
             self.report.teacher.perplexity = self.measure(self.teacher)
@@ -162,6 +172,8 @@ class Distillation:
         if self.recipe.eval.after_each_stage and after_transfer is None:
             self.log("[bold]eval[/]: student perplexity after transfer")
             self.report.student.perplexity_after_transfer = after_transfer = self.measure(self.student)
+            if self.domain_eval:
+                self.report.student.domains_after_transfer = self.domain_eval.measure(self.student)
         self._write_report()
         if self.recipe.eval.every_tokens and after_transfer:
             self.report.curve.append(CurvePoint(stage_index=0, tokens=0, perplexity=after_transfer))
@@ -247,7 +259,9 @@ class Distillation:
                             seconds=round(result.seconds, 3), tokens_per_second=round(result.tokens_per_second, 2),
                             loss_first=result.loss_first, loss_last=result.loss_last,
                             perplexity_after=self.measure(self.student) if self.recipe.eval.after_each_stage
-                            else None)
+                            else None,
+                            domains_after=self.domain_eval.measure(self.student)
+                            if self.domain_eval and self.recipe.eval.after_each_stage else None)
 
     def _curve_callback(self, index: int, plan: plans.Plan):
         """An on_step callback adding held-out perplexity every ``eval.every_tokens`` training tokens
@@ -262,9 +276,11 @@ class Distillation:
         def on_step(step: int, tokens: int) -> dict | None:
             if (earlier + tokens) // every == (earlier + tokens - step_tokens) // every:
                 return None
-            value = self.measure(plan.evaluation_model(self.student))
-            self.report.curve.append(CurvePoint(stage_index=index, tokens=earlier + tokens, perplexity=value))
-            return {"perplexity": value}
+            model = plan.evaluation_model(self.student)
+            point = CurvePoint(stage_index=index, tokens=earlier + tokens, perplexity=self.measure(model),
+                               domains=self.domain_eval.measure(model) if self.domain_eval else None)
+            self.report.curve.append(point)
+            return point.model_dump(include={"perplexity", "domains"}, exclude_none=True)
         return on_step
 
     def _stage_curve_json(self, index: int) -> list[dict]:
@@ -286,6 +302,10 @@ class Distillation:
         report, recipe = self.report, self.recipe
         last = report.stages[-1].perplexity_after if report.stages else None
         report.student.perplexity = last if last is not None else self.measure(self.student)
+        if self.domain_eval:
+            final = report.stages[-1].domains_after if report.stages else None
+            report.student.domains, report.student.domain_ratio_geomean = domain_table(
+                report.teacher.domains, final or self.domain_eval.measure(self.student))
         if not self.world.main:
             return
         if recipe.eval.prompt:

@@ -12,6 +12,8 @@ from mixerdistill.errors import UserError
 
 REPORT_FILE = "report.json"
 OPTIONAL = ("samples", "eval", "plots", "seconds")  # keys report.json holds only once they are known
+# Figures of the unseen-domain evaluation (eval.domains): report.json holds them only when measured.
+DOMAIN_KEYS = ("domains", "domain_ratio_geomean", "domains_after_transfer", "domains_after", "mix")
 
 
 class _Figures(BaseModel):
@@ -23,6 +25,7 @@ class TeacherFigures(_Figures):
     adapter: str
     parameters: int
     perplexity: float | None = None  # on the held-out windows; None without eval.tokens
+    domains: dict[str, float] | None = None  # {domain: perplexity} (eval.domains)
 
 
 class StudentFigures(_Figures):
@@ -30,12 +33,16 @@ class StudentFigures(_Figures):
     parameters: int
     perplexity_after_transfer: float | None = None
     perplexity: float | None = None  # after the last stage
+    domains_after_transfer: dict[str, float] | None = None
+    domains: dict[str, dict[str, float]] | None = None  # {domain: {teacher, student, ratio}} after the last stage
+    domain_ratio_geomean: float | None = None  # geometric mean of the student/teacher ratios
 
 
 class DataFigures(_Figures):
     train_tokens: int | None  # None for a streaming source
     heldout_tokens: int
     eval_tokens: int
+    mix: dict[str, Any] | None = None  # each source's share of the training windows (a mixture)
 
 
 class StageFigures(_Figures):
@@ -50,6 +57,7 @@ class StageFigures(_Figures):
     loss_first: float
     loss_last: float
     perplexity_after: float | None = None
+    domains_after: dict[str, float] | None = None
 
 
 class CurvePoint(_Figures):
@@ -58,6 +66,7 @@ class CurvePoint(_Figures):
     stage_index: int
     tokens: int
     perplexity: float | None
+    domains: dict[str, float] | None = None
 
 
 class Samples(_Figures):
@@ -83,7 +92,7 @@ class RunReport(_Figures):
 
     def to_json(self) -> dict:
         """report.json's content: every key, except the optional ones not known yet."""
-        data = self.model_dump(mode="json")
+        data = _drop_unmeasured_domains(self.model_dump(mode="json"))
         return {key: value for key, value in data.items() if not (key in OPTIONAL and value is None)}
 
     @classmethod
@@ -101,3 +110,13 @@ class RunReport(_Figures):
             return cls.read(directory)
         except UserError:
             return None
+
+
+def _drop_unmeasured_domains(value):
+    """``value`` (report.json's content) without the domain keys of DOMAIN_KEYS that hold None."""
+    if isinstance(value, dict):
+        return {key: _drop_unmeasured_domains(item) for key, item in value.items()
+                if not (key in DOMAIN_KEYS and item is None)}
+    if isinstance(value, list):
+        return [_drop_unmeasured_domains(item) for item in value]
+    return value

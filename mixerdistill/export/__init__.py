@@ -86,7 +86,7 @@ def export_student(run: Path, destination: Path, *, stage: int | None = None, dt
     from mixerdistill.harness import find_checkpoint, load_tokenizer
     from mixerdistill.mixer_layer import MixerLayer
     from mixerdistill.plugins import get_mixer
-    from mixerdistill.run import RECIPE_FILE
+    from mixerdistill.run_directory import RECIPE_FILE
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
