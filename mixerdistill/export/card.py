@@ -135,7 +135,7 @@ def _lm_eval_lines(report: dict, run_dir: Path | None) -> list[str]:
     entry = (_read_json(run_dir / EVAL_FILE) if run_dir else None) or report.get("eval")
     if not entry or not (entry.get("student") or {}).get("scores"):
         return []
-    from mixerdistill.harness import comparison_markdown
+    from mixerdistill.report import comparison_markdown
 
     limit = f", limit {entry['limit']} examples per task" if entry.get("limit") is not None else ""
     return ["## lm-eval", "", f"Tasks {', '.join(entry.get('tasks', []))}{limit}.", "",
