@@ -23,6 +23,7 @@ def run(*command, cwd: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir",
         tmp_path / "dist", ROOT, cwd=tmp_path)

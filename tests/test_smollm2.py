@@ -10,6 +10,7 @@ from conftest import REPO, run_cli
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # the short real-teacher run CI keeps
 def test_short_smollm2_run_learns(tmp_path):
     output = tmp_path / "run"
     stage = "{name: %s, tokens: 512, batch_size: 2, seq_len: 128, optimizer: {lr: 1.0e-3}%s}"
@@ -17,7 +18,8 @@ def test_short_smollm2_run_learns(tmp_path):
                         stage % ("knowledge_distillation", ", freeze: [mlp, norms, embeddings]")])
     result = run_cli("run", str(REPO / "recipes" / "smollm2_mamba.yaml"), "--output", str(output), "--no-progress",
                      "--set", f"stages=[{stages}]", "--set", "eval.tokens=1024", "--set", "eval.seq_len=128",
-                     "--set", "eval.max_new_tokens=8", "--set", "eval.lm_eval.limit=4")
+                     "--set", "eval.max_new_tokens=8", "--set", "eval.lm_eval.limit=4",
+                     "--set", "data.mix.1.samples=32", "--set", "eval.domain_tokens=512")
     assert result.returncode == 0, result.stderr
     report = json.loads((output / "report.json").read_text())
     assert report["student"]["mixers"] == {"discrete_mamba2": 30}

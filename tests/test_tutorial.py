@@ -45,6 +45,7 @@ def test_the_example_package_is_the_tutorial_text():
 
 
 @pytest.mark.slow  # pip and a fresh interpreter: ~15 s alone, more on a busy 2-core machine
+@pytest.mark.ci
 def test_the_tutorial_builds_installs_and_passes_its_tests(tmp_path: Path):
     package, site = tmp_path / "mixer_plugin", tmp_path / "site"
     for relative, content in tutorial_files(TUTORIAL.read_text()).items():
