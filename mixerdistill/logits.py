@@ -66,10 +66,12 @@ def chunked_distillation_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids → (KL(teacher ‖ student) per token × temperature², next-token cross-entropy per predicted
     token), both scalars with the student's gradient, the vocabulary handled ``chunk_tokens`` at a time."""
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # the last token predicts nothing
+    if _fully_sharded(student):
+        return _whole_logits_loss(student, teacher, input_ids, targets, temperature)
     with torch.no_grad():
         teacher_hidden = final_hidden(teacher, input_ids).flatten(0, 1)
     student_hidden = final_hidden(student, input_ids).flatten(0, 1)  # (B·T, D)
-    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # the last token predicts nothing
     kl = ce = student_hidden.new_zeros(())
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
@@ -88,11 +90,38 @@ def chunked_distillation_loss(
     return kl * temperature**2 / len(targets), ce / predicted
 
 
+def _fully_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module, whose root parameters (embeddings, final norm, LM head) are
+    gathered only by the hooks of its own forward: calling its parts directly would see shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _whole_logits_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunked_distillation_loss for fully sharded models: both go through their own forward, (B·T, V)
+    logits at once (the memory the chunks save is spread over the ranks' shards instead)."""
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
+    student_logits = student(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
+    plain_log_probs = student_log_probs if temperature == 1 else F.log_softmax(student_logits.float(), dim=-1)
+    ce = F.nll_loss(plain_log_probs, targets, reduction="sum", ignore_index=-100)
+    predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    return kl * temperature**2 / len(targets), ce / predicted
+
+
 @torch.no_grad()
 def next_token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> float:
     """(B, T) ids → the summed next-token negative log-likelihood of the B·(T − 1) predictions."""
-    hidden = final_hidden(model, input_ids)[:, :-1].flatten(0, 1)
     targets = input_ids[:, 1:].flatten()
+    if _fully_sharded(model):
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].flatten(0, 1).float()
+        return F.cross_entropy(logits, targets, reduction="sum").item()
+    hidden = final_hidden(model, input_ids)[:, :-1].flatten(0, 1)
     total = 0.0
     for start in range(0, len(targets), chunk_tokens):
         logits = logits_from_hidden(model, hidden[start : start + chunk_tokens]).float()

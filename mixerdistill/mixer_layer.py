@@ -93,15 +93,21 @@ def left_padding(attention_mask, length: int) -> torch.Tensor | None:
 
     ``attention_mask`` is what a transformers decoder hands its attention modules: None, a 2-D (B, T_k)
     padding mask (1 = real token), or a 4-D (B, 1, T_q, T_k) causal mask, bool (True = attend) or additive
-    float (0 = attend); the last query row of a 4-D mask reaches every real key. Other kinds give None.
+    float (0 = attend). In a 4-D mask a real token attends to itself and to no later token; a padding token's
+    row is either fully masked or (transformers' fix for fully masked rows) fully open. A sliding window masks
+    old keys in late rows, never a token's own key, so it is not taken for padding. Other kinds give None.
     """
     if not isinstance(attention_mask, torch.Tensor):
         return None
     if attention_mask.dim() == 2:
         real = attention_mask[:, -length:].bool()
     elif attention_mask.dim() == 4:
-        last_row = attention_mask[:, 0, -1, -length:]
-        real = last_row if last_row.dtype == torch.bool else last_row == 0
+        square = attention_mask[:, 0, -length:, -length:]  # each new token's row over the new tokens' keys
+        attends = square if square.dtype == torch.bool else square == 0
+        sees_itself = attends.diagonal(dim1=-2, dim2=-1)  # (B, length)
+        sees_next = torch.zeros_like(sees_itself)
+        sees_next[:, :-1] = attends.diagonal(offset=1, dim1=-2, dim2=-1)
+        real = sees_itself & ~sees_next
     else:
         return None
     if real.all():
@@ -114,7 +120,8 @@ class MixerLayer(nn.Module):
     """Sits where a teacher attention module was; calls ``mixer`` with the teacher's inputs.
 
     Called as ``forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kw)``
-    (the cache also under its older names ``past_key_values`` and GPT-NeoX's ``layer_past``) and returns ``(output, None)`` like a transformers attention module. With a cache (``generate``),
+    (the cache also under its older names ``past_key_values`` and GPT-NeoX's ``layer_past``) and returns
+    ``(output, None)`` like a transformers attention module. With a cache (``generate``),
     the mixer state lives in the cache as a ``MixerCacheLayer``; a single new token goes through the
     mixer's recurrent ``step``, longer inputs (the prompt) through its chunked ``forward``.
 
