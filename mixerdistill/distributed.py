@@ -454,14 +454,29 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
     raises RankFailed naming the rank, how it ended and ``resume_command``."""
     import shlex
 
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    options = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module",
-                                            "mixerdistill", *arguments])
+    from mixerdistill.interrupt import (RESUME_COMMAND_VARIABLE, STOP_SIGNALS, STOP_TIMEOUT_SECONDS, exit_code,
+                                        stop_exit_codes)
+
+    # torchrun forwards a stop signal to every rank (they end their step and write a checkpoint) and
+    # waits STOP_TIMEOUT_SECONDS for them; rank 0 prints the resume command, which is this one.
+    forwarded = ",".join(dict.fromkeys([s.name for s in STOP_SIGNALS] + ["SIGHUP", "SIGQUIT"]))
+    options = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}",
+                                            f"--signals-to-handle={forwarded}",
+                                            f"--shutdown-timeout={STOP_TIMEOUT_SECONDS}",
+                                            "--module", "mixerdistill", *arguments])
+    os.environ[RESUME_COMMAND_VARIABLE] = shlex.join(resume_command)
     try:
         run(options)
+    except SignalException as error:  # this launcher got the signal; the ranks have stopped
+        raise SystemExit(exit_code(error.sigval)) from None
     except ChildFailedError as error:
+        codes = {failure.exitcode for failure in error.failures.values()}
+        if codes <= stop_exit_codes():  # every rank that ended did so on a stop signal (rank 0 said so)
+            raise SystemExit(max(codes)) from None
         rank, failure = error.get_first_failure()
         if failure.exitcode < 0:
             how = f"was killed by {failure.signal_name()}"

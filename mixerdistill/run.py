@@ -17,20 +17,20 @@ as an uninterrupted run on the same machine.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from mixerdistill import distributed
-from mixerdistill.checkpoint import (PROGRESS_DIR, StageProgress, load_weights, read_manifest, save_checkpoint,
+from mixerdistill import distributed, interrupt
+from mixerdistill.checkpoint import (PROGRESS_DIR, StageProgress, finished_stage, load_weights, save_checkpoint,
                                      write_text_atomic)
 from mixerdistill.console import stderr_console
 from mixerdistill.data import TokenData
 from mixerdistill.errors import UserError, writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
+from mixerdistill.lock import clear_directory, output_lock, run_files
 from mixerdistill.plots import write_run_plots
 from mixerdistill.plugins import get_dataset, get_mixer, get_stage
 from mixerdistill.recipe import Recipe
@@ -54,7 +54,7 @@ def check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) ->
     """Refuse to touch an existing run unless asked to (writes nothing)."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if output.is_dir() and run_files(output) and not overwrite:
         if not resume:
             raise UserError(f"output directory {output} is not empty: pass --resume to continue that run "
                             f"or --overwrite to replace it")
@@ -69,9 +69,9 @@ def check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) ->
 def prepare_output(output: Path, recipe: Recipe, overwrite: bool) -> None:
     """Create the run directory (emptied first with ``overwrite``) and record the resolved recipe."""
     with writing(output):
-        if overwrite and output.is_dir():
-            shutil.rmtree(output)
         output.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            clear_directory(output)  # keeps the run's lock
     write_text_atomic(output / RECIPE_FILE, yaml.safe_dump(recipe.resolved(), sort_keys=False))
 
 
@@ -90,10 +90,14 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
     Under torchrun every rank calls this: the ranks train together (mixerdistill.distributed), all of
     them evaluate, and rank 0 alone logs and writes files (the others wait at a barrier). Rank 0 alone
     takes the samples and lm-eval scores at the end; the other ranks return the report without them.
+
+    The output directory is locked for the whole run (mixerdistill.lock); SIGINT, SIGTERM and SIGUSR1
+    end it after the step in progress with a checkpoint and raise interrupt.Interrupted.
     """
     world, device = distributed.start(recipe.distributed, pick_device(recipe.device))
     try:
-        return _execute(recipe, output, resume, overwrite, show_progress, world, device)
+        with output_lock(output, world), interrupt.stop_signals(world.main):  # issue 20
+            return _execute(recipe, output, resume, overwrite, show_progress, world, device)
     finally:
         distributed.stop(world)
 
@@ -119,6 +123,7 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
     log("[bold]data[/]: tokenising")
     source_cls = get_dataset(recipe.data.source)
     data = TokenData(source_cls(recipe.data.config), tokenizer)
+    data.check_batches(recipe.stages)  # issue 20: every stage gets full batches, known before training
     eval_windows = data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens) if recipe.eval.tokens else None
 
     mixer_name = recipe.student.mixer.name
@@ -196,7 +201,7 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
     resuming = resume  # true until the first stage that is not finished
     for index, block in enumerate(recipe.stages, start=1):
         directory = stage_directory(output, index, block.name)
-        manifest = read_manifest(directory) if resuming else None
+        manifest = finished_stage(directory, index) if resuming else None  # a damaged one is an error
         if manifest is not None and "stage" in manifest:
             log(f"[bold]stage {index}[/] {block.name}: finished earlier, loading {directory.name}")
             load_weights(student, directory)
@@ -224,6 +229,7 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
         batches = data.train_batches(config.batch_size, config.seq_len, seed,
                                      start_batch=point.step if point else 0)
         plan = distributed.plan_for(recipe, block, world, device)
+        interrupt.begin_stage(index, point.step if point else 0)  # issue 20: a signal now ends the step
         log(f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × "
             f"{config.batch_size} × {config.seq_len} tokens" + (f", {plan.describe()}" if world.active else ""))
         result = train_stage(stage, block.name, student, batches, metrics_path, device,
@@ -247,6 +253,7 @@ def _execute(recipe: Recipe, output: Path, resume: bool, overwrite: bool, show_p
         log(f"[bold]stage {index}[/] {block.name}: loss {result.loss_first:.4g} → {result.loss_last:.4g}, "
             f"{result.tokens_per_second:.0f} tok/s"
             + (f", perplexity {entry['perplexity_after']:.2f}" if entry["perplexity_after"] else ""))
+        interrupt.end_stage(world)  # issue 20: a stop asked for in the stage's last step stops here
 
     last = report["stages"][-1]["perplexity_after"] if report["stages"] else None
     report["student"]["perplexity"] = last if last is not None else measure(student)

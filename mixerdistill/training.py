@@ -19,6 +19,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from mixerdistill import interrupt
 from mixerdistill.checkpoint import ResumePoint, StageProgress
 from mixerdistill.console import stderr_console
 from mixerdistill.distributed import SINGLE, SingleProcess, World, fault_point
@@ -178,7 +179,8 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                     with writing(metrics_path):
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
-                if progress is not None and step < total_steps and world.agree(progress.due(step)):
+                stopping = interrupt.stop_requested(step, world)  # issue 20: a signal ends the run after this step
+                if progress is not None and step < total_steps and (world.agree(progress.due(step)) or stopping):
                     figures["seconds"] = pause_start - begin - paused
                     state = {"optimizer": plan.optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                              "rng": rng_state()}
@@ -188,6 +190,8 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
                                                            **(progress_info() if progress_info else {})})
                     world.barrier()
                 fault_point(world)
+                if stopping and step < total_steps:
+                    raise interrupt.interrupted()  # its checkpoint is written (the last step: after the stage's)
                 paused += time.perf_counter() - pause_start
                 elapsed = time.perf_counter() - begin - paused
                 bar.update(task, completed=step, speed=f"{tokens / elapsed:.0f}",

@@ -218,7 +218,7 @@ def test_generate_command_errors(tiny_run, tmp_path):
     shutil.copy(tiny_run / "recipe.yaml", unfinished / "recipe.yaml")
     for args, message in (
             ((str(tmp_path / "missing"), "--prompt", "x"), "no such run directory"),
-            ((str(unfinished), "--prompt", "x"), "no complete stage checkpoint"),
+            ((str(unfinished), "--prompt", "x"), "no finished stage checkpoint"),
             ((str(tiny_run), "--prompt", "  "), "--prompt is empty"),
             ((str(tiny_run), "--prompt", "x", "--stage", "9"), "no finished stage 9 (finished: 1, 2)"),
             ((str(tiny_run / "stage_1_matrix_orientation"), "--prompt", "x", "--stage", "1"), "checkpoint folder")):
