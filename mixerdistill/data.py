@@ -212,8 +212,8 @@ class TokenData:
         (``stages``: the recipe's stage blocks); a streaming source is not measured."""
         if self.train is None:
             return
-        problems = [(f"stages.{i}", f"{block.config.batch_size} × {block.config.seq_len} tokens per batch, but "
-                                    f"the training text has {len(self.train)} tokens")
+        problems = [(f"stages.{i}", (f"{block.config.batch_size} × {block.config.seq_len} tokens per batch, but "
+                                     f"the training text has {len(self.train)} tokens"))
                     for i, block in enumerate(stages)
                     if len(self.train) // block.config.seq_len < block.config.batch_size]
         if problems:

@@ -420,7 +420,10 @@ class FullyShardedStage(SingleProcess):
         optimizer.load_state_dict(saved)
 
     def sync(self, model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(self.running.module, options=StateDictOptions(full_state_dict=True,
                                                                                  cpu_offload=True))
@@ -458,8 +461,13 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from mixerdistill.interrupt import (RESUME_COMMAND_VARIABLE, STOP_SIGNALS, STOP_TIMEOUT_SECONDS, exit_code,
-                                        stop_exit_codes)
+    from mixerdistill.interrupt import (
+        RESUME_COMMAND_VARIABLE,
+        STOP_SIGNALS,
+        STOP_TIMEOUT_SECONDS,
+        exit_code,
+        stop_exit_codes,
+    )
 
     # torchrun forwards a stop signal to every rank (they end their step and write a checkpoint) and
     # waits STOP_TIMEOUT_SECONDS for them; rank 0 prints the resume command, which is this one.
@@ -474,10 +482,9 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
     except SignalException as error:  # this launcher got the signal; the ranks have stopped
         raise SystemExit(exit_code(error.sigval)) from None
     except ChildFailedError as error:
-        codes = {failure.exitcode for failure in error.failures.values()}
-        if codes <= stop_exit_codes():  # every rank that ended did so on a stop signal (rank 0 said so)
-            raise SystemExit(max(codes)) from None
         rank, failure = error.get_first_failure()
+        if failure.exitcode in stop_exit_codes():  # the ranks stopped on a signal; rank 0 printed how to continue
+            raise SystemExit(failure.exitcode) from None
         if failure.exitcode < 0:
             how = f"was killed by {failure.signal_name()}"
         else:

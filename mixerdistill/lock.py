@@ -54,7 +54,7 @@ def _acquire(output: Path):
     while True:
         with writing(output):
             output.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")
+            handle = open(path, "a+")  # noqa: SIM115 (held open, and locked, for the whole run)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
