@@ -189,12 +189,11 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 def load_student(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, StudentSpec]:
     """Rebuild a student from a checkpoint folder alone (no teacher weights needed)."""
-    from transformers import AutoModelForCausalLM
-
     from mixerdistill.plugins import get_mixer
     from mixerdistill.student import build_student
     from mixerdistill.teacher import find_adapter
     from mixerdistill.teacher_sources import DTYPES, config_from_dict
+    from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     spec_path = directory / SPEC_FILE

@@ -420,10 +420,7 @@ class FullyShardedStage(SingleProcess):
         optimizer.load_state_dict(saved)
 
     def sync(self, model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.running.module, options=StateDictOptions(full_state_dict=True,
                                                                                  cpu_offload=True))
@@ -461,13 +458,8 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from mixerdistill.interrupt import (
-        RESUME_COMMAND_VARIABLE,
-        STOP_SIGNALS,
-        STOP_TIMEOUT_SECONDS,
-        exit_code,
-        stop_exit_codes,
-    )
+    from mixerdistill.interrupt import (RESUME_COMMAND_VARIABLE, STOP_SIGNALS, STOP_TIMEOUT_SECONDS, exit_code,
+                                        stop_exit_codes)
 
     # torchrun forwards a stop signal to every rank (they end their step and write a checkpoint) and
     # waits STOP_TIMEOUT_SECONDS for them; rank 0 prints the resume command, which is this one.

@@ -24,14 +24,8 @@ import torch
 import yaml
 
 from mixerdistill import distributed, interrupt
-from mixerdistill.checkpoint import (
-    PROGRESS_DIR,
-    StageProgress,
-    finished_stage,
-    load_weights,
-    save_checkpoint,
-    write_text_atomic,
-)
+from mixerdistill.checkpoint import (PROGRESS_DIR, StageProgress, finished_stage, load_weights, save_checkpoint,
+                                     write_text_atomic)
 from mixerdistill.console import stderr_console
 from mixerdistill.data import TokenData
 from mixerdistill.errors import UserError, writing

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import cli_in_process, write_recipe
 
+from conftest import cli_in_process, write_recipe
 from mixerdistill.data import NON_TEXT_LIMIT, ByteTokenizer, TokenData
 from mixerdistill.errors import UserError
 from mixerdistill.plugins import get_dataset

@@ -12,20 +12,13 @@ import signal
 
 import pytest
 import torch
-from conftest import STAGES, cli_in_process, run_cli, write_recipe
 from safetensors.torch import load_file
 
+from conftest import STAGES, cli_in_process, run_cli, write_recipe
 from mixerdistill import interrupt
 from mixerdistill.checkpoint import StageProgress
-from mixerdistill.distributed import (
-    FAULT_VARIABLE,
-    SINGLE,
-    World,
-    check_batch_sizes,
-    choose_backend,
-    shard_rows,
-    start,
-)
+from mixerdistill.distributed import (FAULT_VARIABLE, SINGLE, World, check_batch_sizes, choose_backend, shard_rows,
+                                      start)
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.recipe import DistributedSpec, load_recipe
 from mixerdistill.run import execute

@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_in_process, tiny_llama
-from mixerdistill_plugins.llama import LlamaAdapter
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from conftest import REPO, cli_in_process, tiny_llama
 from mixerdistill.data import ByteTokenizer
 from mixerdistill.generation import Sampling, TextStream, pick_tokens, stream_tokens
 from mixerdistill.plugins import get_mixer
-from mixerdistill.student import (
-    MixerCacheLayer,
-    build_student,
-    cache_tensor_bytes,
-    mixer_layers,
-)
+from mixerdistill.student import MixerCacheLayer, build_student, cache_tensor_bytes, mixer_layers
+from mixerdistill_plugins.llama import LlamaAdapter
 
 # name → (mixer, keep_attention): pure students of both SSD families and a hybrid keeping layer 1
 STUDENTS = {"discrete_mamba2": ("discrete_mamba2", []), "mamba2": ("mamba2", []),

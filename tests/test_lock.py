@@ -10,7 +10,6 @@ import sys
 import time
 
 from conftest import REPO, cli_in_process, write_recipe
-
 from mixerdistill.lock import LOCK_FILE
 
 QUICK = ("--no-progress", "--set", "stages=[]", "--set", "eval.tokens=0")  # a run with nothing to train

@@ -19,16 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, STAGES, cli_in_process, run_cli, write_recipe
 
+from conftest import REPO, STAGES, cli_in_process, run_cli, write_recipe
 from mixerdistill import interrupt
-from mixerdistill.checkpoint import (
-    FAULT_VARIABLE,
-    MANIFEST_FILE,
-    STATE_FILE,
-    StageProgress,
-    is_complete,
-)
+from mixerdistill.checkpoint import FAULT_VARIABLE, MANIFEST_FILE, STATE_FILE, StageProgress, is_complete
 from mixerdistill.data import TokenData
 from mixerdistill.errors import OutputError, UserError
 from mixerdistill.interrupt import Interrupted
