@@ -32,7 +32,7 @@ FAULT_VARIABLE = "MIXERDISTILL_FAULT_SIGNAL"
 RESUME_COMMAND_VARIABLE = "MIXERDISTILL_RESUME_COMMAND"  # set by `run --nproc` for its ranks
 
 
-STOP_TIMEOUT_SECONDS = 900  # `run --nproc`: how long torchrun waits for stopping ranks before SIGKILL
+STOP_TIMEOUT_SECONDS = 300  # `run --nproc`: how long torchrun waits for stopping ranks before SIGKILL
 
 
 def exit_code(signum: int) -> int:

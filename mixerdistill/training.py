@@ -81,6 +81,8 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
     Mid-stage checkpoints: when ``progress`` says one is due, the model, optimizer, scheduler, RNG
     states and the figures so far are saved (plus ``progress_info()``, the caller's own JSON state).
     ``start`` resumes from such a checkpoint: ``batches`` must then begin at batch ``start.step``.
+    A stop signal (mixerdistill.interrupt) ends the loop after the step in progress: that step's
+    checkpoint is written and interrupt.Interrupted raised (in the last step, the stage finishes).
 
     A non-finite loss or gradient norm raises NonFiniteLoss naming the stage, the step and the
     first module where a non-finite value appeared; with ``skip_nonfinite: N`` in the stage's
