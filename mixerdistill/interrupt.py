@@ -30,8 +30,6 @@ from mixerdistill.console import stderr_console
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 FAULT_VARIABLE = "MIXERDISTILL_FAULT_SIGNAL"
 RESUME_COMMAND_VARIABLE = "MIXERDISTILL_RESUME_COMMAND"  # set by `run --nproc` for its ranks
-
-
 STOP_TIMEOUT_SECONDS = 300  # `run --nproc`: how long torchrun waits for stopping ranks before SIGKILL
 
 
@@ -41,6 +39,7 @@ def exit_code(signum: int) -> int:
 
 
 def stop_exit_codes() -> set[int]:
+    """The exit codes of a run that stopped on one of STOP_SIGNALS."""
     return {exit_code(s) for s in STOP_SIGNALS}
 
 

@@ -274,6 +274,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 STOP_POINTS = [(3, "SIGINT", 1, 3), (12, "SIGUSR1", 1, 12), (19, "SIGTERM", 2, 7)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps, name, stage, step", STOP_POINTS)
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_identically(
         tmp_path, monkeypatch, keep_threads, reference, steps, name, stage, step):
