@@ -79,19 +79,24 @@ def expand_paths(patterns: list[str]) -> list[Path]:
 
 
 # Share of bytes that are NUL or not valid UTF-8 above which a file is refused as not text. Measured
-# (first MiB of each file, see docs/reliability.md): 0 in 1,115 UTF-8 text files of this machine and
-# at most 1.1e-6 in the Austen novels; at least 0.07 in 99% of 725 executables, libraries, .pyc,
-# images and archives. Legacy 8-bit or CJK encodings fall on either side (0.0004–0.8): they are
-# refused from 0.1% up, since decoding them as UTF-8 would train on replacement characters.
+# with benchmarks/text_threshold.py (docs/reliability.md): 0 in each of 1,214 UTF-8 text files of this
+# machine and 172 files of the Austen corpus; above the limit in 1,416 of 1,420 executables, libraries,
+# .pyc, PNG and gzip files (1st percentile 0.25). Legacy 8-bit or CJK encodings spread over 0–0.97 and
+# are refused from 0.1% up (98%), since read as UTF-8 they would train on replacement characters.
 NON_TEXT_LIMIT = 0.001
+
+
+def non_text_bytes(data: bytes) -> tuple[int, int, str]:
+    """(NUL bytes, bytes that are not valid UTF-8, the text with each of those as one U+DC80–U+DCFF)."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    undecodable = 0 if text.isascii() else sum(1 for character in text if "\udc80" <= character <= "\udcff")
+    return data.count(0), undecodable, text
 
 
 def read_text_file(path: Path) -> str:
     """The UTF-8 text of ``path``; a UserError naming the file when it is not text (NON_TEXT_LIMIT)."""
     data = Path(path).read_bytes()
-    text = data.decode("utf-8", errors="surrogateescape")  # each undecodable byte → one U+DC80–U+DCFF
-    nul = data.count(0)
-    undecodable = sum(1 for character in text if "\udc80" <= character <= "\udcff") if not text.isascii() else 0
+    nul, undecodable, text = non_text_bytes(data)
     if data and (nul + undecodable) / len(data) > NON_TEXT_LIMIT:
         raise UserError(f"{path} is not UTF-8 text: {nul} NUL and {undecodable} undecodable byte(s) of "
                         f"{len(data)} ({(nul + undecodable) / len(data):.1%}, above {NON_TEXT_LIMIT:.1%}). "
