@@ -81,8 +81,11 @@ class StopSignals:
                               self.stage and self.stage.step, at_once=self.stage is not None)
         self.requested = signum
         if self.main:
-            stderr_console.print(f"[yellow]{signal.Signals(signum).name}[/]: stopping after this step and "
-                                 f"writing a checkpoint (send it again to stop at once)", highlight=False)
+            try:
+                stderr_console.print(f"[yellow]{signal.Signals(signum).name}[/]: stopping after this step and "
+                                     f"writing a checkpoint (send it again to stop at once)", highlight=False)
+            except OSError:  # stderr is gone (a closed pipe or terminal): stop all the same
+                pass
 
 
 _active: StopSignals | None = None
