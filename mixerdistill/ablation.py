@@ -16,12 +16,14 @@ import torch
 
 from mixerdistill.checkpoint import load_student, write_text_atomic
 from mixerdistill.console import stderr_console
-from mixerdistill.data import TokenData
 from mixerdistill.errors import UserError
 from mixerdistill.plots import pyplot
-from mixerdistill.plugins import get_dataset, get_stage
+from mixerdistill.mixture import build_data
+from mixerdistill.plugins import get_stage
 from mixerdistill.recipe import Recipe
-from mixerdistill.run import execute, pick_device, stage_directory
+from mixerdistill.device import pick_device
+from mixerdistill.run import execute
+from mixerdistill.run_directory import stage_directory
 from mixerdistill.stages import StageContext
 from mixerdistill.student import mixer_layers
 from mixerdistill.teacher import find_adapter
@@ -40,6 +42,12 @@ def held_out_distances(recipe: Recipe, checkpoint: Path, teacher, adapter, windo
                        device: torch.device) -> dict[int, float]:
     """{layer: mean stage-1 distance over ``windows`` (N, T)} for the student saved in ``checkpoint``."""
     student, _ = load_student(checkpoint, device)
+    return student_distances(recipe, student, teacher, adapter, windows, device)
+
+
+def student_distances(recipe: Recipe, student, teacher, adapter, windows: torch.Tensor,
+                      device: torch.device) -> dict[int, float]:
+    """{layer: mean stage-1 distance over ``windows`` (N, T)} for every mixer layer of ``student``."""
     stage_block = next(block for block in recipe.stages if block.name == STAGE)
     batch_size = stage_block.config.batch_size
     stage = get_stage(STAGE)(stage_block.config,
@@ -52,7 +60,7 @@ def held_out_distances(recipe: Recipe, checkpoint: Path, teacher, adapter, windo
             _, metrics = stage.loss(batch)
             for key, value in metrics.items():
                 layer = int(key.removeprefix("layer_"))
-                sums[layer] = sums.get(layer, 0.0) + value * len(batch)
+                sums[layer] = sums.get(layer, 0.0) + float(value) * len(batch)
     return {layer: total / len(windows) for layer, total in sorted(sums.items())}
 
 
@@ -79,18 +87,18 @@ def run_ablation(recipe: Recipe, output: Path, overwrite: bool = False, show_pro
     teacher, tokenizer = load_teacher(recipe.teacher)
     teacher.to(device)
     adapter = find_adapter(teacher.config, recipe.teacher.adapter)
-    data = TokenData(get_dataset(recipe.data.source)(recipe.data.config), tokenizer)
+    data, _ = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"), show_progress)
     windows = data.heldout_windows(stage_blocks[-1].config.seq_len, recipe.eval.tokens)
     families = {}
     for label, block in zip(labels, recipe.ablation):
         checkpoint = stage_directory(output / label, index, STAGE)
         distances = held_out_distances(recipe, checkpoint, teacher, adapter, windows, device)
-        stage_entry = runs[label]["stages"][index - 1]
+        stage_figures = runs[label].stages[index - 1]
         families[label] = {"mixer": {"name": block.name, **block.config.model_dump(mode="json")},
                            "distance_per_layer": {str(k): v for k, v in distances.items()},
                            "distance_mean": sum(distances.values()) / len(distances),
-                           "train_loss_first": stage_entry["loss_first"], "train_loss_last": stage_entry["loss_last"],
-                           "perplexity_after": stage_entry["perplexity_after"]}
+                           "train_loss_first": stage_figures.loss_first, "train_loss_last": stage_figures.loss_last,
+                           "perplexity_after": stage_figures.perplexity_after}
     result = {"recipe": recipe.name, "stage": STAGE, "heldout_tokens": int(windows.numel()),
               "seq_len": int(windows.shape[1]), "families": families}
     write_text_atomic(output / "ablation.json", json.dumps(result, indent=2) + "\n")

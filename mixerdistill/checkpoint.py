@@ -17,9 +17,8 @@ Two kinds:
 Model weights are only ever read from safetensors; ``state.pt`` is read with
 ``torch.load(weights_only=True)``, which refuses pickled code.
 
-Test hook: ``MIXERDISTILL_FAULT_KILL_IN_CHECKPOINT=N`` makes the process SIGKILL itself while writing
-its N-th checkpoint (files written, manifest not yet, folder not renamed). Tests use it to show
-that a half-written checkpoint is ignored; it has no other use.
+Test hook: ``mixerdistill.faults.KILL_IN_CHECKPOINT`` kills the process inside a checkpoint write, to show
+that a half-written checkpoint is ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from mixerdistill import faults
 from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError, writing
 from mixerdistill.student import StudentSpec
@@ -47,8 +46,6 @@ SPEC_FILE = "student.json"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 PROGRESS_DIR = "resume"
-FAULT_VARIABLE = "MIXERDISTILL_FAULT_KILL_IN_CHECKPOINT"
-_checkpoints_written = 0
 
 
 def _sha256(path: Path) -> str:
@@ -75,14 +72,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(temporary, path)
 
 
-def _fault_point() -> None:
-    """The test hook described in the module docstring."""
-    global _checkpoints_written
-    _checkpoints_written += 1
-    if os.environ.get(FAULT_VARIABLE) == str(_checkpoints_written):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def write_checkpoint(directory: Path, write_files: Callable[[Path], None], extra: dict | None = None) -> None:
     """Create the checkpoint folder ``directory`` atomically.
 
@@ -101,7 +90,7 @@ def write_checkpoint(directory: Path, write_files: Callable[[Path], None], extra
             for path in sorted(temporary.iterdir()):
                 _fsync(path)
                 files[path.name] = _sha256(path)
-            _fault_point()
+            faults.checkpoint_written()
             write_text_atomic(temporary / MANIFEST_FILE, json.dumps({"files": files, **(extra or {})}, indent=2) + "\n")
             if directory.exists():
                 shutil.rmtree(directory)

@@ -225,6 +225,11 @@ class TokenData:
             raise RecipeError(problems, "the data (too little training text: add text, or lower batch_size "
                                         "or seq_len)")
 
+    @property
+    def train_tokens(self) -> int | None:
+        """Training tokens (None for a streaming source)."""
+        return len(self.train) if self.train is not None else None
+
     def train_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int = 0
                       ) -> Iterator[torch.Tensor]:
         """Endless (batch_size, seq_len) batches of training windows in a seeded order.

@@ -5,22 +5,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mixerdistill.logits import next_token_nll
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """exp(mean next-token NLL) over (N, T) windows, each scored independently (T − 1 predictions each)."""
+    """exp(mean next-token NLL) over (N, T) windows, each scored independently (T − 1 predictions each);
+    the logits are made a chunk of tokens at a time (``mixerdistill.logits``)."""
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(windows), batch_size):
         input_ids = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-        targets = input_ids[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     reduction="sum").item()
-        total_tokens += targets.numel()
+        total_nll += next_token_nll(model, input_ids)
+        total_tokens += input_ids[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
 

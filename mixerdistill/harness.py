@@ -31,7 +31,7 @@ STDERR_SUFFIX = "_stderr"
 def find_checkpoint(path: str | Path, stage: int | None = None) -> Path:
     """The checkpoint folder for a run directory (its last complete stage, or stage ``stage``) or a
     checkpoint folder itself."""
-    from mixerdistill.run import RECIPE_FILE
+    from mixerdistill.run_directory import RECIPE_FILE
 
     path = Path(path)
     if not path.is_dir():
@@ -107,7 +107,7 @@ class MixerdistillLM(HFLM):
 
     def __init__(self, pretrained, teacher: bool = False, tokenizer=None, device: str | None = None,
                  **kwargs):
-        from mixerdistill.run import pick_device
+        from mixerdistill.device import pick_device
 
         if isinstance(pretrained, (str, Path)):
             checkpoint = find_checkpoint(pretrained)
@@ -203,28 +203,3 @@ def evaluate_pair(student: nn.Module, teacher: nn.Module | None, tokenizer, sett
         lm = MixerdistillLM(model, tokenizer=tokenizer, batch_size=settings.batch_size)
         entry[who] = score(lm, settings, manager)
     return entry
-
-
-def comparison_rows(entry: dict) -> list[dict]:
-    """One row per (task, metric): teacher value, student value and student/teacher."""
-    student = entry["student"]["scores"]
-    teacher = (entry.get("teacher") or {}).get("scores", {})
-    rows = []
-    for task in student:
-        for metric, value in student[task].items():
-            reference = teacher.get(task, {}).get(metric)
-            rows.append({"task": task, "metric": metric, "teacher": reference, "student": value,
-                         "ratio": value / reference if reference else None})
-    return rows
-
-
-def comparison_markdown(entry: dict) -> list[str]:
-    """The side-by-side table as Markdown lines."""
-    from mixerdistill.report import format_number
-
-    lines = ["| task | metric | teacher | student | student / teacher |", "|---|---|---:|---:|---:|"]
-    for row in comparison_rows(entry):
-        lines.append(f"| {row['task']} | {row['metric']} | {format_number(row['teacher'], 4)} "
-                     f"| {format_number(row['student'], 4)} | {format_number(row['ratio'], 3)} |")
-    return lines
-

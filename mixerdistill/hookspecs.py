@@ -27,8 +27,9 @@ def register_mixers(register):
 def register_teachers(register):
     """Register teacher adapters: ``register("name", adapter_instance)``.
 
-    An adapter (``mixerdistill.teacher.TeacherAdapter``) knows one Hugging Face model family: where its
-    decoder blocks, attention modules, q/k/v/o weights, rotary embedding and pre-mixer norms live.
+    An adapter (``mixerdistill.teacher.TeacherAdapter``, usually a ``DeclaredAdapter`` subclass) knows one
+    Hugging Face model family: where its decoder blocks, attention modules, q/k/v/o weights, q/k norms,
+    rotary embedding and norms live, and what its attention computes (docs/teachers.md).
     """
 
 

@@ -8,27 +8,22 @@ the usual atomic writer, and ``Interrupted`` travels up to the command line, whi
 second signal stops at once (the stage then continues from its last periodic checkpoint); so does the
 first one outside a stage (loading the teacher, tokenising, evaluating), where nothing is lost.
 
-Test hook: ``MIXERDISTILL_FAULT_SIGNAL=R@N:SIGNAME[,SIGNAME…]`` makes rank R send itself those signals
-right after its N-th optimizer step in this process (counted over all stages). Tests use it to stop a
-run at a known step; it has no other use.
+Test hook: ``MIXERDISTILL_FAULT_SIGNAL`` (mixerdistill.faults) makes a rank send itself signals right after a
+known optimizer step; tests use it to stop a run at a known step.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
+from mixerdistill import faults
 from mixerdistill.console import stderr_console
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-FAULT_VARIABLE = "MIXERDISTILL_FAULT_SIGNAL"
 RESUME_COMMAND_VARIABLE = "MIXERDISTILL_RESUME_COMMAND"  # set by `run --nproc` for its ranks
 STOP_TIMEOUT_SECONDS = 300  # `run --nproc`: how long torchrun waits for stopping ranks before SIGKILL
 
@@ -139,13 +134,10 @@ def _agreed(world) -> bool:
     """Whether any rank was asked to stop; every rank then stops with that signal."""
     stops = _active
     local = stops.requested if stops is not None and stops.requested is not None else 0
-    if not world.active:
-        return bool(local)
-    flag = torch.tensor([local], device=world.collective_device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and stops is not None and stops.requested is None:
-        stops.requested = int(flag.item())
-    return bool(flag.item())
+    agreed = world.largest(local)
+    if agreed and stops is not None and stops.requested is None:
+        stops.requested = agreed
+    return bool(agreed)
 
 
 def interrupted() -> Interrupted:
@@ -154,12 +146,9 @@ def interrupted() -> Interrupted:
     return Interrupted(stops.requested, stops.stage.index, stops.stage.step)
 
 
+
 def _fault_point(world) -> None:
-    """The test hook described in the module docstring."""
-    if _active is None:
-        return
-    _active.steps_done += 1
-    target, _, names = os.environ.get(FAULT_VARIABLE, "").partition(":")
-    if target == f"{world.rank}@{_active.steps_done}":
-        for name in names.split(","):
-            os.kill(os.getpid(), getattr(signal, name))
+    """The test hook of mixerdistill.faults (only while a run handles stop signals)."""
+    if _active is not None:
+        _active.steps_done += 1
+        faults.signal_point(world.rank, _active.steps_done)

@@ -95,15 +95,16 @@ def heldout_tokens(checkpoint: Path, tokenizer, length: int) -> torch.Tensor:
 
     from mixerdistill.data import TokenData, tokenize_documents
     from mixerdistill.errors import UserError
-    from mixerdistill.plugins import get_dataset
+    from mixerdistill.mixture import make_source
     from mixerdistill.recipe import validate_recipe
-    from mixerdistill.run import RECIPE_FILE
+    from mixerdistill.run_directory import RECIPE_FILE
 
     recipe_path = checkpoint.parent / RECIPE_FILE
     if not recipe_path.is_file():
         raise UserError(f"no {RECIPE_FILE} beside {checkpoint}: inspect a checkpoint inside its run directory")
     recipe = validate_recipe(yaml.safe_load(recipe_path.read_text()), source=str(recipe_path))
-    source = get_dataset(recipe.data.source)(recipe.data.config)
+    block = recipe.data.mix[0] if recipe.data.mix else recipe.data  # a mixture's held-out text is its first source's
+    source = make_source(block.source, block.config, tokenizer)
     documents = source.documents("heldout")
     if documents is None:
         stream = TokenData(source, tokenizer).heldout
@@ -139,8 +140,8 @@ def inspect_mixing(checkpoint: Path, layer: int, head: int, length: int, path: P
     input_ids = heldout_tokens(checkpoint, load_tokenizer(checkpoint), length)
     trace = trace_teacher(teacher, adapter, input_ids, record={"mixer_inputs"}, layers={layer})
     hidden = trace.mixer_inputs[layer]  # (1, T, D)
-    target = teacher_attention_mixer(teacher, adapter, layer).mixing_matrix(hidden, trace.rotary)[0, head]
-    matrix = mixers[layer].mixing_matrix(hidden, trace.rotary)[0, head]  # (T, T)
+    target = teacher_attention_mixer(teacher, adapter, layer).mixing_matrix(hidden, trace.rotary(layer))[0, head]
+    matrix = mixers[layer].mixing_matrix(hidden, trace.rotary(layer))[0, head]  # (T, T)
     distance = torch.linalg.matrix_norm(matrix - target, ord="fro").item()
 
     plt = pyplot()

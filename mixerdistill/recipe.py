@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from mixerdistill.data import resolve_input_path
+from mixerdistill.domains import DomainFiles, check_domain_names
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.plugins import registry, suggest
 
@@ -35,10 +36,11 @@ class TeacherCommon(Strict):
     @field_validator("adapter")
     @classmethod
     def _adapter_registered(cls, name: str | None) -> str | None:
-        adapters = registry("teachers")
-        if name is not None and name not in adapters:
-            raise ValueError(f"unknown teacher adapter '{name}'{suggest(name, adapters.names())}; "
-                             f"available: {', '.join(adapters.names())}")
+        if name is not None:
+            try:
+                registry("teachers").get(name)
+            except UserError as error:  # unknown, or claimed by two plugins
+                raise ValueError(str(error)) from None
         return name
 
 
@@ -120,13 +122,50 @@ class PluginBlock(BaseModel):
             raise RuntimeError("plugin block used before its Config was validated")
         return self._config
 
+    def with_config(self, config: BaseModel) -> PluginBlock:
+        """A copy of this block holding ``config`` (already validated) instead."""
+        block = self.model_copy()
+        block._config = config
+        return block
+
 
 class MixerBlock(PluginBlock):
-    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`).")
+    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`); PACKAGE:NAME picks "
+                                  "one of two plugins that register the same name.")
+
+
+class MixPartBlock(PluginBlock):
+    source: str = Field(description="Registered data source name.")
+    weight: float = Field(1.0, gt=0, description="Relative share of training windows drawn from this source.")
 
 
 class DataBlock(PluginBlock):
-    source: str = Field(description="Registered data source name (see `mixerdistill plugins`).")
+    mix: list[MixPartBlock] | None = Field(
+        None, description="A weighted mixture instead of one source: a list of data blocks, each with a "
+                          "`weight`; every training window comes from one of them with probability "
+                          "proportional to its weight (seeded; the held-out split is the first one's).")
+    source: str | None = Field(None, validate_default=True,
+                               description="Registered data source name (see `mixerdistill plugins`); "
+                                           "leave it out when `mix` is given.")
+
+    @field_validator("source")
+    @classmethod
+    def _one_source_or_a_mix(cls, source: str | None, info: ValidationInfo) -> str | None:
+        mixed = info.data.get("mix") is not None
+        if source is None and not mixed:
+            raise ValueError("required field is missing (or give `mix`, a list of weighted sources)")
+        if source is not None and mixed:
+            raise ValueError("give either `source` or `mix`, not both")
+        return source
+
+    @model_validator(mode="after")
+    def _mix_alone(self):
+        if self.mix is not None and self.model_extra:
+            raise ValueError(f"a mixture takes no other fields here (got {', '.join(self.model_extra)}); "
+                             f"put them in its entries")
+        if self.mix is not None and not self.mix:
+            raise ValueError("`mix` needs at least one entry")
+        return self
 
 
 class StageBlock(PluginBlock):
@@ -166,6 +205,18 @@ class EvalSpec(Strict):
     prompt: str | None = Field("Once upon a time", description="Prompt for a greedy sample in the report; null skips it.")
     max_new_tokens: int = Field(32, ge=1, description="Length of that sample.")
     lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec, description="lm-eval benchmarks after the stages.")
+    domains: list[str | DomainFiles] = Field(
+        default_factory=list,
+        description="Text sets never trained on, scored for teacher and student perplexity wherever the "
+                    "held-out perplexity is: built-ins heldout, heldout_reflowed, pydoc, teacher_samples "
+                    "(docs/evaluation.md), or {name, path} for local text / JSON-lines files. The run fails if "
+                    "one of them appears in the training stream.")
+    domain_tokens: int = Field(4096, ge=2, description="Tokens scored per domain (in windows of seq_len).")
+
+    @field_validator("domains")
+    @classmethod
+    def _domains_known(cls, entries: list) -> list:
+        return check_domain_names(entries)
 
 
 class CheckpointSpec(Strict):
@@ -234,7 +285,11 @@ class Recipe(Strict):
         student = self.student.model_dump(mode="json", exclude={"mixer"})
         student["mixer"] = {"name": self.student.mixer.name, **self.student.mixer.config.model_dump(mode="json")}
         data["student"] = student
-        data["data"] = {"source": self.data.source, **self.data.config.model_dump(mode="json")}
+        if self.data.mix:
+            data["data"] = {"mix": [{"source": p.source, "weight": p.weight, **p.config.model_dump(mode="json")}
+                                    for p in self.data.mix]}
+        else:
+            data["data"] = {"source": self.data.source, **self.data.config.model_dump(mode="json")}
         data["stages"] = [{"name": s.name, **s.config.model_dump(mode="json")} for s in self.stages]
         if self.ablation:
             data["ablation"] = [{"name": m.name, **m.config.model_dump(mode="json")} for m in self.ablation]
@@ -242,7 +297,8 @@ class Recipe(Strict):
 
 
 # -- validation --------------------------------------------------------------------------------
-PLUGIN_BLOCKS = {MixerBlock: ("mixers", "name"), DataBlock: ("datasets", "source"), StageBlock: ("stages", "name")}
+PLUGIN_BLOCKS = {MixerBlock: ("mixers", "name"), DataBlock: ("datasets", "source"),
+                 MixPartBlock: ("datasets", "source"), StageBlock: ("stages", "name")}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -255,7 +311,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError([("", f"malformed YAML: {where}{getattr(error, 'problem', error)}")], str(path))
+        raise RecipeError([("", f"malformed YAML: {where}{getattr(error, 'problem', error)}")], str(path)) from None
     if data is None:
         data = {}
     apply_overrides(data, overrides, source=str(path))
@@ -273,7 +329,7 @@ def validate_recipe(data: Any, source: str | None = None, base_dir: Path | None 
         problems = [_describe(Recipe, e) for e in error.errors()]
         # Plugin blocks that did validate can still be checked, so every problem is reported at once.
         problems += _plugin_problems_from_raw(data, context)
-        raise RecipeError(_unique(problems), source)
+        raise RecipeError(_unique(problems), source) from None
     problems = _validate_plugin_blocks(recipe, context)
     if problems:
         raise RecipeError(problems, source)
@@ -282,7 +338,11 @@ def validate_recipe(data: Any, source: str | None = None, base_dir: Path | None 
 
 def _plugin_blocks(recipe: Recipe):
     yield "student.mixer", recipe.student.mixer
-    yield "data", recipe.data
+    if recipe.data.mix:
+        for i, part in enumerate(recipe.data.mix):
+            yield f"data.mix.{i}", part
+    else:
+        yield "data", recipe.data
     for i, stage in enumerate(recipe.stages):
         yield f"stages.{i}", stage
     for i, mixer in enumerate(recipe.ablation):
@@ -300,8 +360,12 @@ def _plugin_problems_from_raw(data: dict, context: dict) -> list[tuple[str, str]
     """Check the plugin blocks of a recipe that failed the core schema, where they are well formed."""
     problems = []
     candidates = [("student.mixer", MixerBlock, (data.get("student") or {}).get("mixer")
-                   if isinstance(data.get("student"), dict) else None),
-                  ("data", DataBlock, data.get("data"))]
+                   if isinstance(data.get("student"), dict) else None)]
+    mix = data["data"].get("mix") if isinstance(data.get("data"), dict) else None
+    if isinstance(mix, list):
+        candidates += [(f"data.mix.{i}", MixPartBlock, m) for i, m in enumerate(mix)]
+    else:
+        candidates.append(("data", DataBlock, data.get("data")))
     stages = data.get("stages")
     if isinstance(stages, list):
         candidates += [(f"stages.{i}", StageBlock, s) for i, s in enumerate(stages)]
@@ -321,10 +385,10 @@ def _validate_block(path: str, block: PluginBlock, context: dict) -> list[tuple[
     kind, key = PLUGIN_BLOCKS[type(block)]
     plugins = registry(kind)
     name = getattr(block, key)
-    if name not in plugins:
-        return [(f"{path}.{key}", f"unknown {kind[:-1]} '{name}'{suggest(name, plugins.names())}; "
-                                  f"available: {', '.join(plugins.names())}")]
-    config_cls = plugins.get(name).Config
+    try:
+        config_cls = plugins.get(name).Config
+    except UserError as error:  # unknown, or claimed by two plugins
+        return [(f"{path}.{key}", str(error))]
     try:
         block._config = config_cls.model_validate(block.model_extra or {}, context=context)
     except ValidationError as error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -137,9 +139,28 @@ class Stage:
         self.config = config
         self.context = context
 
+    @classmethod
+    def resolve(cls, config: StageConfig, context: StageContext) -> StageConfig:
+        """``config`` with every automatic choice made from the recipe and the models' shapes (never the
+        machine's state), before the run records its resolved recipe. Default: ``config`` as it is."""
+        return config
+
+    def on_context(self, context: StageContext) -> Stage:
+        """This stage working on ``context`` instead (other layers, sharded copies of the models).
+        Default: a shallow copy holding ``context``; a stage that derives state from its context
+        overrides it."""
+        stage = copy.copy(self)
+        stage.context = context
+        return stage
+
+    def restrict(self, layers: list[int]) -> Stage:
+        """This stage over only ``layers`` of the replaced layers (a layer-parallel rank's share)."""
+        return self.on_context(dataclasses.replace(self.context, mixers={i: self.context.mixers[i] for i in layers}))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
-    def loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss for one (B, T) batch and extra metrics to log (e.g. per-layer distances)."""
+    def loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Scalar loss for one (B, T) batch and extra metrics to log (e.g. per-layer distances): detached
+        0-d tensors, so the loop copies them to the host once per logged step."""
         raise NotImplementedError

@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from mixerdistill import interrupt
+from mixerdistill import faults, interrupt
 from mixerdistill.checkpoint import ResumePoint, StageProgress
 from mixerdistill.console import stderr_console
-from mixerdistill.distributed import SINGLE, SingleProcess, World, fault_point
+from mixerdistill.distributed.plans import Plan, SingleProcess
+from mixerdistill.distributed.world import SINGLE, World
 from mixerdistill.errors import UserError, writing
 from mixerdistill.stages import Stage
 
@@ -65,149 +67,209 @@ def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> dict[nn.Para
     return previous
 
 
-def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[torch.Tensor],
-                metrics_path: Path, device: torch.device, show_progress: bool = True,
-                on_step: Callable[[int, int], dict | None] | None = None,
-                progress: StageProgress | None = None, start: ResumePoint | None = None,
-                progress_info: Callable[[], dict] | None = None,
-                plan: SingleProcess | None = None, world: World = SINGLE) -> StageResult:
+@dataclass
+class Placement:
+    """Where a stage trains: the device, the ranks and the plan that spreads the stage over them."""
+
+    device: torch.device
+    plan: Plan = field(default_factory=SingleProcess)
+    world: World = SINGLE
+
+
+@dataclass
+class Reporting:
+    """What the loop writes besides the weights: one metrics line per step, the progress bar, and the
+    caller's ``on_step(step, tokens)`` hook (e.g. a periodic evaluation; what it returns joins the
+    step's metrics line)."""
+
+    metrics_path: Path
+    show_progress: bool = True
+    on_step: Callable[[int, int], dict | None] | None = None
+
+
+@dataclass
+class Checkpointing:
+    """Mid-stage checkpoints: ``progress`` says when one is due and writes it (with ``info()``, the
+    caller's own JSON state); ``start`` is the checkpoint to resume from."""
+
+    progress: StageProgress | None = None
+    start: ResumePoint | None = None
+    info: Callable[[], dict] | None = None
+
+
+def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[torch.Tensor], placement: Placement,
+                reporting: Reporting, checkpointing: Checkpointing | None = None) -> StageResult:
     """Run ``stage`` for its configured number of steps on ``batches`` and return its figures.
 
     Only the stage's trainable parameters require gradients while it runs; every step appends one
-    JSON line to ``metrics_path``. ``on_step(step, tokens)`` runs after each optimizer step (e.g. a
-    periodic evaluation); what it returns is added to that step's JSON line. Its time and the time
-    spent writing checkpoints are not counted in the stage's seconds.
-
-    Mid-stage checkpoints: when ``progress`` says one is due, the model, optimizer, scheduler, RNG
-    states and the figures so far are saved (plus ``progress_info()``, the caller's own JSON state).
-    ``start`` resumes from such a checkpoint: ``batches`` must then begin at batch ``start.step``.
-    A stop signal (mixerdistill.interrupt) ends the loop after the step in progress: that step's
-    checkpoint is written and interrupt.Interrupted raised (in the last step, the stage finishes).
+    JSON line to ``reporting.metrics_path``. The time of ``on_step`` and of writing checkpoints is not
+    counted in the stage's seconds. When resuming (``checkpointing.start``), ``batches`` must begin at
+    batch ``start.step``. A stop signal (mixerdistill.interrupt) ends the loop after the step in progress:
+    that step's checkpoint is written and interrupt.Interrupted raised (in the last step, the stage finishes).
 
     A non-finite loss or gradient norm raises NonFiniteLoss naming the stage, the step and the
     first module where a non-finite value appeared; with ``skip_nonfinite: N`` in the stage's
     config, up to N such steps are skipped (no optimizer step) before that happens.
 
-    Several processes: ``plan`` (mixerdistill.distributed) says how the stage is spread over
-    ``world``; ``batches`` yields the global batches on every rank, ``on_step`` runs on every rank,
-    and only rank 0 shows progress and writes metrics and checkpoints.
+    Several processes: ``placement.plan`` says how the stage is spread over ``placement.world``;
+    ``batches`` yields the global batches on every rank, ``on_step`` runs on every rank, and only
+    rank 0 shows progress and writes metrics and checkpoints.
     """
-    plan = plan or SingleProcess()
-    config = stage.config
     parameters = _unique(stage.trainable_parameters())
     if not parameters:
         raise ValueError(f"stage '{name}' has no trainable parameters")
     previous = train_only(model, parameters)
-    saved = StageProgress.load(start, model) if start is not None else None
-    running = plan.prepare(stage, model, parameters)
-    parameters = running.parameters
-    optimizer = build_optimizer(parameters, config.optimizer)
-    total_steps = config.steps()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: config.schedule.factor(min(step, total_steps - 1), total_steps))
-    tokens_per_step = config.batch_size * config.seq_len
-    figures = {"loss_first": None, "loss_last": None, "skipped": 0, "seconds": 0.0}
-    first_step = 0
-    if saved is not None:
-        plan.load_optimizer_state(optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        figures.update({k: start.info[k] for k in figures})
-        first_step = start.step
-        if world.main:
-            truncate(metrics_path, start.info["metrics_bytes"])
-    running.module.train()
-    begin = time.perf_counter() - figures["seconds"]
-    paused = 0.0
-    bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console,
-                   disable=not (show_progress and world.main), transient=False)
     try:
-        metrics_file = None
-        if world.main:
-            with writing(metrics_path):
-                metrics_file = open(metrics_path, "a")
-        with bar, (metrics_file or contextlib.nullcontext()):
-            task = bar.add_task(name, total=total_steps, completed=first_step, loss="-", speed="-")
-            for step in range(first_step + 1, total_steps + 1):
-                input_ids = plan.batch(next(batches)).to(device)
-                local_loss, extra = plan.loss(input_ids)
-                loss, extra = plan.reduce(local_loss, extra)
-                tokens = step * tokens_per_step
-                problem = None
-                if not torch.isfinite(loss):
-                    problem = f"loss is {loss.item()}; {locate_nonfinite_forward(running.module, running.stage, input_ids)}"
-                else:
-                    local_loss.backward()
-                    # clip_grad_norm_ in two halves: the gradients must be inspected before clipping
-                    # scales every one of them by a non-finite factor.
-                    grad_norm = plan.grad_norm(parameters)
-                    if not torch.isfinite(grad_norm):
-                        problem = f"gradient norm is {grad_norm.item()}; {locate_nonfinite_gradient(running.module)}"
-                    elif config.grad_clip is not None:
-                        torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, grad_norm)
-                if problem is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                    message = f"stage '{name}', step {step} of {total_steps}: {problem}"
-                    figures["skipped"] += 1
-                    if figures["skipped"] > config.skip_nonfinite:
-                        raise NonFiniteLoss(
-                            f"{message}. Stopped after {figures['skipped']} non-finite step(s) "
-                            f"(skip_nonfinite: {config.skip_nonfinite}); the last checkpoint is intact: "
-                            f"lower the lr and continue with --resume")
-                    if world.main:
-                        stderr_console.print(f"[yellow]warning:[/] {message}; step skipped "
-                                             f"({figures['skipped']} of at most {config.skip_nonfinite})",
-                                             highlight=False)
-                    record = {"stage": name, "step": step, "tokens": tokens, "skipped": problem}
-                    scheduler.step()  # the schedule follows the data position
-                else:
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    figures["loss_last"] = loss.item()
-                    if figures["loss_first"] is None:
-                        figures["loss_first"] = figures["loss_last"]
-                    elapsed = time.perf_counter() - begin - paused
-                    record = {"stage": name, "step": step, "tokens": tokens, "loss": figures["loss_last"],
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                              "tokens_per_second": tokens / elapsed, "seconds": elapsed, **extra}
-                pause_start = time.perf_counter()
-                if on_step is not None:
-                    record.update(on_step(step, tokens) or {})
-                    running.module.train()
-                if world.main:
-                    with writing(metrics_path):
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                stopping = interrupt.stop_requested(step, world)  # issue 20: a signal ends the run after this step
-                if progress is not None and step < total_steps and (world.agree(progress.due(step)) or stopping):
-                    figures["seconds"] = pause_start - begin - paused
-                    state = {"optimizer": plan.optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
-                             "rng": rng_state()}
-                    plan.sync(model)
-                    if world.main:
-                        progress.save(step, model, state, {**figures, "metrics_bytes": metrics_file.tell(),
-                                                           **(progress_info() if progress_info else {})})
-                    world.barrier()
-                fault_point(world)
-                if stopping and step < total_steps:
-                    raise interrupt.interrupted()  # its checkpoint is written (the last step: after the stage's)
-                paused += time.perf_counter() - pause_start
-                elapsed = time.perf_counter() - begin - paused
-                bar.update(task, completed=step, speed=f"{tokens / elapsed:.0f}",
-                           loss=f"{record['loss']:.4g}" if "loss" in record else "skipped")
-        plan.finish(model)
+        loop = StageLoop(stage, name, model, parameters, placement, reporting, checkpointing or Checkpointing())
+        return loop.run(batches)
     finally:
         for p, flag in previous.items():
             p.requires_grad_(flag)
         model.eval()
-    seconds = time.perf_counter() - begin - paused
-    if figures["loss_first"] is None:
-        raise NonFiniteLoss(f"stage '{name}': every step was skipped as non-finite")
-    return StageResult(name, total_steps, total_steps * tokens_per_step, seconds, figures["loss_first"],
-                       figures["loss_last"])
+
+
+class StageLoop:
+    """One stage's optimizer, schedule and running figures, and the steps that update them."""
+
+    def __init__(self, stage: Stage, name: str, model: nn.Module, parameters: list[nn.Parameter],
+                 placement: Placement, reporting: Reporting, checkpointing: Checkpointing):
+        self.name, self.model, self.config = name, model, stage.config
+        self.placement, self.reporting, self.checkpointing = placement, reporting, checkpointing
+        self.plan, self.world = placement.plan, placement.world
+        saved = StageProgress.load(checkpointing.start, model) if checkpointing.start is not None else None
+        self.running = self.plan.prepare(stage, model, parameters)
+        self.parameters = self.running.parameters
+        self.optimizer = build_optimizer(self.parameters, self.config.optimizer)
+        self.total_steps = self.config.steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: self.config.schedule.factor(min(step, self.total_steps - 1), self.total_steps))
+        self.tokens_per_step = self.config.batch_size * self.config.seq_len
+        self.figures = {"loss_first": None, "loss_last": None, "skipped": 0, "seconds": 0.0}
+        self.first_step = 0
+        if saved is not None:
+            self._restore(saved)
+        self.begin = time.perf_counter() - self.figures["seconds"]
+        self.paused = 0.0  # seconds spent outside training (on_step, checkpoints)
+        self.metrics_file = None
+
+    def _restore(self, saved: dict) -> None:
+        """Continue from a mid-stage checkpoint: optimizer, schedule, RNG and figures; metrics written
+        after it are dropped."""
+        start = self.checkpointing.start
+        self.plan.load_optimizer_state(self.optimizer, saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        self.figures.update({k: start.info[k] for k in self.figures})
+        self.first_step = start.step
+        if self.world.main:
+            truncate(self.reporting.metrics_path, start.info["metrics_bytes"])
+
+    def run(self, batches: Iterator[torch.Tensor]) -> StageResult:
+        self.running.module.train()
+        bar = Progress(TextColumn(f"[bold]{self.name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console,
+                       disable=not (self.reporting.show_progress and self.world.main), transient=False)
+        if self.world.main:
+            with writing(self.reporting.metrics_path):
+                self.metrics_file = open(self.reporting.metrics_path, "a")
+        with bar, (self.metrics_file or contextlib.nullcontext()):
+            task = bar.add_task(self.name, total=self.total_steps, completed=self.first_step, loss="-", speed="-")
+            for step in range(self.first_step + 1, self.total_steps + 1):
+                record = self.step(step, next(batches))
+                pause_start = time.perf_counter()
+                self.after_step(step, record, pause_start)
+                self.paused += time.perf_counter() - pause_start
+                tokens = step * self.tokens_per_step
+                bar.update(task, completed=step, speed=f"{tokens / self.elapsed():.0f}",
+                           loss=f"{record['loss']:.4g}" if "loss" in record else "skipped")
+        self.plan.finish(self.model)
+        if self.figures["loss_first"] is None:
+            raise NonFiniteLoss(f"stage '{self.name}': every step was skipped as non-finite")
+        return StageResult(self.name, self.total_steps, self.total_steps * self.tokens_per_step, self.elapsed(),
+                           self.figures["loss_first"], self.figures["loss_last"])
+
+    def elapsed(self) -> float:
+        """Training seconds so far (pauses excluded)."""
+        return time.perf_counter() - self.begin - self.paused
+
+    def step(self, step: int, batch: torch.Tensor) -> dict:
+        """One optimizer step (or a skipped one) on a global (B, T) batch; returns its metrics line.
+
+        The loss, the metrics and the gradient norm stay on the device until one copy to the host
+        (``tolist``): the step's only host sync, however many layers report a distance.
+        """
+        input_ids = self.plan.batch(batch).to(self.placement.device)
+        local_loss, extra = self.plan.loss(input_ids)
+        loss, extra = self.plan.reduce(local_loss, extra)
+        local_loss.backward()
+        grad_norm = self.plan.grad_norm(self.parameters)
+        host = torch.stack([loss.detach().double().reshape(()), grad_norm.detach().double().reshape(()),
+                            *(torch.as_tensor(v, dtype=torch.float64, device=loss.device).reshape(())
+                              for v in extra.values())]).tolist()  # host sync
+        loss_value, norm_value, extra = host[0], host[1], dict(zip(extra, host[2:]))
+        tokens = step * self.tokens_per_step
+        if not math.isfinite(loss_value):
+            problem = f"loss is {loss_value}; {locate_nonfinite_forward(self.running.module, self.running.stage, input_ids)}"
+        elif not math.isfinite(norm_value):
+            problem = f"gradient norm is {norm_value}; {locate_nonfinite_gradient(self.running.module)}"
+        else:
+            # clip_grad_norm_ in two halves: the norm is checked before clipping could scale every gradient
+            # by a non-finite factor.
+            if self.config.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.parameters, self.config.grad_clip, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.figures["loss_last"] = loss_value
+            if self.figures["loss_first"] is None:
+                self.figures["loss_first"] = loss_value
+            elapsed = self.elapsed()
+            return {"stage": self.name, "step": step, "tokens": tokens, "loss": loss_value,
+                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm_value,
+                    "tokens_per_second": tokens / elapsed, "seconds": elapsed, **extra}
+        return self.skip(step, tokens, problem)
+
+    def skip(self, step: int, tokens: int, problem: str) -> dict:
+        """A non-finite step: no optimizer step, or NonFiniteLoss once ``skip_nonfinite`` is used up."""
+        self.optimizer.zero_grad(set_to_none=True)
+        config = self.config
+        message = f"stage '{self.name}', step {step} of {self.total_steps}: {problem}"
+        self.figures["skipped"] += 1
+        if self.figures["skipped"] > config.skip_nonfinite:
+            raise NonFiniteLoss(f"{message}. Stopped after {self.figures['skipped']} non-finite step(s) "
+                                f"(skip_nonfinite: {config.skip_nonfinite}); the last checkpoint is intact: "
+                                f"lower the lr and continue with --resume")
+        if self.world.main:
+            stderr_console.print(f"[yellow]warning:[/] {message}; step skipped "
+                                 f"({self.figures['skipped']} of at most {config.skip_nonfinite})", highlight=False)
+        self.scheduler.step()  # the schedule follows the data position
+        return {"stage": self.name, "step": step, "tokens": tokens, "skipped": problem}
+
+    def after_step(self, step: int, record: dict, pause_start: float) -> None:
+        """The caller's hook, the metrics line, a mid-stage checkpoint when one is due, the fault hook."""
+        if self.reporting.on_step is not None:
+            record.update(self.reporting.on_step(step, step * self.tokens_per_step) or {})
+            self.running.module.train()
+        if self.world.main:
+            with writing(self.reporting.metrics_path):
+                self.metrics_file.write(json.dumps(record) + "\n")
+                self.metrics_file.flush()
+        progress = self.checkpointing.progress
+        stopping = interrupt.stop_requested(step, self.world)  # issue 20: a signal ends the run after this step
+        if progress is not None and step < self.total_steps and (self.world.agree(progress.due(step)) or stopping):
+            self.figures["seconds"] = pause_start - self.begin - self.paused
+            state = {"optimizer": self.plan.optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
+                     "rng": rng_state()}
+            self.plan.sync(self.model)
+            if self.world.main:
+                info = self.checkpointing.info() if self.checkpointing.info else {}
+                progress.save(step, self.model, state, {**self.figures, "metrics_bytes": self.metrics_file.tell(),
+                                                        **info})
+            self.world.barrier()
+        faults.step_done(self.world.rank)
+        if stopping and step < self.total_steps:
+            raise interrupt.interrupted()  # its checkpoint is written (the last step: after the stage's)
 
 
 def rng_state() -> dict:

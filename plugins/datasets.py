@@ -1,4 +1,5 @@
-"""Built-in data sources: local text files, local JSON-lines files, and Hugging Face datasets."""
+"""Built-in data sources: local text files, local JSON-lines files, Hugging Face datasets, Jane Austen's
+novels, and text sampled from the teacher (mixerdistill.sampling)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mixerdistill.data import DataSource, DataSourceConfig, PathsConfig, expand_
 from mixerdistill.errors import UserError
 from mixerdistill.hookspecs import hookimpl
 from mixerdistill.plugins import suggest
+from mixerdistill.sampling import TeacherSamples
 
 
 class TextFiles(DataSource):
@@ -121,3 +123,4 @@ def register_datasets(register):
     register("jsonl", JsonLines)
     register("hf", HubDataset)
     register("austen", AustenNovels)
+    register("teacher_samples", TeacherSamples)

@@ -18,11 +18,20 @@ from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
-                                SequenceMixer, State, repeat_kv_rows)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    fold_qk_norm,
+    repeat_kv_rows,
+)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_matrix_rows, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
 
 
 class DiscreteMamba2(SequenceMixer):
@@ -50,8 +59,8 @@ class DiscreteMamba2(SequenceMixer):
         kernel: KernelChoice = Field("auto", description=KERNEL_HELP)
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
-        config = config if config is not None else self.Config()
         super().__init__(geometry, config)
+        config = self.config
         self.num_heads = H = config.num_heads or geometry.num_heads
         self.head_dim = P = config.head_dim or geometry.head_dim
         self.d_state = N = config.d_state or geometry.head_dim
@@ -132,19 +141,16 @@ class DiscreteMamba2(SequenceMixer):
                            kernel=self.config.kernel)
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
-    def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
-        """(B, T, D) → M (B, H, T, T) = L ∘ (C Bᵀ); the pre-gate output is M @ x + D x."""
-        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
-
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
-        """(B, T, D) → row blocks of M, keeping only B, C and the decays (O(T) memory)."""
+        """(B, T, D) → row blocks of M (B, H, T, T) = L ∘ (C Bᵀ), keeping only B, C and the decays (O(T)
+        memory); the pre-gate output is M @ x + D x."""
         _, B, C, _, log_a, _ = self._project(hidden_states)
         return ssd_matrix_rows(log_a, B, C, self.config.chunk_size)
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → (B, T, D) = out_proj((M @ x + D x) ⊙ silu(z + z_bias))."""
-        x, B, C, z, log_a, _ = self._project(hidden_states)
-        M = ssd_materialised_matrix(log_a, B, C, self.config.chunk_size)  # (B, H, T, T)
+        x, _, _, z, _, _ = self._project(hidden_states)
+        M = self.mixing_matrix(hidden_states, rotary)  # (B, H, T, T)
         y = (M @ x.transpose(1, 2)).transpose(1, 2)  # (B, T, H, P)
         return self._output(y, x, z)
 
@@ -159,12 +165,8 @@ class DiscreteMamba2(SequenceMixer):
     def init_state(self, batch_size: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> State:
         """{"conv": (B, conv_dim, d_conv−1) pre-conv inputs, "ssm": (B, H, N, P)}, all zeros."""
-        device = device if device is not None else self.in_proj.weight.device
-        dtype = dtype if dtype is not None else self.in_proj.weight.dtype
-        return {
-            "conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
-            "ssm": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim, device=device, dtype=dtype),
-        }
+        return self.zero_state({"conv": (batch_size, self.conv_dim, self.d_conv - 1),
+                                "ssm": (batch_size, self.num_heads, self.d_state, self.head_dim)}, device, dtype)
 
     def step(self, hidden_state: torch.Tensor, state: State,
              rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
@@ -180,7 +182,7 @@ class DiscreteMamba2(SequenceMixer):
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: Config | None = None) -> "DiscreteMamba2":
+                       config: Config | None = None) -> DiscreteMamba2:
         """Transfer: C ← q · scale (1/√d folded into C), B ← k, x ← v, out_proj ← o; z and A_log rows 0.
 
         With ``bc_transfer: average`` the B and C rows start at zero and the conv biases of the B and C
@@ -190,9 +192,11 @@ class DiscreteMamba2(SequenceMixer):
         (SmolLM2-135M held-out perplexity right after transfer: ~3e3 against ~7e6, teacher 45).
 
         K/V heads are repeated for grouped-query attention as transformers' ``repeat_kv`` does (kv head g
-        serves query heads g·H/H_kv … (g+1)·H/H_kv − 1). q/k/v biases are dropped (in_proj has none);
+        serves query heads g·H/H_kv … (g+1)·H/H_kv − 1). A teacher's q/k norm contributes its elementwise
+        gain (``fold_qk_norm``; its per-token 1/rms cannot be folded). q/k/v biases are dropped (in_proj has none);
         the o bias is copied. Needs N = P = head_dim and H = num_heads.
         """
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
         wrong = [f"{name}={value} (teacher: {want})" for name, value, want in (

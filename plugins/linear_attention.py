@@ -28,8 +28,17 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
-                                SequenceMixer, State, copy_projection)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    copy_projection,
+    fold_qk_norm,
+)
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
 from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
 
@@ -53,8 +62,8 @@ class LinearAttention(SequenceMixer):
             return self
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
-        config = config if config is not None else self.Config()
         super().__init__(geometry, config)
+        config = self.config
         g = geometry
         self.groups = g.query_groups
         self.feature_dim = 2 * g.head_dim if config.feature_map == "hedgehog" else g.head_dim  # N
@@ -109,13 +118,10 @@ class LinearAttention(SequenceMixer):
                        kernel=self.config.kernel, library="fla")
         return self._output(y), {"ssm": final}
 
-    def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
-        """(B, T, D) → M (B, H, T, T) = L ∘ (φ(Q) φ(K)ᵀ), rows divided by their sums when normalising."""
-        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
-
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
-        """(B, T, D) → row blocks of M from φ(Q), φ(K) and the decays (O(T) memory); a causal row block
-        holds every nonzero entry of its rows, so normalising it normalises the full rows."""
+        """(B, T, D) → row blocks of M (B, H, T, T) = L ∘ (φ(Q) φ(K)ᵀ), rows divided by their sums when
+        normalising, from φ(Q), φ(K) and the decays (O(T) memory); a causal row block holds every nonzero
+        entry of its rows, so normalising it normalises the full rows."""
         _, log_a, B, C = self._inputs(hidden_states)
         ssd_rows = ssd_matrix_rows(log_a, B, C, self.config.chunk_size)
 
@@ -140,10 +146,8 @@ class LinearAttention(SequenceMixer):
     def init_state(self, batch_size: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> State:
         """{"ssm": (B, H, N, P[+1])} zeros; with normalisation the last column is the normaliser z."""
-        reference = self.q_proj.weight
         width = self.geometry.head_dim + int(self.config.normalize)
-        return {"ssm": torch.zeros(batch_size, self.geometry.num_heads, self.feature_dim, width,
-                                   device=device or reference.device, dtype=dtype or reference.dtype)}
+        return self.zero_state({"ssm": (batch_size, self.geometry.num_heads, self.feature_dim, width)}, device, dtype)
 
     def step(self, hidden_state: torch.Tensor, state: State,
              rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
@@ -154,8 +158,10 @@ class LinearAttention(SequenceMixer):
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig | None = None) -> "LinearAttention":
-        """q, k, v, o (and their biases) copied from the teacher layer; feature maps and decays as initialised."""
+                       config: MixerConfig | None = None) -> LinearAttention:
+        """q, k, v, o (and their biases) copied from the teacher layer, a q/k norm's elementwise gain folded into q
+        and k (``fold_qk_norm``); feature maps and decays as initialised."""
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         for linear, weight, bias in ((mixer.q_proj, weights.q, weights.q_bias),
                                      (mixer.k_proj, weights.k, weights.k_bias),
@@ -180,8 +186,8 @@ class GatedLinearAttention(LinearAttention):
         a_init: float = Field(0.9, gt=0.0, lt=1.0, description="initial decay (gate projection starts at 0)")
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
-        config = config if config is not None else self.Config()
         super().__init__(geometry, config)
+        config = self.config
         H = geometry.num_heads
         width = H * self.feature_dim if config.gate == "key_dim" else H
         self.decay_bias = nn.Parameter(torch.full((width,), math.log(1 / config.a_init - 1)))  # softplus⁻¹(−log a)

@@ -23,11 +23,21 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MatrixRows, MixerConfig, RotaryEmbedding,
-                                SequenceMixer, State, copy_projection, repeat_kv_rows)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MatrixRows,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    copy_projection,
+    fold_qk_norm,
+    repeat_kv_rows,
+)
 from mixerdistill.ops.conv import causal_conv1d, causal_conv1d_step
 from mixerdistill.ops.kernels import KERNEL_HELP, KernelChoice
-from mixerdistill.ops.ssd import ssd, ssd_materialised_matrix, ssd_matrix_rows, ssd_step
+from mixerdistill.ops.ssd import ssd, ssd_matrix_rows, ssd_step
 
 
 class Mamba2(SequenceMixer):
@@ -62,8 +72,8 @@ class Mamba2(SequenceMixer):
             return self
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
-        config = config if config is not None else self.Config()
         super().__init__(geometry, config)
+        config = self.config
         self.num_heads = H = config.num_heads or geometry.num_heads
         self.head_dim = P = config.head_dim or geometry.head_dim
         self.d_state = N = config.d_state or geometry.head_dim
@@ -129,19 +139,16 @@ class Mamba2(SequenceMixer):
                            kernel=self.config.kernel)
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
-    def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
-        """(B, T, D) → M (B, H, T, T) = L ∘ (C (dt ⊙ B)ᵀ); the pre-norm output is M @ x + D x."""
-        return self.matrix_rows(hidden_states, rotary)(0, hidden_states.shape[1])
-
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
-        """(B, T, D) → row blocks of M, keeping only dt·B, C and the decays (O(T) memory)."""
+        """(B, T, D) → row blocks of M (B, H, T, T) = L ∘ (C (dt ⊙ B)ᵀ), keeping only dt·B, C and the decays
+        (O(T) memory); the pre-norm output is M @ x + D x."""
         _, B, C, log_a, _, _ = self._project(hidden_states)
         return ssd_matrix_rows(log_a, B, C)
 
     def materialised_forward(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → out_proj(norm((M @ x + D x) ⊙ silu(z)))."""
-        x, B, C, log_a, z, _ = self._project(hidden_states)
-        y = (ssd_materialised_matrix(log_a, B, C) @ x.transpose(1, 2)).transpose(1, 2)
+        x, _, _, _, z, _ = self._project(hidden_states)
+        y = (self.mixing_matrix(hidden_states, rotary) @ x.transpose(1, 2)).transpose(1, 2)
         return self._output(y, x, z)
 
     def matrix_parameters(self) -> list[nn.Parameter]:
@@ -151,10 +158,8 @@ class Mamba2(SequenceMixer):
     def init_state(self, batch_size: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> State:
         """{"conv": (B, conv_dim, d_conv−1), "ssm": (B, H, N, P)} zeros."""
-        device = device if device is not None else self.in_proj.weight.device
-        dtype = dtype if dtype is not None else self.in_proj.weight.dtype
-        return {"conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
-                "ssm": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim, device=device, dtype=dtype)}
+        return self.zero_state({"conv": (batch_size, self.conv_dim, self.d_conv - 1),
+                                "ssm": (batch_size, self.num_heads, self.d_state, self.head_dim)}, device, dtype)
 
     def step(self, hidden_state: torch.Tensor, state: State,
              rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
@@ -168,13 +173,15 @@ class Mamba2(SequenceMixer):
 
     @classmethod
     def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: Config | None = None) -> "Mamba2":
+                       config: Config | None = None) -> Mamba2:
         """C ← q · scale, B ← k (kv heads repeated), x ← v, out_proj ← o; dt ≈ 1 and a = ``a_init``.
 
         Then M = L ∘ (C Bᵀ) starts as the teacher's scaled q·k scores under an exponential decay, as for
-        discrete Mamba-2. z rows keep their random initialisation (Mamba-2 has no gate bias, and z = 0
+        discrete Mamba-2 (a teacher's q/k norm contributes its elementwise gain, ``fold_qk_norm``).
+        z rows keep their random initialisation (Mamba-2 has no gate bias, and z = 0
         would silence the layer). Needs N = P = head_dim, H = num_heads and one group per head.
         """
+        weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
         wrong = [f"{name}={value} (needs {want})" for name, value, want in (

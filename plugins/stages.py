@@ -10,16 +10,15 @@ losses are summed and one backward trains all layers.
 
 from __future__ import annotations
 
-import os
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import MatrixRows
+from mixerdistill.matrix_loss import MatrixLoss, choose_matrix_loss, matrix_distance
+from mixerdistill.logits import chunked_distillation_loss
 from mixerdistill.stages import Stage, StageConfig, teacher_attention_mixer
 from mixerdistill.teacher import trace_teacher
 
@@ -27,39 +26,6 @@ from mixerdistill.teacher import trace_teacher
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     batch, length = input_ids.shape
     return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
-
-
-BLOCKWISE_FROM = 1024  # seq_len from which the blockwise loss is also the faster one (docs/performance.md)
-MATERIALISED_BUFFERS = 6  # (B, H, T, T) fp32 buffers per layer the materialised loss holds for its backward
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: CUDA's free memory, else the host's available physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def matrix_distance(student: MatrixRows, teacher: MatrixRows, length: int, block_rows: int | None = None,
-                    sink_tokens: int = 0) -> torch.Tensor:
-    """‖M_student − A_teacher‖_F per (batch, head): (B, H), from two ``MatrixRows`` over T = ``length`` tokens.
-
-    ``block_rows`` None: both (B, H, T, T) matrices at once. Otherwise blocks of that many query rows, each
-    under activation checkpointing: its (B, H, r, ≤T) tensors are freed after the forward and rebuilt one
-    block at a time in the backward, so memory is O(r·T) instead of O(T²) for the same loss and gradients.
-    The first ``sink_tokens`` columns of the teacher's matrix are zeroed (see ``MatrixOrientation.Config``).
-    """
-    def squared(start: int, stop: int) -> torch.Tensor:  # (B, H): Σ over the block of (M − A)²
-        with torch.no_grad():
-            target = teacher(start, stop)
-            target[..., :sink_tokens] = 0
-        return (student(start, stop) - target).square().sum((-1, -2))
-
-    if block_rows is None or block_rows >= length:
-        return squared(0, length).sqrt()
-    total = sum(checkpoint(squared, start, min(start + block_rows, length), use_reentrant=False)
-                for start in range(0, length, block_rows))
-    return total.sqrt()
 
 
 class MatrixOrientation(Stage):
@@ -76,17 +42,28 @@ class MatrixOrientation(Stage):
                                  "the teacher's matrix become 0 in the target. Mid-depth SmolLM2 layers put "
                                  "40-60% of every row on token 0, which a decaying mixer cannot copy and which "
                                  "then dominates the distance (70-90% of it).")
-        matrix_loss: Literal["auto", "blockwise", "materialised"] = Field(
+        matrix_loss: MatrixLoss = Field(
             "auto", description="How the matrices are compared. 'materialised': every layer's (B, H, T, T) "
                                 "teacher and student matrices at once. 'blockwise': blocks of block_rows query "
                                 "rows, each rebuilt in the backward pass (memory O(block_rows·T) per layer, "
                                 "same loss and gradients). 'auto': blockwise from seq_len 1024 (where it is "
-                                "also the faster one on CPU) or when the materialised matrices would take more "
-                                "than half the free memory.")
+                                "also the faster one on CPU) or when the materialised matrices of a step would "
+                                "take more than 4 GiB; decided from the shapes alone and recorded in the run's "
+                                "resolved recipe.yaml.")
         block_rows: int = Field(128, ge=1, description="Query rows per block of the blockwise matrix loss.")
 
     def __init__(self, config, context):
         super().__init__(config, context)
+        self._add_teacher_attention()
+
+    def on_context(self, context):
+        stage = super().on_context(context)
+        stage._add_teacher_attention()
+        return stage
+
+    def _add_teacher_attention(self) -> None:
+        """The frozen teacher attention of every replaced layer, whose matrices are the targets."""
+        context = self.context
         for idx in context.mixers:
             if idx not in context.teacher_attention:
                 context.teacher_attention[idx] = teacher_attention_mixer(context.teacher, context.adapter, idx)
@@ -94,16 +71,16 @@ class MatrixOrientation(Stage):
     def trainable_parameters(self):
         return [p for mixer in self.context.mixers.values() for p in mixer.matrix_parameters()]
 
-    def block_rows(self, batch: int, length: int, device: torch.device) -> int | None:
-        """Rows per block of the matrix loss for a (batch, length) input; None: materialised."""
-        config = self.config
-        if config.matrix_loss != "auto":
-            return config.block_rows if config.matrix_loss == "blockwise" else None
-        heads = sum(mixer.geometry.num_heads for mixer in self.context.mixers.values())
-        materialised_bytes = MATERIALISED_BUFFERS * batch * heads * length**2 * 4
-        if length >= BLOCKWISE_FROM or materialised_bytes > free_memory(device) / 2:
-            return config.block_rows
-        return None
+    @classmethod
+    def resolve(cls, config, context):
+        """``matrix_loss: auto`` made concrete from the step's shapes and the replaced layers' heads."""
+        heads = sum(mixer.geometry.num_heads for mixer in context.mixers.values())
+        choice = choose_matrix_loss(config.matrix_loss, config.batch_size, config.seq_len, heads)
+        return config.model_copy(update={"matrix_loss": choice})
+
+    def block_rows(self) -> int | None:
+        """Rows per block of the matrix loss; None: materialised (``auto`` resolved by ``resolve``)."""
+        return self.config.block_rows if self.resolve(self.config, self.context).matrix_loss == "blockwise" else None
 
     def loss(self, input_ids):
         context = self.context
@@ -111,14 +88,14 @@ class MatrixOrientation(Stage):
                               layers=set(context.mixers))
         total = 0.0
         metrics = {}
-        block_rows = self.block_rows(*input_ids.shape, input_ids.device)
+        block_rows = self.block_rows()
         for idx, mixer in context.mixers.items():
             hidden = trace.mixer_inputs[idx]  # (B, T, D), already normalised
             with torch.no_grad():
-                target = context.teacher_attention[idx].matrix_rows(hidden, trace.rotary)
-            distance = matrix_distance(mixer.matrix_rows(hidden, trace.rotary), target, input_ids.shape[1],
+                target = context.teacher_attention[idx].matrix_rows(hidden, trace.rotary(idx))
+            distance = matrix_distance(mixer.matrix_rows(hidden, trace.rotary(idx)), target, input_ids.shape[1],
                                        block_rows, self.config.sink_tokens).mean()
-            metrics[f"layer_{idx}"] = distance.item()
+            metrics[f"layer_{idx}"] = distance.detach()
             total = total + distance
         return total, metrics
 
@@ -138,6 +115,12 @@ class HiddenStateAlignment(Stage):
             "l2", description="Per-token distance: 'l2' is ‖out − target‖₂ (MOHAWK); 'relative' divides it by "
                               "‖target‖₂, so tokens with massive activations (e.g. attention sinks, norms "
                               "of 1e4 in SmolLM2's middle layers) do not drown out the rest.")
+
+        recompute: bool = Field(
+            True, description="Recompute each layer's forward in the backward pass (activation checkpointing): "
+                              "the backward holds one layer's activations instead of every layer's (SmolLM2, "
+                              "30 discrete Mamba-2 layers at 4 × 256 tokens: 47 MB instead of 1.4 GB) for one "
+                              "more forward of the mixers.")
 
     def trainable_parameters(self):
         context = self.context
@@ -160,27 +143,30 @@ class HiddenStateAlignment(Stage):
                               layers=set(context.mixers))
         layers = context.adapter.layers(context.student)
         positions = _positions(input_ids)
-        total = 0.0
-        metrics = {}
-        for idx, mixer in context.mixers.items():
+
+        def layer_distance(idx: int, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            """Mean per-token distance of layer ``idx``'s output on the teacher's ``inputs`` from ``target``."""
             if self.config.target == "block":
-                output = context.adapter.run_block(layers[idx], trace.block_inputs[idx], trace.rotary, positions)
-                target = trace.block_outputs[idx]
+                output = context.adapter.run_block(layers[idx], inputs, trace.rotary(idx), positions)
             else:
-                output, _ = mixer(trace.mixer_inputs[idx], rotary=trace.rotary)
-                target = trace.mixer_outputs[idx]
+                output, _ = context.mixers[idx](inputs, rotary=trace.rotary(idx))
             distance = (output - target).norm(dim=-1)  # (B, T) per-token L2
             if self.config.distance == "relative":
                 distance = distance / target.norm(dim=-1).clamp_min(1e-6)
-            distance = distance.mean()
-            metrics[f"layer_{idx}"] = distance.item()
+            return distance.mean()
+
+        total = 0.0
+        metrics = {}
+        for idx in context.mixers:
+            inputs, target = ((trace.block_inputs[idx], trace.block_outputs[idx]) if self.config.target == "block"
+                              else (trace.mixer_inputs[idx], trace.mixer_outputs[idx]))
+            if self.config.recompute:
+                distance = checkpoint(layer_distance, idx, inputs, target, use_reentrant=False)
+            else:
+                distance = layer_distance(idx, inputs, target)
+            metrics[f"layer_{idx}"] = distance.detach()
             total = total + distance
         return total, metrics
-
-
-def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / temperature, without a pass over the (B·T, vocab) logits when it is 1."""
-    return logits if temperature == 1 else logits / temperature
 
 
 class KnowledgeDistillation(Stage):
@@ -212,21 +198,14 @@ class KnowledgeDistillation(Stage):
         return [p for p in student.parameters() if id(p) not in frozen]
 
     def loss(self, input_ids):
+        """KL of the student's next-token distribution from the teacher's (× temperature²), plus the weighted
+        cross-entropy on the text; the vocabulary is handled a chunk of tokens at a time (mixerdistill.logits)."""
         context = self.context
-        temperature = self.config.temperature
-        with torch.no_grad():
-            teacher_logits = context.teacher(input_ids=input_ids, use_cache=False).logits
-        student_logits = context.student(input_ids=input_ids, use_cache=False).logits
-        vocab = student_logits.shape[-1]
-        student_log_probs = F.log_softmax(_tempered(student_logits.float().view(-1, vocab), temperature), dim=-1)
-        teacher_log_probs = F.log_softmax(_tempered(teacher_logits.float().view(-1, vocab), temperature), dim=-1)
-        kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-        kl = kl * temperature**2
-        metrics = {"kl": kl.item()}
+        kl, ce = chunked_distillation_loss(context.student, context.teacher, input_ids, self.config.temperature)
+        metrics = {"kl": kl.detach()}
         total = self.config.kd_weight * kl
         if self.config.ce_weight > 0:
-            ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
-            metrics["ce"] = ce.item()
+            metrics["ce"] = ce.detach()
             total = total + self.config.ce_weight * ce
         return total, metrics
 

@@ -27,8 +27,8 @@ class Toeplitz(SequenceMixer):
                               description="initial weights w[k] = (1 − a)·a^k: an exponential moving average")
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
-        config = config if config is not None else self.Config()
         super().__init__(geometry, config)
+        config = self.config
         g = geometry
         self.groups = g.query_groups
         self.v_proj = nn.Linear(g.hidden_size, g.num_kv_heads * g.head_dim, bias=g.attention_bias)
@@ -78,8 +78,7 @@ class Toeplitz(SequenceMixer):
                    dtype: torch.dtype | None = None) -> State:
         """{"values": (B, K − 1, H, d)} zeros."""
         g = self.geometry
-        return {"values": torch.zeros(batch_size, self.config.max_len - 1, g.num_heads, g.head_dim,
-                                      device=device or self.weights.device, dtype=dtype or self.weights.dtype)}
+        return self.zero_state({"values": (batch_size, self.config.max_len - 1, g.num_heads, g.head_dim)}, device, dtype)
 
     def step(self, hidden_state: torch.Tensor, state: State,
              rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import textwrap
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -75,3 +76,13 @@ def cli_in_process(*args: str) -> tuple[int, str]:
         except SystemExit as exit_:
             return exit_.code, out.getvalue()
     return 0, out.getvalue()
+
+
+def make_distribution(root: Path, name: str, module_source: str, entry_point: str | None = None) -> None:
+    """An installed-looking distribution (module + dist-info with an entry point) under ``root``."""
+    module = name.replace("-", "_")
+    (root / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = root / f"{module}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[mixerdistill]\n{entry_point or module} = {module}\n")

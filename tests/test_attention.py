@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
+from mixerdistill.errors import UserError
 from mixerdistill.teacher import trace_teacher
 from mixerdistill_plugins.attention import AttentionMixer
-from mixerdistill_plugins.llama import LlamaAdapter
-from mixerdistill_plugins.phi import PhiAdapter
+from mixerdistill_plugins.families import LlamaAdapter, PhiAdapter
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
              num_attention_heads=4, attn_implementation="eager")
@@ -60,7 +60,7 @@ def test_geometry():
 
 def test_phi_qk_layernorm_is_refused():
     config = PhiConfig(qk_layernorm=True, **SMALL)
-    with pytest.raises(NotImplementedError, match="qk_layernorm"):
+    with pytest.raises(UserError, match="qk_layernorm"):
         PhiAdapter().geometry(config, 0)
 
 
@@ -70,13 +70,14 @@ def test_matches_teacher_attention(family):
     probabilities = model(input_ids, output_attentions=True).attentions
     for idx, mixer in enumerate(mixers(model, adapter)):
         u = trace.mixer_inputs[idx]
-        matrix = mixer.mixing_matrix(u, trace.rotary)
+        rotary = trace.rotary(idx)
+        matrix = mixer.mixing_matrix(u, rotary)
         assert matrix.shape == (2, 4, 12, 12)
         assert rel_err(matrix, probabilities[idx]) <= 1e-5
         assert torch.equal(matrix, matrix.tril())
-        output, state = mixer(u, rotary=trace.rotary)
+        output, state = mixer(u, rotary=rotary)
         assert rel_err(output, trace.mixer_outputs[idx]) <= 1e-5
-        assert rel_err(mixer.materialised_forward(u, trace.rotary), output) <= 1e-5
+        assert rel_err(mixer.materialised_forward(u, rotary), output) <= 1e-5
         assert state["k"].shape == state["v"].shape == (2, 12, mixer.geometry.num_kv_heads, 16)
 
 
@@ -116,7 +117,7 @@ def test_trace_blocks_chain_and_run_block(family):
     positions = torch.arange(12).unsqueeze(0)
     with torch.no_grad():
         for idx, layer in enumerate(layers):
-            output = adapter.run_block(layer, trace.block_inputs[idx], trace.rotary, positions)
+            output = adapter.run_block(layer, trace.block_inputs[idx], trace.rotary(idx), positions)
             assert rel_err(output, trace.block_outputs[idx]) <= 1e-6
 
 
@@ -124,5 +125,5 @@ def test_trace_stops_after_last_wanted_layer(family):
     model, adapter, input_ids = family
     trace = trace_teacher(model, adapter, input_ids, record={"mixer_inputs", "block_outputs"}, layers={0, 1})
     assert sorted(trace.mixer_inputs) == sorted(trace.block_outputs) == [0, 1]
-    assert trace.rotary is not None and trace.logits is None
-    assert trace.rotary[0].shape[-1] == adapter.geometry(model.config, 0).rotary_dim
+    assert sorted(trace.rotaries) == [0, 1] and trace.logits is None
+    assert trace.rotary(0)[0].shape[-1] == adapter.geometry(model.config, 0).rotary_dim

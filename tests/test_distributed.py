@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import STAGES, cli_in_process, run_cli, write_recipe
-from mixerdistill import interrupt
+from mixerdistill import faults, interrupt
 from mixerdistill.checkpoint import StageProgress
-from mixerdistill.distributed import (FAULT_VARIABLE, SINGLE, World, check_batch_sizes, choose_backend, shard_rows,
-                                      start)
+from mixerdistill.distributed.plans import check_batch_sizes, shard_rows
+from mixerdistill.distributed.world import SINGLE, World, choose_backend, start
 from mixerdistill.errors import RecipeError, UserError
+from mixerdistill.faults import KILL_RANK
 from mixerdistill.recipe import DistributedSpec, load_recipe
 from mixerdistill.run import execute
 
@@ -89,7 +90,7 @@ def test_layer_parallel_and_fsdp_give_the_single_process_weights(single, tmp_pat
 def test_killed_rank_stops_the_run_and_it_resumes(single, tmp_path, options, kill_after):
     recipe, reference = single
     run = tmp_path / "run"
-    killed = run_two_processes(recipe, run, *options, env={FAULT_VARIABLE: f"1@{kill_after}"})
+    killed = run_two_processes(recipe, run, *options, env={KILL_RANK: f"1@{kill_after}"})
     assert killed.returncode == 2
     assert "rank 1 of 2 was killed by SIGKILL" in killed.stderr
     stage = (kill_after - 1) // STEPS + 1
@@ -119,7 +120,7 @@ def two_processes(single, tmp_path_factory):
 def test_signal_on_one_rank_stops_every_rank_at_that_step(single, two_processes, tmp_path, target, name, stage, step):
     recipe, _ = single
     run = tmp_path / "run"
-    stopped = run_two_processes(recipe, run, env={interrupt.FAULT_VARIABLE: f"{target}:{name}"})
+    stopped = run_two_processes(recipe, run, env={faults.SEND_SIGNAL: f"{target}:{name}"})
     assert stopped.returncode == interrupt.exit_code(getattr(signal, name)), stopped.stderr
     line = " ".join(stopped.stderr.split())
     assert line.count(f"interrupted at stage {stage} step {step} — continue with: mixerdistill run") == 1

@@ -59,10 +59,11 @@ def test_byte_tokenizer_as_transformers_keeps_the_ids():
 
 
 def test_lm_eval_scores_an_in_memory_student_beside_its_teacher():
-    from mixerdistill.harness import EvalSettings, comparison_rows, evaluate_pair
+    from mixerdistill.harness import EvalSettings, evaluate_pair
+    from mixerdistill.report import comparison_rows
     from mixerdistill.plugins import get_mixer
     from mixerdistill.student import build_student
-    from mixerdistill_plugins.llama import LlamaAdapter
+    from mixerdistill_plugins.families import LlamaAdapter
 
     teacher = tiny_llama()
     mixer = get_mixer("discrete_mamba2")

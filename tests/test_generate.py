@@ -17,7 +17,7 @@ from mixerdistill.data import ByteTokenizer
 from mixerdistill.generation import Sampling, TextStream, pick_tokens, stream_tokens
 from mixerdistill.plugins import get_mixer
 from mixerdistill.student import MixerCacheLayer, build_student, cache_tensor_bytes, mixer_layers
-from mixerdistill_plugins.llama import LlamaAdapter
+from mixerdistill_plugins.families import LlamaAdapter
 
 # name → (mixer, keep_attention): pure students of both SSD families and a hybrid keeping layer 1
 STUDENTS = {"discrete_mamba2": ("discrete_mamba2", []), "mamba2": ("mamba2", []),

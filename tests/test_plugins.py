@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import REPO, make_distribution, run_cli
 
-from conftest import REPO, run_cli
 from mixerdistill.errors import UserError
-from mixerdistill.plugins import PluginManager, PluginWarning, Registry
+from mixerdistill.plugins import PluginInfo, PluginManager, PluginWarning, Registry
 
 THIRD_PARTY_MODULE = '''
 from mixerdistill.hookspecs import hookimpl
@@ -27,16 +26,6 @@ def register_mixers(register):
 '''
 
 
-def make_distribution(root: Path, name: str, module_source: str, entry_point: str | None = None) -> None:
-    """An installed-looking distribution (module + dist-info with an entry point) under ``root``."""
-    module = name.replace("-", "_")
-    (root / f"{module}.py").write_text(textwrap.dedent(module_source))
-    info = root / f"{module}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(f"[mixerdistill]\n{entry_point or module} = {module}\n")
-
-
 def test_builtins_listed_as_json():
     result = run_cli("plugins", "--json")
     assert result.returncode == 0, result.stderr
@@ -46,7 +35,8 @@ def test_builtins_listed_as_json():
     assert {"matrix_orientation", "hidden_state_alignment", "knowledge_distillation"} <= set(listing["stages"])
     builtins = {p["name"]: p for p in listing["plugins"] if p["builtin"]}
     assert builtins["discrete_mamba2"]["registers"] == {"mixers": ["discrete_mamba2"]}
-    assert builtins["llama"]["version"] == "0.1.0"
+    assert builtins["families"]["version"] == "0.1.0"
+    assert {"llama", "qwen3", "gemma3", "gpt2"} <= set(builtins["families"]["registers"]["teachers"])
 
 
 def test_third_party_plugin_is_discovered_restricted_and_usable(tmp_path: Path):
@@ -55,7 +45,8 @@ def test_third_party_plugin_is_discovered_restricted_and_usable(tmp_path: Path):
     listing = json.loads(run_cli("plugins", "--json", env=env).stdout)
     [plugin] = [p for p in listing["plugins"] if p["name"] == "echo_plugin"]
     assert plugin == {"name": "echo_plugin", "distribution": "echo-plugin", "version": "1.2.3",
-                      "builtin": False, "registers": {"mixers": ["echo_mamba"]}}
+                      "builtin": False, "source": str(tmp_path / "echo_plugin.py"),
+                      "registers": {"mixers": ["echo_mamba"]}}
     # The allow-list keeps third-party plugins out, never the built-ins.
     restricted = json.loads(run_cli("plugins", "--json", env={**env, "MIXERDISTILL_PLUGINS": ""}).stdout)
     assert "echo_mamba" not in restricted["mixers"] and "discrete_mamba2" in restricted["mixers"]
@@ -98,13 +89,13 @@ class _Stage:
         register("my_stage", object)
 
 
-def test_duplicate_name_is_refused_with_both_owners():
+def test_a_builtin_name_cannot_be_taken_over():
     manager = PluginManager()
     manager.load_entry_points()
-    with pytest.warns(PluginWarning, match="registered twice: by discrete_mamba2 and by dupe"):
+    with pytest.warns(PluginWarning, match="belongs to the built-in plugin 'discrete_mamba2'; plugin 'dupe'"):
         manager.register(_Duplicate(), "dupe")
     assert "dupe" not in manager.plugins
-    assert manager.registries["mixers"].owners["discrete_mamba2"] == "discrete_mamba2"
+    assert manager.registries["mixers"].owner("discrete_mamba2").name == "discrete_mamba2"
 
 
 def test_plugin_registered_at_run_time_and_unregistered():
@@ -118,6 +109,6 @@ def test_plugin_registered_at_run_time_and_unregistered():
 
 def test_unknown_name_suggests():
     registry = Registry("mixers")
-    registry.add("discrete_mamba2", object, owner="x")
+    registry.add("discrete_mamba2", object, owner=PluginInfo("x", "x-package", "1", builtin=False))
     with pytest.raises(UserError, match=r"did you mean 'discrete_mamba2'\?\); available: discrete_mamba2"):
         registry.get("discrete_mamba")

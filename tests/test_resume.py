@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from conftest import REPO, STAGES, cli_in_process, run_cli, write_recipe
-from mixerdistill import interrupt
-from mixerdistill.checkpoint import FAULT_VARIABLE, MANIFEST_FILE, STATE_FILE, StageProgress, is_complete
+from mixerdistill import faults
+from mixerdistill.checkpoint import MANIFEST_FILE, STATE_FILE, StageProgress, is_complete
 from mixerdistill.data import TokenData
 from mixerdistill.errors import OutputError, UserError
+from mixerdistill.faults import KILL_IN_CHECKPOINT
 from mixerdistill.interrupt import Interrupted
 from mixerdistill.recipe import load_recipe
 from mixerdistill.run import execute
@@ -196,7 +197,7 @@ def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, subprocess_reference
     run = tmp_path / "run"
     # The 3rd checkpoint written is stage 1's at step 15: the process dies between writing its
     # files and its manifest, leaving a half-written `.step_00000015.tmp` folder.
-    process = _start_run(recipe, run, env={FAULT_VARIABLE: "3"})
+    process = _start_run(recipe, run, env={KILL_IN_CHECKPOINT: "3"})
     process.wait(timeout=300)
     assert process.returncode == -signal.SIGKILL
     root = run / "resume" / "stage_1_matrix_orientation"
@@ -280,7 +281,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_identically(
         tmp_path, monkeypatch, keep_threads, reference, steps, name, stage, step):
     recipe = load_recipe(write_recipe(tmp_path))
     run = tmp_path / "run"
-    monkeypatch.setenv(interrupt.FAULT_VARIABLE, f"0@{steps}:{name}")
+    monkeypatch.setenv(faults.SEND_SIGNAL, f"0@{steps}:{name}")
     with pytest.raises(Interrupted) as stopped:
         execute(recipe, run, show_progress=False)
     assert (stopped.value.signum, stopped.value.stage, stopped.value.step) == (getattr(signal, name), stage, step)
@@ -290,7 +291,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_identically(
     else:
         assert progress is None and is_complete(run / f"stage_{stage}_{STAGES[stage - 1]}")
     assert len(metrics_without_timings(run)) == steps
-    monkeypatch.delenv(interrupt.FAULT_VARIABLE)
+    monkeypatch.delenv(faults.SEND_SIGNAL)
     execute(recipe, run, resume=True, show_progress=False)
     assert_same_run(run, reference)
 
@@ -300,14 +301,14 @@ def test_interrupted_run_prints_the_resume_command_and_exits_130(tmp_path, monke
     continues the run to the uninterrupted run's weights."""
     recipe = write_recipe(tmp_path)
     run = tmp_path / "run"
-    monkeypatch.setenv(interrupt.FAULT_VARIABLE, "0@34:SIGINT")
+    monkeypatch.setenv(faults.SEND_SIGNAL, "0@34:SIGINT")
     code, text = cli_in_process("run", str(recipe), "--output", str(run), "--no-progress")
     assert code == 130, text
     assert "SIGINT: stopping after this step" in text
     expected = f"interrupted at stage 3 step 10 — continue with: mixerdistill run {recipe} --output {run} --resume"
     assert expected in " ".join(text.split())
     assert StageProgress(run / "resume" / "stage_3_knowledge_distillation").latest().step == 10
-    monkeypatch.delenv(interrupt.FAULT_VARIABLE)
+    monkeypatch.delenv(faults.SEND_SIGNAL)
     command = expected.split("continue with: ")[1].split()
     code, text = cli_in_process(*command[1:], "--no-progress")
     assert code == 0 and "resuming after step 10" in text, text
@@ -318,12 +319,12 @@ def test_second_signal_stops_at_once(tmp_path, monkeypatch, keep_threads, refere
     """Two SIGTERMs after step 7: no checkpoint of step 7, exit 143; the run continues from step 5."""
     recipe = write_recipe(tmp_path)
     run = tmp_path / "run"
-    monkeypatch.setenv(interrupt.FAULT_VARIABLE, "0@7:SIGTERM,SIGTERM")
+    monkeypatch.setenv(faults.SEND_SIGNAL, "0@7:SIGTERM,SIGTERM")
     code, text = cli_in_process("run", str(recipe), "--output", str(run), "--no-progress")
     assert code == 143, text
     assert "stopped at once by a second SIGTERM in stage 1" in " ".join(text.split())
     assert StageProgress(run / "resume" / "stage_1_matrix_orientation").latest().step == 5
-    monkeypatch.delenv(interrupt.FAULT_VARIABLE)
+    monkeypatch.delenv(faults.SEND_SIGNAL)
     execute(load_recipe(recipe), run, resume=True, show_progress=False)
     assert_same_run(run, reference)
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, run_cli, tiny_llama
 from mixerdistill.checkpoint import is_complete, load_student
 from mixerdistill.plugins import get_mixer
 from mixerdistill.student import build_student
-from mixerdistill_plugins.llama import LlamaAdapter
+from mixerdistill_plugins.families import LlamaAdapter
 
 TINY = str(REPO / "recipes" / "tiny.yaml")
 
@@ -44,6 +45,7 @@ def test_tiny_recipe_report(tiny_run: Path):
     assert {"stage", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second"} <= set(steps[0])
     recorded = (tiny_run / "recipe.yaml").read_text()
     assert "weight_decay" in recorded  # the resolved recipe spells out the defaults
+    assert yaml.safe_load(recorded)["stages"][0]["matrix_loss"] == "materialised"  # `auto`, decided from shapes
 
 
 def test_checkpoints_rebuild_the_student(tiny_run: Path):

@@ -11,7 +11,7 @@ from mixerdistill.stages import ScheduleConfig, StageContext
 from mixerdistill.student import build_student, mixer_layers
 from mixerdistill.teacher import trace_teacher
 from mixerdistill.training import train_stage
-from mixerdistill_plugins.llama import LlamaAdapter
+from mixerdistill_plugins.families import LlamaAdapter
 
 
 def context_for(teacher):
@@ -139,19 +139,29 @@ def test_blockwise_matrix_loss_equals_materialised(mixer_name, options, sink_tok
             assert (other - g).norm() <= 1e-5 * g.norm()
 
 
-def test_auto_matrix_loss_is_blockwise_for_long_windows_or_when_memory_is_short(monkeypatch):
-    from mixerdistill_plugins import stages
+def test_auto_matrix_loss_is_decided_from_shapes_alone(monkeypatch):
+    """``matrix_loss: auto`` depends on batch, length and heads only: the machine's free memory plays no
+    part, so every rank and a resumed run take the same path."""
+    import os
+
+    from mixerdistill.matrix_loss import MATERIALISED_LIMIT
 
     stage_cls = get_stage("matrix_orientation")
     context = context_for(tiny_llama())
-    cpu = torch.device("cpu")
+    heads = sum(mixer.geometry.num_heads for mixer in context.mixers.values())
 
-    def rows(length, batch=1, **options):
-        return stage_cls(stage_cls.Config(tokens=1, **options), context).block_rows(batch, length, cpu)
+    def resolved(length, batch=1, **options):
+        config = stage_cls.Config(tokens=1, batch_size=batch, seq_len=length, **options)
+        return stage_cls.resolve(config, context).matrix_loss
 
-    assert rows(256) is None
-    assert rows(1024) == 128
-    assert rows(64, matrix_loss="blockwise", block_rows=16) == 16
-    assert rows(8192, matrix_loss="materialised") is None
-    monkeypatch.setattr(stages, "free_memory", lambda device: 10 * 2**20)  # 10 MiB free
-    assert rows(256, batch=4) == 128  # 6 buffers × 4 × 8 heads × 256² × 4 B ≈ 50 MiB would not fit
+    assert resolved(256) == "materialised"
+    assert resolved(1024) == "blockwise"
+    assert resolved(64, matrix_loss="blockwise") == "blockwise"
+    assert resolved(8192, matrix_loss="materialised") == "materialised"
+    # just past the memory limit: 6 fp32 (B, H, T, T) buffers
+    batch = MATERIALISED_LIMIT // (6 * heads * 512**2 * 4) + 1
+    assert resolved(512, batch=batch) == "blockwise" and resolved(512, batch=batch - 1) == "materialised"
+    monkeypatch.setattr(os, "sysconf", lambda name: 1)  # a machine with no free memory changes nothing
+    assert resolved(256) == "materialised"
+    stage = stage_cls(stage_cls.Config(tokens=1, seq_len=2048, block_rows=64), context)
+    assert stage.block_rows() == 64

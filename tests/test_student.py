@@ -10,8 +10,8 @@ from transformers.models.phi.modeling_phi import PhiAttention
 
 from mixerdistill.student import MixerLayer, build_student, mixer_counts, mixer_layers
 from mixerdistill_plugins.attention import AttentionMixer
-from mixerdistill_plugins.llama import LlamaAdapter
-from mixerdistill_plugins.phi import PhiAdapter
+from mixerdistill_plugins.families import LlamaAdapter
+from mixerdistill_plugins.families import PhiAdapter
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
              num_attention_heads=4, attn_implementation="eager", bos_token_id=1, eos_token_id=2)

@@ -29,7 +29,7 @@ def measure_layer(length: int, mode: str, block_rows: int, repeats: int) -> dict
     """One layer's matrix loss forward + backward (run in a subprocess): median seconds over ``repeats``
     steps, or with ``repeats`` 0 the peak memory growth of the first step."""
     from mixerdistill.stages import teacher_attention_mixer
-    from mixerdistill_plugins.stages import matrix_distance
+    from mixerdistill.matrix_loss import matrix_distance
 
     recipe, teacher, adapter, mixer_cls = smollm2()
     torch.set_num_threads(recipe.threads or torch.get_num_threads())
@@ -39,7 +39,7 @@ def measure_layer(length: int, mode: str, block_rows: int, repeats: int) -> dict
                                        adapter.geometry(teacher.config, LAYER), recipe.student.mixer.config)
     torch.manual_seed(0)
     hidden = torch.randn(1, length, teacher.config.hidden_size)
-    rotary = adapter.rotary(teacher, hidden, torch.arange(length)[None])
+    rotary = adapter.rotary(teacher, hidden, torch.arange(length)[None], LAYER)
     rows = None if mode == "materialised" else block_rows
 
     def step():

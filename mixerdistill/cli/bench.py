@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import typer
 
 from mixerdistill.cli import app
 
-BENCHMARKS = ["ssd", "stage1", "decode", "training"]
+BENCHMARKS = ["ssd", "delta", "stage1", "decode", "training"]
 
 
 @app.command("bench")
@@ -16,7 +17,8 @@ def bench_command(only: list[str] = typer.Option([], "--only", help=f"Run only t
                                                                     "Repeatable."),
                   full: bool = typer.Option(False, "--full", help="The full sweeps benchmarks/<name>.py run "
                                                                   "(long: tens of minutes) instead of the quick ones."),
-                  write: bool = typer.Option(False, "--write", help="Also write benchmarks/results/<name>.json.")):
+                  write: Path = typer.Option(None, "--write", metavar="DIR", help="Also write each benchmark's "
+                                                                                   "result as DIR/<name>.json.")):
     """Measure SSD speed, stage-1 memory, training throughput and decoding on this machine; print one table.
 
     Figures only: nothing is compared against a threshold. docs/performance.md has the targets and the
@@ -35,6 +37,6 @@ def bench_command(only: list[str] = typer.Option([], "--only", help=f"Run only t
         typer.echo(f"... {name}", err=True)
         result = importlib.import_module(f"mixerdistill.bench.{name}").run(quick=not full)
         figures += [{"benchmark": name, "figure": key, "value": value} for key, value in result["summary"].items()]
-        if write:
-            write_result(name, result)
+        if write is not None:
+            write_result(name, result, write)
     print_table(figures, ["benchmark", "figure", "value"])

@@ -17,8 +17,11 @@ from mixerdistill.console import stderr_console, stdout_console
 def eval_command(
         target: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOINT",
                                       help="A run directory (its last stage is used) or a stage checkpoint folder."),
-        tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval tasks or groups, e.g. "
-                                                        "austen_ppl,austen_cloze,austen_choice or arc_easy,piqa."),
+        tasks: str = typer.Option(None, "--tasks", help="Comma-separated lm-eval tasks or groups, e.g. "
+                                                         "austen_ppl,austen_cloze,austen_choice or arc_easy,piqa."),
+        domains: str = typer.Option(None, "--domains", help="Perplexity of student and teacher on never-trained-on "
+                                                            "text: 'recipe' for the run recipe's eval.domains, or "
+                                                            "names, e.g. heldout,heldout_reflowed,pydoc."),
         limit: float = typer.Option(None, "--limit", min=0, help="Examples per task (below 1: a fraction)."),
         with_teacher: bool = typer.Option(False, "--with-teacher", help="Also score the teacher, same settings."),
         batch_size: int = typer.Option(1, "--batch-size", min=1, help="Requests per forward pass."),
@@ -26,29 +29,42 @@ def eval_command(
         device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', 'cuda:1', …"),
         output: Path = typer.Option(None, "--output", "-o", help="Where to write the scores (default: eval.json "
                                                                  "in the run directory).")):
-    """Score a student (and its teacher) with lm-eval; prints a side-by-side table, writes eval.json."""
+    """Score a student (and its teacher) with lm-eval and/or on unseen domains; prints side-by-side tables,
+    writes eval.json."""
     from mixerdistill.checkpoint import load_student, write_text_atomic
     from mixerdistill.errors import UserError
-    from mixerdistill.harness import (EvalSettings, comparison_rows, evaluate_pair, find_checkpoint,
+    from mixerdistill.harness import (EvalSettings, evaluate_pair, find_checkpoint,
                                       lm_eval_limit, load_teacher_of, load_tokenizer)
-    from mixerdistill.run import RECIPE_FILE, pick_device
+    from mixerdistill.device import pick_device
+    from mixerdistill.report import comparison_rows
+    from mixerdistill.run_directory import RECIPE_FILE
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not names:
-        raise UserError("--tasks: give at least one task")
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not names and not domains:
+        raise UserError("give --tasks (lm-eval tasks) and/or --domains")
     checkpoint = find_checkpoint(target)
     run_dir = checkpoint.parent if (checkpoint.parent / RECIPE_FILE).is_file() else checkpoint
     torch_device = pick_device(device)
     stderr_console.print(f"[bold]eval[/]: student from {checkpoint}")
     tokenizer = load_tokenizer(checkpoint)
     student, _ = load_student(checkpoint, torch_device)
-    teacher = load_teacher_of(checkpoint).to(torch_device) if with_teacher else None
-    settings = EvalSettings(tasks=names, limit=lm_eval_limit(limit), batch_size=batch_size,
-                            num_fewshot=num_fewshot)
-    entry = {"checkpoint": str(checkpoint), **evaluate_pair(student, teacher, tokenizer, settings)}
+    entry = {"checkpoint": str(checkpoint)}
+    if names:
+        teacher = load_teacher_of(checkpoint).to(torch_device) if with_teacher else None
+        settings = EvalSettings(tasks=names, limit=lm_eval_limit(limit), batch_size=batch_size,
+                                num_fewshot=num_fewshot)
+        entry.update(evaluate_pair(student, teacher, tokenizer, settings))
+    if domains:  # issue 21: the unseen-domain table, as in report.md
+        from mixerdistill.domains import measure_run_domains
+
+        chosen = None if domains == "recipe" else [d.strip() for d in domains.split(",") if d.strip()]
+        entry.update(measure_run_domains(run_dir, student, chosen, torch_device))
     path = output or run_dir / "eval.json"
     write_text_atomic(path, json.dumps(entry, indent=2) + "\n")
-    stdout_console.print(_scores_table(comparison_rows(entry), f"lm-eval: {checkpoint}"))
+    if names:
+        stdout_console.print(_scores_table(comparison_rows(entry), f"lm-eval: {checkpoint}"))
+    if domains:
+        stdout_console.print(_domain_table(entry, f"unseen domains: {checkpoint}"))
     stderr_console.print(f"[bold]wrote[/] {path}")
 
 
@@ -62,6 +78,19 @@ def _scores_table(rows: list[dict], title: str) -> Table:
     for row in rows:
         table.add_row(row["task"], row["metric"], format_number(row["teacher"], 4),
                       format_number(row["student"], 4), format_number(row["ratio"], 3))
+    return table
+
+
+def _domain_table(entry: dict, title: str) -> Table:
+    from mixerdistill.report import format_number
+
+    table = Table(title=title)
+    for column, justify in (("domain", "left"), ("teacher", "right"), ("student", "right"),
+                            ("student / teacher", "right")):
+        table.add_column(column, justify=justify)
+    for name, row in entry["domains"].items():
+        table.add_row(name, format_number(row["teacher"]), format_number(row["student"]), format_number(row["ratio"]))
+    table.add_row("geometric mean", "", "", format_number(entry["domain_ratio_geomean"]))
     return table
 
 
@@ -127,7 +156,7 @@ def inspect_command(run: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOI
     """Draw the teacher's attention matrix beside the student's mixing matrix for one held-out sequence."""
     from mixerdistill.harness import find_checkpoint
     from mixerdistill.plots import inspect_mixing
-    from mixerdistill.run import RECIPE_FILE
+    from mixerdistill.run_directory import RECIPE_FILE
 
     checkpoint = find_checkpoint(run)
     run_dir = checkpoint.parent if (checkpoint.parent / RECIPE_FILE).is_file() else checkpoint

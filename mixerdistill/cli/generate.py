@@ -35,7 +35,7 @@ def generate_command(
     from mixerdistill.errors import UserError
     from mixerdistill.generation import Sampling, TextStream, stream_tokens
     from mixerdistill.harness import find_checkpoint, load_teacher_of, load_tokenizer
-    from mixerdistill.run import pick_device
+    from mixerdistill.device import pick_device
 
     if not prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")

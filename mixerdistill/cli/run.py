@@ -45,7 +45,8 @@ def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="
                 nproc: int = typer.Option(1, "--nproc", min=1, help="Run as N processes on this machine (torchrun; "
                                                                       "see docs/distributed.md).")):
     """Distil a student as the recipe says: teacher → student → stages → report."""
-    from mixerdistill import distributed
+    from mixerdistill.distributed.launcher import launch
+    from mixerdistill.distributed.world import current_world, under_torchrun
     from mixerdistill.errors import UserError
     from mixerdistill.interrupt import RESUME_COMMAND_VARIABLE, Interrupted, exit_code
     from mixerdistill.recipe import load_recipe
@@ -60,22 +61,22 @@ def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="
     common = [str(recipe_path), "--output", str(directory), *sets]
     resume_command = ["mixerdistill", "run", *common, "--resume"] + ["--nproc", str(nproc)] * (nproc > 1)
     if nproc > 1:
-        if distributed.under_torchrun():
+        if under_torchrun():
             raise UserError("--nproc starts torchrun; this process already runs under torchrun: drop --nproc")
         flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ["--no-progress"] * (not progress)
-        distributed.launch(nproc, ["run", *common, *flags], resume_command=resume_command)
+        launch(nproc, ["run", *common, *flags], resume_command=resume_command)
         return
     try:
         report = execute(recipe, Path(directory), resume=resume, overwrite=overwrite, show_progress=progress)
     except Interrupted as stop:
-        if distributed.is_main_process():
+        if current_world().main:
             # Under `--nproc`, the launcher's command; under a torchrun of one's own, that command with --resume.
             command = os.environ.get(RESUME_COMMAND_VARIABLE) or shlex.join(resume_command) + (
-                " (under torchrun: your torchrun command with --resume)" if distributed.under_torchrun() else "")
+                " (under torchrun: your torchrun command with --resume)" if under_torchrun() else "")
             stderr_console.print(f"[bold yellow]{escape(str(stop))}[/] — continue with: {escape(command)}",
                                  highlight=False, soft_wrap=True)
         raise typer.Exit(exit_code(stop.signum)) from None
-    if not distributed.is_main_process():
+    if not current_world().main:
         return
     typer.echo(render_report(report))
     stderr_console.print(f"[bold]wrote[/] {directory}/report.json, report.md, metrics.jsonl and checkpoints")

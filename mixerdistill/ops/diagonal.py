@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixerdistill.ops.ssd import segsum
+from mixerdistill.ops.segsum import segsum
 
 
 def _chunks(t: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ kernel from an optional GPU package (install the ``cuda`` extra):
   ssd (scalar decay)            mamba-ssm   ``mamba_chunk_scan_combined``   (discrete_mamba2, mamba2)
   ssd (scalar decay)            fla         ``chunk_simple_gla``           (linear / gated linear attention)
   diagonal-decay SSM            fla         ``chunk_gla``                  (gated linear attention, key-dim gates)
+  gated delta rule              fla         ``chunk_gated_delta_rule``     (gated_delta_net)
+  delta rule                    fla         ``chunk_delta_rule``           (delta_net)
   causal depthwise conv1d       causal-conv1d ``causal_conv1d_fn``
 
 A mixer's Config carries ``kernel: auto | reference | cuda``. ``auto`` uses the kernel when the tensors
@@ -17,6 +19,8 @@ packages are imported only here, lazily, on first use.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Literal
 
 import torch
@@ -43,16 +47,15 @@ def _import(module: str):
 
 
 def notice_once(operator: str, reason: str) -> None:
-    """Print, once per (operator, reason) per process, that the reference path is used (rank 0 only)."""
-    from mixerdistill.distributed import is_main_process
+    """Print, once per (operator, reason) per process, that the reference path is used (rank 0 only).
 
-    if (operator, reason) in _noticed or not is_main_process():
+    Plain ``print`` and the ``RANK`` variable rather than mixerdistill's console and process helpers: this
+    module also runs inside exported models, which have only torch and transformers.
+    """
+    if (operator, reason) in _noticed or os.environ.get("RANK", "0") != "0":
         return
     _noticed.add((operator, reason))
-    from mixerdistill.console import stderr_console
-
-    stderr_console.print(f"[dim]mixerdistill: {operator} runs its PyTorch reference path ({reason})[/]",
-                         highlight=False)
+    print(f"mixerdistill: {operator} runs its PyTorch reference path ({reason})", file=sys.stderr)
 
 
 def kernel_module(choice: KernelChoice, module: str, operator: str, tensor: torch.Tensor):

@@ -1,16 +1,12 @@
-"""Several processes under torchrun: the process group, rank helpers, data sharding, metric reduction
-and the three ways a stage is spread over ranks. Every ``torch.distributed`` call of mixerdistill is here.
+"""How one stage is spread over the ranks: the ``Plan`` protocol and its four implementations.
 
-A run started without torchrun (no ``WORLD_SIZE`` above 1 in the environment) creates no process
-group and uses ``SingleProcess``, whose every method is the identity: it behaves exactly as before
-distribution existed. Under torchrun a stage runs with one of three plans (see docs/distributed.md):
-
+- ``SingleProcess``: one process; every method is the identity.
 - ``DataParallel``: every rank holds the whole student and trains on its slice of each global batch;
   ``DistributedDataParallel`` averages the gradients during the backward pass.
 - ``LayerParallel`` (``distributed.layer_parallel``, layer-local stages 1–2 only): every rank sees the
-  whole global batch but owns a contiguous block of replaced layers; the stage's loss is summed over
-  ranks, the gradient norm (for clipping) is the global one, and the layers are broadcast from
-  their owners whenever the whole student is needed.
+  whole global batch but owns a contiguous block of replaced layers (``Stage.restrict``); the stage's loss
+  is summed over ranks, the gradient norm (for clipping) is the global one, and the layers are broadcast
+  from their owners whenever the whole student is needed.
 - ``FullyShardedStage`` (``distributed.strategy: fsdp``, stages that are not layer-local): a sharded copy
   of teacher and student (``fully_shard`` on every decoder layer and the root) trains on each rank's
   slice of the batch; the full weights are gathered back into the plain student for checkpoints,
@@ -21,118 +17,68 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import signal
 from dataclasses import dataclass
-from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixerdistill.distributed.world import World
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.stages import Stage
 from mixerdistill.student import mixer_layers
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-# Test hook: "R@N" makes rank R SIGKILL itself after its N-th optimizer step in this process (counted
-# over all stages), once any checkpoint due at that step is written. Tests use it to kill one rank of a
-# torchrun run at a known point; it has no other use.
-FAULT_VARIABLE = "MIXERDISTILL_FAULT_KILL_RANK"
-_steps_done = 0
 PRECISIONS = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass(frozen=True)
-class World:
-    """This process's place among the ranks of a run (rank 0 of 1 without torchrun)."""
+@dataclass
+class Running:
+    """A stage as a plan runs it: the stage object whose loss is computed, the module that trains
+    (the student, or its sharded copy) and the parameters the optimizer updates on this rank."""
 
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    collective_device: str = "cpu"  # where tensors for collectives live: cuda under nccl
-
-    @property
-    def active(self) -> bool:
-        return self.size > 1
-
-    @property
-    def main(self) -> bool:
-        """Rank 0: the one process that logs, shows progress and writes files."""
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def agree(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every rank (decisions that depend on the clock, e.g. a checkpoint due)."""
-        if not self.active:
-            return flag
-        value = torch.tensor([int(flag)], device=self.collective_device)
-        dist.broadcast(value, src=0)
-        return bool(value.item())
-
-    def average(self, values: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks of a tensor every rank holds (same shape); float64 for exact sums."""
-        if not self.active:
-            return values
-        total = values.detach().to(self.collective_device, torch.float64).clone()
-        dist.all_reduce(total)
-        return (total / self.size).to(values.device, values.dtype)
+    stage: Stage
+    module: nn.Module
+    parameters: list[nn.Parameter]
 
 
-SINGLE = World()
+class Plan(Protocol):
+    """What the training loop asks of a plan, step by step."""
 
+    layout: str  # how optimizer states are saved; a resumed run must find the same layout
 
-def fault_point(world: World) -> None:
-    """The test hook described at FAULT_VARIABLE."""
-    global _steps_done
-    _steps_done += 1
-    if os.environ.get(FAULT_VARIABLE) == f"{world.rank}@{_steps_done}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    def describe(self) -> str:
+        """One phrase for the log, e.g. 'data parallel over 2 processes'."""
 
+    def prepare(self, stage: Stage, model: nn.Module, parameters: list[nn.Parameter]) -> Running:
+        """Before the first step: what trains on this rank."""
 
-def under_torchrun() -> bool:
-    """Whether this process was started by torchrun with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    def batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a (B, T) global batch."""
 
+    def loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """This rank's loss (a tensor with grad) and metrics (tensors or floats) on its batch."""
 
-def start(spec, device: torch.device) -> tuple[World, torch.device]:
-    """Join the process group torchrun set up (nothing without torchrun); returns the world and the
-    device this rank computes on (``cuda:LOCAL_RANK`` when the recipe's device is CUDA)."""
-    if not under_torchrun():
-        return SINGLE, device
-    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
-    if missing:
-        raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start several processes with "
-                        f"torchrun (or `mixerdistill run --nproc N`)")
-    rank, size, local_rank = (int(os.environ[name]) for name in TORCHRUN_VARIABLES)
-    if device.type == "cuda":
-        if device.index not in (None, local_rank):
-            raise UserError(f"device: '{device}' would put every rank on one GPU; use device: cuda or auto "
-                            f"under torchrun (rank r uses cuda:LOCAL_RANK)")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    backend = choose_backend(spec.backend, device)
-    dist.init_process_group(backend, timeout=timedelta(minutes=spec.timeout_minutes))
-    return World(rank, size, local_rank, "cuda" if backend == "nccl" else "cpu"), device
+    def reduce(self, loss: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
+        """The global loss (detached tensor) and metrics of this step, the same on every rank."""
 
+    def grad_norm(self, parameters: list[nn.Parameter]) -> torch.Tensor:
+        """The global gradient norm (a tensor: no host sync)."""
 
-def choose_backend(requested: str, device: torch.device) -> str:
-    """``auto``: nccl when this rank computes on CUDA, else gloo."""
-    if requested == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
-    if requested == "nccl" and device.type != "cuda":
-        raise UserError(f"distributed.backend: nccl needs CUDA devices, but this run computes on '{device}'; "
-                        f"use backend: gloo or auto")
-    return requested
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state as a progress checkpoint stores it (collective)."""
 
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Restore what ``optimizer_state`` gave."""
 
-def stop(world: World) -> None:
-    """Leave the process group (local: the other ranks may have exited already)."""
-    if world.active and dist.is_initialized():
-        dist.destroy_process_group()
+    def sync(self, model: nn.Module) -> None:
+        """Make ``model`` (the plain student) hold the current weights on every rank."""
+
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        """The module that evaluates the current weights (called on every rank)."""
+
+    def finish(self, model: nn.Module) -> None:
+        """After the last step: the plain student holds the trained weights on every rank."""
 
 
 def check_batch_sizes(recipe, world: World) -> None:
@@ -152,7 +98,7 @@ def uses_layer_parallel(recipe, block) -> bool:
     return recipe.distributed.layer_parallel and get_stage(block.name).layer_local
 
 
-def plan_for(recipe, block, world: World, device: torch.device) -> "SingleProcess":
+def plan_for(recipe, block, world: World, device: torch.device) -> Plan:
     """The plan that runs stage ``block`` of ``recipe`` on ``world``."""
     if not world.active:
         return SingleProcess()
@@ -165,20 +111,20 @@ def plan_for(recipe, block, world: World, device: torch.device) -> "SingleProces
     return DataParallel(world, device)
 
 
+def average_over_ranks(world: World, loss: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
+    """Data-parallel step figures: the mean over ranks of the loss and of each metric, in one collective
+    (float64, so the mean is exact); the loss keeps its dtype."""
+    values = torch.stack([loss.detach().double().reshape(()),
+                          *(torch.as_tensor(v, dtype=torch.float64, device=loss.device).reshape(())
+                            for v in extra.values())])
+    averaged = world.average(values)
+    return averaged[0].to(loss.dtype), dict(zip(extra, averaged[1:]))
+
+
 def shard_rows(batch: torch.Tensor, world: World) -> torch.Tensor:
     """Rank r's contiguous slice of a (B, T) global batch: rows [r·B/n, (r+1)·B/n)."""
     local = batch.shape[0] // world.size
     return batch[world.rank * local:(world.rank + 1) * local]
-
-
-@dataclass
-class Running:
-    """A stage as a plan runs it: the stage object whose loss is computed, the module that trains
-    (the student, or its sharded copy) and the parameters the optimizer updates on this rank."""
-
-    stage: Stage
-    module: nn.Module
-    parameters: list[nn.Parameter]
 
 
 class SingleProcess:
@@ -258,9 +204,7 @@ class DataParallel(SingleProcess):
         return shard_rows(batch, self.world)
 
     def reduce(self, loss, extra):
-        values = torch.tensor([loss.item(), *extra.values()], dtype=torch.float64)
-        averaged = self.world.average(values).tolist()
-        return torch.tensor(averaged[0]), dict(zip(extra, averaged[1:]))
+        return average_over_ranks(self.world, loss, extra)
 
     def finish(self, model):
         self.wrapped = None
@@ -299,9 +243,9 @@ class LayerParallel(SingleProcess):
                   for r in range(self.world.size)]
         self.owner = {idx: rank for rank, chunk in enumerate(chunks) for idx in chunk}
         # One stage per layer names that layer's parameters (used to broadcast them from their owner).
-        self.layer_parameters = {idx: list(dict.fromkeys(_restricted(stage, [idx]).trainable_parameters()))
+        self.layer_parameters = {idx: list(dict.fromkeys(stage.restrict([idx]).trainable_parameters()))
                                  for idx in layers}
-        own = _restricted(stage, chunks[self.world.rank])
+        own = stage.restrict(chunks[self.world.rank])
         self.running = Running(own, model, list(dict.fromkeys(own.trainable_parameters())))
         return self.running
 
@@ -309,7 +253,8 @@ class LayerParallel(SingleProcess):
         total = loss.detach().to(self.world.collective_device, torch.float64).clone()
         dist.all_reduce(total)
         gathered: list[dict] = [{} for _ in range(self.world.size)]
-        dist.all_gather_object(gathered, extra)
+        # each rank's own layers' metrics (a host copy: objects are pickled)
+        dist.all_gather_object(gathered, {k: torch.as_tensor(v).detach().cpu() for k, v in extra.items()})
         return total.to(loss.dtype).cpu(), {k: v for part in gathered for k, v in part.items()}
 
     def grad_norm(self, parameters):
@@ -340,12 +285,6 @@ def _full(value):
     return value.full_tensor().cpu() if hasattr(value, "full_tensor") else value
 
 
-def _restricted(stage: Stage, layers: list[int]) -> Stage:
-    """The same stage over only ``layers`` of the replaced layers."""
-    context = dataclasses.replace(stage.context, mixers={i: stage.context.mixers[i] for i in layers})
-    return type(stage)(stage.config, context)
-
-
 class FullyShardedStage(SingleProcess):
     """FSDP2 (``fully_shard``) on a copy of teacher and student: each decoder layer and the root are
     sharded over the ranks, so a rank's device holds a 1/N share of both models' weights, gradients
@@ -369,7 +308,7 @@ class FullyShardedStage(SingleProcess):
         self.plain = {"student": model, "teacher": context.teacher}
         # The copies keep the plain models' requires_grad flags (the stage's trainable parameters).
         sharded = {name: self._shard(module.to("cpu"), context.adapter, mesh) for name, module in self.plain.items()}
-        sharded_stage = type(stage)(stage.config, dataclasses.replace(
+        sharded_stage = stage.on_context(dataclasses.replace(
             context, teacher=sharded["teacher"], student=sharded["student"],
             mixers=mixer_layers(sharded["student"], context.adapter), teacher_attention={}))
         self.running = Running(sharded_stage, sharded["student"],
@@ -391,7 +330,8 @@ class FullyShardedStage(SingleProcess):
     def batch(self, batch):
         return shard_rows(batch, self.world)
 
-    reduce = DataParallel.reduce
+    def reduce(self, loss, extra):
+        return average_over_ranks(self.world, loss, extra)
 
     def grad_norm(self, parameters):
         norm = super().grad_norm(parameters)
@@ -437,51 +377,3 @@ class FullyShardedStage(SingleProcess):
         for plain in self.plain.values():
             plain.to(self.device)
         self.running = None
-
-
-def is_main_process() -> bool:
-    """Whether this process is rank 0 (or the only one)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-class RankFailed(UserError):
-    """A rank of a run started with ``--nproc`` died; torchrun stopped the others."""
-
-
-def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
-    """Run ``python -m mixerdistill ARGUMENTS`` as ``nproc`` ranks on this machine with torchrun
-    (torch.distributed.run, in this process). When a rank fails, torchrun stops the others and this
-    raises RankFailed naming the rank, how it ended and ``resume_command``."""
-    import shlex
-
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    from mixerdistill.interrupt import (RESUME_COMMAND_VARIABLE, STOP_SIGNALS, STOP_TIMEOUT_SECONDS, exit_code,
-                                        stop_exit_codes)
-
-    # torchrun forwards a stop signal to every rank (they end their step and write a checkpoint) and
-    # waits STOP_TIMEOUT_SECONDS for them; rank 0 prints the resume command, which is this one.
-    forwarded = ",".join(dict.fromkeys([s.name for s in STOP_SIGNALS] + ["SIGHUP", "SIGQUIT"]))
-    options = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}",
-                                            f"--signals-to-handle={forwarded}",
-                                            f"--shutdown-timeout={STOP_TIMEOUT_SECONDS}",
-                                            "--module", "mixerdistill", *arguments])
-    os.environ[RESUME_COMMAND_VARIABLE] = shlex.join(resume_command)
-    try:
-        run(options)
-    except SignalException as error:  # this launcher got the signal; the ranks have stopped
-        raise SystemExit(exit_code(error.sigval)) from None
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        if failure.exitcode in stop_exit_codes():  # the ranks stopped on a signal; rank 0 printed how to continue
-            raise SystemExit(failure.exitcode) from None
-        if failure.exitcode < 0:
-            how = f"was killed by {failure.signal_name()}"
-        else:
-            how = f"exited with code {failure.exitcode}" + (" (its error is printed above)" if failure.exitcode == 2
-                                                            else "")
-        raise RankFailed(f"rank {rank} of {nproc} {how}; torchrun stopped the other ranks. Checkpoints written "
-                         f"so far are intact: once the cause is fixed, continue with\n  "
-                         f"{shlex.join(resume_command)}") from None

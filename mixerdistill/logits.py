@@ -1,0 +1,100 @@
+"""Losses over the vocabulary computed a chunk of tokens at a time, so (B·T, V) logits never exist whole.
+
+A (4·256, 262,144) fp32 logits tensor (Gemma 3) is 1 GB, and a loss over it keeps several of its size
+(log-softmax of student and teacher, the gradient). Here the model runs up to its final norm once, and
+the LM head, the family's logit scaling and the loss run on ``chunk_tokens`` tokens at a time; for the
+student's gradient each chunk is recomputed in the backward pass (activation checkpointing), so the
+peak holds a few (chunk_tokens, V) tensors whatever B·T is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_TOKENS = 256
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) token ids → (B, T, D): the decoder's output after its final norm, before the LM head."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(…, D) final hidden states → (…, V) logits as the model's own forward computes them: the LM head,
+    then the family's scaling (Cohere's ``logit_scale``, Granite's ``logits_scaling``) and soft-capping
+    (Gemma 2/3's ``final_logit_softcapping``). ``check_adapter`` checks it against every family's forward."""
+    config = model.config
+    logits = model.get_output_embeddings()(hidden)
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_kd(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: (n, D) hidden states and (n,) next tokens (−100: none) → (Σ KL(teacher ‖ student) at
+    ``temperature``, Σ cross-entropy of the student on ``targets``)."""
+    student_logits = logits_from_hidden(student, student_hidden).float()
+    with torch.no_grad():
+        teacher_log_probs = F.log_softmax(logits_from_hidden(teacher, teacher_hidden).float() / temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
+    plain_log_probs = student_log_probs if temperature == 1 else F.log_softmax(student_logits, dim=-1)
+    return kl, F.nll_loss(plain_log_probs, targets, reduction="sum", ignore_index=-100)
+
+
+def chunked_distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids → (KL(teacher ‖ student) per token × temperature², next-token cross-entropy per predicted
+    token), both scalars with the student's gradient, the vocabulary handled ``chunk_tokens`` at a time."""
+    with torch.no_grad():
+        teacher_hidden = final_hidden(teacher, input_ids).flatten(0, 1)
+    student_hidden = final_hidden(student, input_ids).flatten(0, 1)  # (B·T, D)
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # the last token predicts nothing
+    kl = ce = student_hidden.new_zeros(())
+    for start in range(0, len(targets), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        chunk_kl, chunk_ce = checkpoint(
+            _chunk_kd,
+            student,
+            teacher,
+            student_hidden[piece],
+            teacher_hidden[piece],
+            targets[piece],
+            temperature,
+            use_reentrant=False,
+        )
+        kl, ce = kl + chunk_kl, ce + chunk_ce
+    predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    return kl * temperature**2 / len(targets), ce / predicted
+
+
+@torch.no_grad()
+def next_token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> float:
+    """(B, T) ids → the summed next-token negative log-likelihood of the B·(T − 1) predictions."""
+    hidden = final_hidden(model, input_ids)[:, :-1].flatten(0, 1)
+    targets = input_ids[:, 1:].flatten()
+    total = 0.0
+    for start in range(0, len(targets), chunk_tokens):
+        logits = logits_from_hidden(model, hidden[start : start + chunk_tokens]).float()
+        total += F.cross_entropy(logits, targets[start : start + chunk_tokens], reduction="sum").item()
+    return total

@@ -1,0 +1,126 @@
+"""Teacher samples: the KV-cache sampling loop, seeding, the on-disk cache, resuming, the filters."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from mixerdistill.data import ByteTokenizer
+from mixerdistill.sampling import (
+    SampleSettings,
+    TeacherSamples,
+    filter_samples,
+    generate_samples,
+    repeated_ngram_share,
+    sample_batch,
+)
+
+SETTINGS = {
+    "samples": 6,
+    "batch_size": 4,
+    "max_new_tokens": 12,
+    "min_new_tokens": 1,
+    "max_repeated_ngrams": 1.0,
+    "prompts": ["Once upon", "A", "The cat sat on the"],
+}
+IDENTITY = {"source": "config", "test": "tiny llama"}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+class CountingTeacher(torch.nn.Module):
+    """Counts forward calls; fails at call ``fail_at`` (an interruption)."""
+
+    def __init__(self, model, fail_at: int | None = None):
+        super().__init__()
+        self.model, self.config, self.calls, self.fail_at = model, model.config, 0, fail_at
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.model(**kwargs)
+
+
+def test_cached_sampling_equals_recomputing_without_cache():
+    """Greedy (top_p → 0) continuations of left-padded prompts with the KV cache equal a loop that
+    recomputes each prompt alone, unpadded."""
+    model, tokenizer = tiny_llama(), ByteTokenizer()
+    prompts = [tokenizer.encode(p) for p in ("Once upon a time", "A", "The cat")]
+    settings = SampleSettings(max_new_tokens=10, top_p=1e-9)
+    cached = sample_batch(model, prompts, settings, eos_id=None, pad_id=0, generator=torch.Generator())
+    for prompt, continuation in zip(prompts, cached):
+        ids = list(prompt)
+        for _ in range(10):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert continuation == ids[len(prompt) :]
+
+
+def test_samples_are_seeded_and_cached(cache):
+    model, tokenizer = tiny_llama(), ByteTokenizer()
+    first, meta = generate_samples(model, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)
+    assert len(first) == 6 and all(r["new_tokens"] == 12 for r in first)
+    assert meta["generated"] == 6 and meta["made_tokens"] == 8 * 12  # whole batches of 4
+    counting = CountingTeacher(model)
+    again, meta = generate_samples(counting, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)
+    assert again == first and counting.calls == 0 and "made_tokens" not in meta  # read from the cache
+    more, _ = generate_samples(
+        counting, tokenizer, SampleSettings(**{**SETTINGS, "samples": 10}), IDENTITY, show_progress=False
+    )
+    assert more[:6] == first and counting.calls == 12 + 1  # one batch more (+1: the throughput pass)
+    other, _ = generate_samples(
+        model, tokenizer, SampleSettings(**{**SETTINGS, "seed": 1}), IDENTITY, show_progress=False
+    )
+    assert other != first
+    assert len(list(cache.glob("teacher_samples/*"))) == 2
+    generate_samples(model, tokenizer, SampleSettings(**SETTINGS), {"other": 1}, show_progress=False)
+    assert len(list(cache.glob("teacher_samples/*"))) == 3  # the key includes the teacher
+    shutil.rmtree(cache)  # the same settings in a fresh cache give the same text
+    assert generate_samples(model, tokenizer, SampleSettings(**SETTINGS), IDENTITY, show_progress=False)[0] == first
+
+
+def test_interrupted_sampling_resumes_with_the_same_text(cache, tmp_path, monkeypatch):
+    model, tokenizer = tiny_llama(), ByteTokenizer()
+    settings = SampleSettings(**SETTINGS)
+    interrupted = CountingTeacher(model, fail_at=settings.max_new_tokens + 3)  # inside the second batch
+    with pytest.raises(KeyboardInterrupt):
+        generate_samples(interrupted, tokenizer, settings, IDENTITY, show_progress=False)
+    assert [p.name for p in cache.glob("teacher_samples/*/batch_*")] == ["batch_00000.jsonl"]
+    resumed = CountingTeacher(model)
+    samples, _ = generate_samples(resumed, tokenizer, settings, IDENTITY, show_progress=False)
+    assert resumed.calls == settings.max_new_tokens + 1  # only the second batch was made (+1: throughput)
+    monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "fresh"))
+    assert samples == generate_samples(model, tokenizer, settings, IDENTITY, show_progress=False)[0]
+
+
+def test_filters_drop_loops_short_samples_and_duplicates():
+    assert repeated_ngram_share([1, 2, 3, 4, 5, 6, 7, 8]) == 0
+    assert repeated_ngram_share([1, 2, 3] * 20) > 0.9
+    settings = SampleSettings(min_new_tokens=4)
+    records = [
+        {"prompt": "A", "continuation": " fine text", "new_tokens": 9, "repeated_ngrams": 0.0},
+        {"prompt": "A", "continuation": "  fine   text", "new_tokens": 10, "repeated_ngrams": 0.0},
+        {"prompt": "B", "continuation": " the the the", "new_tokens": 40, "repeated_ngrams": 0.8},
+        {"prompt": "C", "continuation": ".", "new_tokens": 1, "repeated_ngrams": 0.0},
+    ]
+    kept, dropped = filter_samples(records, settings)
+    assert kept == records[:1]
+    assert dropped == {"degenerate": 1, "short": 1, "duplicate": 1}
+
+
+def test_teacher_samples_source_splits_off_heldout_samples(cache):
+    source = TeacherSamples(SampleSettings(**{**SETTINGS, "samples": 8, "heldout_fraction": 0.25}))
+    with pytest.raises(RuntimeError, match="bind"):
+        source.documents("train")
+    source.bind(tiny_llama(), ByteTokenizer(), IDENTITY, show_progress=False)
+    train, heldout = list(source.documents("train")), list(source.documents("heldout"))
+    kept = source.meta["kept"]
+    assert len(heldout) == round(kept * 0.25) and len(train) + len(heldout) == kept
+    assert not set(train) & set(heldout)
