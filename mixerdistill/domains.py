@@ -225,20 +225,6 @@ def domain_table(teacher: dict[str, float], student: dict[str, float]) -> tuple[
     return table, geomean
 
 
-def domain_markdown(table: dict[str, dict], geomean: float | None) -> list[str]:
-    """report.md lines: one row per domain and the geometric mean of the ratios."""
-    from mixerdistill.report import format_number
-
-    lines = ["| domain | teacher | student | × teacher |", "|---|---:|---:|---:|"]
-    lines += [
-        f"| {name} | {format_number(row['teacher'])} | {format_number(row['student'])} "
-        f"| {format_number(row['ratio'])} |"
-        for name, row in table.items()
-    ]
-    lines.append(f"| **geometric mean** | | | **{format_number(geomean)}** |")
-    return lines
-
-
 class DomainEvaluation:
     """The domains of a recipe's ``eval.domains``, checked against the training stream, with the
     teacher's perplexity on each measured once."""
@@ -280,40 +266,3 @@ class DomainEvaluation:
 
     def measure(self, model) -> dict[str, float]:
         return domain_perplexities(model, self.domains, self.batch_size, self.device)
-
-
-def measure_run_domains(run_dir, student, names: list[str] | None, device, show_progress: bool = True) -> dict:
-    """``mixerdistill eval --domains``: the domain table of a finished run's student, the domains being
-    ``names`` (built-ins, or names of the recipe's file domains) or else its recipe's eval.domains; the
-    teacher is measured beside it."""
-    import yaml
-
-    from mixerdistill.mixture import build_data
-    from mixerdistill.recipe import validate_recipe
-    from mixerdistill.run_directory import RECIPE_FILE
-    from mixerdistill.teacher_sources import load_teacher
-
-    path = run_dir / RECIPE_FILE
-    if not path.is_file():
-        raise UserError(f"--domains needs a run directory with its {RECIPE_FILE}; {run_dir} has none")
-    raw = yaml.safe_load(path.read_text())
-    if names:  # the recipe's own entry of that name (a file domain), else the built-in
-        named = {e if isinstance(e, str) else e["name"]: e for e in raw["eval"].get("domains", [])}
-        raw["eval"]["domains"] = [named.get(name, name) for name in names]
-    recipe = validate_recipe(raw, source=f"{path} (with --domains)")
-    if not recipe.eval.domains:
-        raise UserError(
-            f"the recipe in {run_dir} names no eval.domains: give them with --domains, e.g. "
-            f"--domains {','.join(BUILTIN_DOMAINS)}"
-        )
-    teacher, tokenizer = load_teacher(recipe.teacher)
-    teacher.to(device)
-    data, sources = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"), show_progress)
-    evaluation = DomainEvaluation.for_recipe(recipe, data, sources, tokenizer, teacher, device, show_progress)
-    table, geomean = domain_table(evaluation.measure(teacher), evaluation.measure(student))
-    return {
-        "domains": table,
-        "domain_ratio_geomean": geomean,
-        "domain_tokens": recipe.eval.domain_tokens,
-        "seq_len": recipe.eval.seq_len,
-    }

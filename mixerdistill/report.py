@@ -32,8 +32,6 @@ def render_report(report: RunReport) -> str:
               f"teacher: {teacher.adapter} ({format_number(teacher.parameters)} parameters).", ""]
     lines += _perplexity_table(report)
     if student.domains:
-        from mixerdistill.domains import domain_markdown
-
         lines += ["", "## Unseen domains (never trained on)", "",
                   *domain_markdown(student.domains, student.domain_ratio_geomean)]
     lines += _stage_table(report) + _curve_table(report)
@@ -82,6 +80,18 @@ def _stage_table(report: RunReport) -> list[str]:
         lines.append(f"| {stage.index} | {stage.name} | {format_number(stage.steps)} | {format_number(stage.tokens)} "
                      f"| {format_number(stage.seconds, 1)} | {format_number(stage.tokens_per_second, 0)} "
                      f"| {format_number(stage.loss_first, 4)} | {format_number(stage.loss_last, 4)} |")
+    return lines
+
+
+def domain_markdown(table: dict[str, dict], geomean: float | None) -> list[str]:
+    """report.md lines: one row per domain and the geometric mean of the ratios."""
+    lines = ["| domain | teacher | student | × teacher |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {name} | {format_number(row['teacher'])} | {format_number(row['student'])} "
+        f"| {format_number(row['ratio'])} |"
+        for name, row in table.items()
+    ]
+    lines.append(f"| **geometric mean** | | | **{format_number(geomean)}** |")
     return lines
 
 

@@ -265,7 +265,8 @@ def test_delta_benchmark_reports_every_path_and_the_growth_of_the_chunked_one():
     assert {(row["T"], row["path"]) for row in result["rows"]} == {
         (T, path) for T in (64, 128) for path in ("materialised", "chunked", "recurrent")
     }
-    assert all(row["forward_backward_ms"] > 0 and row["peak_MB"] >= 0 for row in result["rows"])
+    assert all(row["forward_backward_ms"] > 0 and row["peak_MB"] >= 0 and row["saved_MB"] > 0 for row in result["rows"])
     assert set(result["summary"]) == {
-        f"gated_delta_rule_{key}_growth_T64_to_T128" for key in ("forward_backward", "forward_backward_cpu", "memory")
+        f"gated_delta_rule_{key}_growth_T64_to_T128"
+        for key in ("forward_backward", "forward_backward_cpu", "saved", "memory")
     }

@@ -22,6 +22,7 @@ from mixerdistill.plugins import get_dataset
 from mixerdistill.recipe import load_recipe, validate_recipe
 from mixerdistill.report import comparison_table, render_report, summarise_run
 from mixerdistill.run import execute
+from mixerdistill.run_report import RunReport
 
 
 def text_data(*paths, heldout=()) -> TokenData:
@@ -143,12 +144,15 @@ def test_report_and_compare_show_the_domain_table(tmp_path):
     table, geomean = domain_table({"pydoc": 10.0, "heldout": 40.0}, {"pydoc": 30.0, "heldout": 60.0})
     report = {
         "recipe": "r",
-        "teacher": {"perplexity": 40.0, "domains": {"pydoc": 10.0, "heldout": 40.0}},
-        "student": {"perplexity": 60.0, "domains": table, "domain_ratio_geomean": geomean},
+        "teacher": {"source": "config", "adapter": "llama", "parameters": 10, "perplexity": 40.0,
+                    "domains": {"pydoc": 10.0, "heldout": 40.0}},
+        "student": {"mixers": {"discrete_mamba2": 2}, "parameters": 10, "perplexity": 60.0, "domains": table,
+                    "domain_ratio_geomean": geomean},
+        "data": {"train_tokens": 100, "heldout_tokens": 10, "eval_tokens": 8},
         "stages": [],
         "curve": [{"stage_index": 1, "tokens": 8, "perplexity": 61.0, "domains": {"pydoc": 31.0, "heldout": 61.0}}],
     }
-    markdown = render_report(report)
+    markdown = render_report(RunReport.model_validate(report))
     assert "| pydoc | 10.00 | 30.00 | 3.00 |" in markdown and f"**{geomean:.2f}**" in markdown
     assert "| training tokens | stage | perplexity | pydoc | heldout |" in markdown
     (tmp_path / "report.json").write_text(json.dumps(report))

@@ -55,8 +55,6 @@ def eval_command(
                                 num_fewshot=num_fewshot)
         entry.update(evaluate_pair(student, teacher, tokenizer, settings))
     if domains:  # issue 21: the unseen-domain table, as in report.md
-        from mixerdistill.domains import measure_run_domains
-
         chosen = None if domains == "recipe" else [d.strip() for d in domains.split(",") if d.strip()]
         entry.update(measure_run_domains(run_dir, student, chosen, torch_device))
     path = output or run_dir / "eval.json"
@@ -79,6 +77,45 @@ def _scores_table(rows: list[dict], title: str) -> Table:
         table.add_row(row["task"], row["metric"], format_number(row["teacher"], 4),
                       format_number(row["student"], 4), format_number(row["ratio"], 3))
     return table
+
+
+def measure_run_domains(run_dir, student, names: list[str] | None, device, show_progress: bool = True) -> dict:
+    """``mixerdistill eval --domains``: the domain table of a finished run's student, the domains being
+    ``names`` (built-ins, or names of the recipe's file domains) or else its recipe's eval.domains; the
+    teacher is measured beside it."""
+    import yaml
+
+    from mixerdistill.domains import BUILTIN_DOMAINS, DomainEvaluation, domain_table
+    from mixerdistill.errors import UserError
+    from mixerdistill.mixture import build_data
+    from mixerdistill.recipe import validate_recipe
+    from mixerdistill.run_directory import RECIPE_FILE
+    from mixerdistill.teacher_sources import load_teacher
+
+    path = run_dir / RECIPE_FILE
+    if not path.is_file():
+        raise UserError(f"--domains needs a run directory with its {RECIPE_FILE}; {run_dir} has none")
+    raw = yaml.safe_load(path.read_text())
+    if names:  # the recipe's own entry of that name (a file domain), else the built-in
+        named = {e if isinstance(e, str) else e["name"]: e for e in raw["eval"].get("domains", [])}
+        raw["eval"]["domains"] = [named.get(name, name) for name in names]
+    recipe = validate_recipe(raw, source=f"{path} (with --domains)")
+    if not recipe.eval.domains:
+        raise UserError(
+            f"the recipe in {run_dir} names no eval.domains: give them with --domains, e.g. "
+            f"--domains {','.join(BUILTIN_DOMAINS)}"
+        )
+    teacher, tokenizer = load_teacher(recipe.teacher)
+    teacher.to(device)
+    data, sources = build_data(recipe.data, tokenizer, teacher, recipe.teacher.model_dump(mode="json"), show_progress)
+    evaluation = DomainEvaluation.for_recipe(recipe, data, sources, tokenizer, teacher, device, show_progress)
+    table, geomean = domain_table(evaluation.measure(teacher), evaluation.measure(student))
+    return {
+        "domains": table,
+        "domain_ratio_geomean": geomean,
+        "domain_tokens": recipe.eval.domain_tokens,
+        "seq_len": recipe.eval.seq_len,
+    }
 
 
 def _domain_table(entry: dict, title: str) -> Table:

