@@ -37,6 +37,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mixerdistill import faults
+from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError, writing
 from mixerdistill.student import StudentSpec
 
@@ -108,17 +109,38 @@ def save_checkpoint(model: nn.Module, spec: StudentSpec, directory: Path, extra:
     write_checkpoint(directory, write_files, extra)
 
 
+class CheckpointDamaged(UserError):
+    """A checkpoint folder (not a half-written ``.tmp`` one: those are never renamed into place) whose
+    manifest or checksums fail: its files were changed, truncated or lost after it was written."""
+
+
+def _inspect(directory: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None) for a complete checkpoint, else (None, what is wrong with it)."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        names = list(files.items())
+    except FileNotFoundError:
+        return None, f"{MANIFEST_FILE} is missing"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None, f"{MANIFEST_FILE} is unreadable"
+    for name, digest in names:
+        if not (directory / name).is_file():
+            return None, f"{name} is missing"
+        if _sha256(directory / name) != digest:
+            return None, f"{name} sha256 mismatch"
+    return manifest, None
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """What makes ``directory`` an incomplete or damaged checkpoint (None when it is complete)."""
+    return _inspect(directory)[1]
+
+
 def read_manifest(directory: Path) -> dict | None:
     """The manifest of a complete checkpoint, else None."""
-    manifest_path = Path(directory) / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-    complete = all((Path(directory) / name).is_file() and _sha256(Path(directory) / name) == digest
-                   for name, digest in files.items())
-    return manifest if complete else None
+    return _inspect(directory)[0]
 
 
 def is_complete(directory: Path) -> bool:
@@ -126,10 +148,23 @@ def is_complete(directory: Path) -> bool:
     return read_manifest(directory) is not None
 
 
+def finished_stage(directory: Path, index: int) -> dict | None:
+    """The manifest of stage ``index``'s checkpoint folder ``directory``; None when there is none.
+    A folder that exists but fails its manifest raises CheckpointDamaged (never silently retrained)."""
+    if not Path(directory).exists():
+        return None
+    manifest, problem = _inspect(directory)
+    if problem is not None:
+        raise CheckpointDamaged(f"stage {index} checkpoint is damaged: {problem} ({directory}). Restore it, or "
+                                f"delete that folder to train stage {index} again")
+    return manifest
+
+
 def load_weights(model: nn.Module, directory: Path) -> None:
     """Load a complete checkpoint's weights into ``model`` (same architecture)."""
-    if not is_complete(directory):
-        raise UserError(f"{directory} is not a complete checkpoint (missing files or checksum mismatch)")
+    problem = checkpoint_problem(directory)
+    if problem is not None:
+        raise CheckpointDamaged(f"checkpoint {directory} is damaged: {problem}")
     missing, unexpected = load_model(model, str(Path(directory) / MODEL_FILE), strict=False)
     if unexpected or [m for m in missing if not _is_tied(model, m)]:
         raise UserError(f"{directory}: weights do not fit the student (missing {missing[:5]}, "
@@ -210,14 +245,23 @@ class StageProgress:
         self.last_saved = time.monotonic()
 
     def latest(self) -> ResumePoint | None:
-        """The newest complete checkpoint, or None (half-written ones are skipped)."""
+        """The newest complete checkpoint, or None. Half-written ones (``.step_*.tmp``) are skipped; a
+        damaged one (a ``step_*`` folder failing its manifest) is skipped with a warning naming it."""
         if not self.root.is_dir():
             return None
+        damaged = []
         for directory in sorted(self.root.glob("step_*"), reverse=True):
-            manifest = read_manifest(directory)
+            manifest, problem = _inspect(directory)
             if manifest is not None:
-                return ResumePoint(manifest["step"], directory, manifest)
-        return None
+                break
+            damaged.append(f"{directory.name} ({problem})")
+        else:
+            manifest = None
+        if damaged:
+            fallback = directory.name if manifest is not None else "the start of the stage"
+            stderr_console.print(f"[yellow]warning:[/] damaged progress checkpoint(s) in {self.root}: "
+                                 f"{', '.join(damaged)}; falling back to {fallback}", highlight=False, soft_wrap=True)
+        return ResumePoint(manifest["step"], directory, manifest) if manifest is not None else None
 
     @staticmethod
     def load(point: ResumePoint, model: nn.Module) -> dict:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from mixerdistill.data import (
     DataSource,
     expand_paths,
+    read_text_file,
     resolve_input_path,
     tokenize_documents,
 )
@@ -121,10 +122,10 @@ def file_documents(spec: DomainFiles) -> list[str]:
     documents = []
     for path in expand_paths([spec.path]):
         if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_text_file(path).splitlines()
             documents += [json.loads(line)["text"] for line in lines if line.strip()]
         else:
-            documents.append(path.read_text(encoding="utf-8", errors="replace"))
+            documents.append(read_text_file(path))
     return documents
 
 

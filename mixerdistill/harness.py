@@ -18,7 +18,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from torch import nn
 
-from mixerdistill.checkpoint import SPEC_FILE, is_complete, load_student
+from mixerdistill.checkpoint import SPEC_FILE, CheckpointDamaged, checkpoint_problem, load_student
 from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError
 
@@ -44,14 +44,21 @@ def find_checkpoint(path: str | Path, stage: int | None = None) -> Path:
         raise UserError(f"{path} is neither a run directory (no {RECIPE_FILE}) nor a checkpoint folder "
                         f"(no {SPEC_FILE})")
     stages = sorted((int(d.name.split("_")[1]), d) for d in path.glob("stage_*_*")
-                    if d.name.split("_")[1].isdigit() and is_complete(d))
+                    if d.name.split("_")[1].isdigit() and d.is_dir())
     if not stages:
-        raise UserError(f"{path} holds no complete stage checkpoint yet")
+        raise UserError(f"{path} holds no finished stage checkpoint yet")
     if stage is None:
-        return stages[-1][1]
+        stage = stages[-1][0]
     chosen = [directory for number, directory in stages if number == stage]
     if not chosen:
         raise UserError(f"{path} has no finished stage {stage} (finished: {', '.join(str(n) for n, _ in stages)})")
+    # A stage folder only appears once complete (checkpoint.write_checkpoint): one that fails its
+    # manifest now was damaged afterwards, and no earlier stage is silently used instead.
+    problem = checkpoint_problem(chosen[0])
+    if problem is not None:
+        earlier = [n for n, d in stages if n < stage and checkpoint_problem(d) is None]
+        hint = f"; choose stage {earlier[-1]} explicitly (--stage {earlier[-1]} or its folder)" if earlier else ""
+        raise CheckpointDamaged(f"stage {stage} checkpoint is damaged: {problem} ({chosen[0]}){hint}")
     return chosen[0]
 
 

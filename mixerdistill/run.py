@@ -24,13 +24,16 @@ from pathlib import Path
 
 import torch
 
-from mixerdistill.checkpoint import PROGRESS_DIR, ResumePoint, StageProgress, load_weights, read_manifest, save_checkpoint
+from mixerdistill import interrupt
+from mixerdistill.checkpoint import (PROGRESS_DIR, ResumePoint, StageProgress, finished_stage, load_weights,
+                                     save_checkpoint)
 from mixerdistill.console import stderr_console
 from mixerdistill.device import pick_device
 from mixerdistill.distributed import plans, world as worlds
 from mixerdistill.domains import DomainEvaluation, domain_table
 from mixerdistill.errors import writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
+from mixerdistill.lock import output_lock
 from mixerdistill.plots import write_run_plots
 from mixerdistill.mixture import MixedData, build_data
 from mixerdistill.plugins import get_mixer, get_stage
@@ -49,16 +52,21 @@ from mixerdistill.training import Checkpointing, Placement, Reporting, seed_ever
 
 def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool = False,
             show_progress: bool = True) -> RunReport:
-    """Run every stage of ``recipe`` into ``output`` and return the report (on every rank)."""
+    """Run every stage of ``recipe`` into ``output`` and return the report (on every rank).
+
+    The output directory is locked for the whole run (mixerdistill.lock); SIGINT, SIGTERM and SIGUSR1
+    end it after the step in progress with a checkpoint and raise interrupt.Interrupted.
+    """
     world, device = worlds.start(recipe.distributed, pick_device(recipe.device))
     try:
-        run = Distillation(recipe, Path(output), world, device, resume=resume, overwrite=overwrite,
-                           show_progress=show_progress)
-        run.setup()
-        for index in range(1, len(recipe.stages) + 1):
-            run.run_stage(index)
-        run.evaluate()
-        return run.finish()
+        with output_lock(Path(output), world), interrupt.stop_signals(world.main):  # issue 20
+            run = Distillation(recipe, Path(output), world, device, resume=resume, overwrite=overwrite,
+                               show_progress=show_progress)
+            run.setup()
+            for index in range(1, len(recipe.stages) + 1):
+                run.run_stage(index)
+            run.evaluate()
+            return run.finish()
     finally:
         worlds.stop(world)
 
@@ -122,6 +130,7 @@ class Distillation:
         # unseen domains of eval.domains, refused when one of them is in the training stream.
         self.data, sources = build_data(recipe.data, self.tokenizer, self.teacher,
                                         recipe.teacher.model_dump(mode="json"), self.show_progress and self.world.main)
+        self.data.check_batches(recipe.stages)  # issue 20: every stage gets full batches, known before training
         self.domain_eval = DomainEvaluation.for_recipe(recipe, self.data, sources, self.tokenizer, self.teacher,
                                                        self.device, self.show_progress)
         self.eval_windows = (self.data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens)
@@ -190,7 +199,7 @@ class Distillation:
         the first stage it trains: the stages after that one start from their first step."""
         if not self.resume or self.first_trained is not None:
             return ResumeState()
-        manifest = read_manifest(self._stage_directory(index))
+        manifest = finished_stage(self._stage_directory(index), index)  # a damaged one is an error
         if manifest is not None and "stage" in manifest:
             return ResumeState(finished=manifest)
         return ResumeState(point=self._progress(index).latest())
@@ -220,6 +229,7 @@ class Distillation:
         self.log(f"[bold]stage {index}[/] {block.name}: loss {figures.loss_first:.4g} → {figures.loss_last:.4g}, "
                  f"{figures.tokens_per_second:.0f} tok/s"
                  + (f", perplexity {figures.perplexity_after:.2f}" if figures.perplexity_after else ""))
+        interrupt.end_stage(self.world)  # issue 20: a stop asked for in the stage's last step stops here
 
     def _stage_directory(self, index: int) -> Path:
         return stage_directory(self.output, index, self.recipe.stages[index - 1].name)
@@ -249,6 +259,7 @@ class Distillation:
         batches = self.data.train_batches(config.batch_size, config.seq_len, seed,
                                           start_batch=point.step if point else 0)
         plan = plans.plan_for(self.recipe, block, self.world, self.device)
+        interrupt.begin_stage(index, point.step if point else 0)  # issue 20: a signal now ends the step
         self.log(f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × {config.batch_size} × "
                  f"{config.seq_len} tokens" + (f", {plan.describe()}" if self.world.active else ""))
         result = train_stage(

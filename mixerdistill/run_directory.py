@@ -13,13 +13,13 @@ Layout::
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import yaml
 
 from mixerdistill.checkpoint import write_text_atomic
 from mixerdistill.errors import UserError, writing
+from mixerdistill.lock import clear_directory, run_files
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -33,7 +33,7 @@ def check_output(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to touch an existing run unless asked to (writes nothing)."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if output.is_dir() and run_files(output) and not overwrite:
         if not resume:
             raise UserError(f"output directory {output} is not empty: pass --resume to continue that run "
                             f"or --overwrite to replace it")
@@ -52,7 +52,7 @@ def check_same_recipe(output: Path, resolved: dict) -> None:
 def prepare_output(output: Path, resolved: dict, overwrite: bool) -> None:
     """Create the run directory (emptied first with ``overwrite``) and record the resolved recipe."""
     with writing(output):
-        if overwrite and output.is_dir():
-            shutil.rmtree(output)
         output.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            clear_directory(output)  # keeps the run's lock
     write_text_atomic(output / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))

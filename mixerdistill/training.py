@@ -20,7 +20,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from mixerdistill import faults
+from mixerdistill import faults, interrupt
 from mixerdistill.checkpoint import ResumePoint, StageProgress
 from mixerdistill.console import stderr_console
 from mixerdistill.distributed.plans import Plan, SingleProcess
@@ -104,7 +104,8 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
     Only the stage's trainable parameters require gradients while it runs; every step appends one
     JSON line to ``reporting.metrics_path``. The time of ``on_step`` and of writing checkpoints is not
     counted in the stage's seconds. When resuming (``checkpointing.start``), ``batches`` must begin at
-    batch ``start.step``.
+    batch ``start.step``. A stop signal (mixerdistill.interrupt) ends the loop after the step in progress:
+    that step's checkpoint is written and interrupt.Interrupted raised (in the last step, the stage finishes).
 
     A non-finite loss or gradient norm raises NonFiniteLoss naming the stage, the step and the
     first module where a non-finite value appeared; with ``skip_nonfinite: N`` in the stage's
@@ -255,7 +256,8 @@ class StageLoop:
                 self.metrics_file.write(json.dumps(record) + "\n")
                 self.metrics_file.flush()
         progress = self.checkpointing.progress
-        if progress is not None and step < self.total_steps and self.world.agree(progress.due(step)):
+        stopping = interrupt.stop_requested(step, self.world)  # issue 20: a signal ends the run after this step
+        if progress is not None and step < self.total_steps and (self.world.agree(progress.due(step)) or stopping):
             self.figures["seconds"] = pause_start - self.begin - self.paused
             state = {"optimizer": self.plan.optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
                      "rng": rng_state()}
@@ -266,6 +268,8 @@ class StageLoop:
                                                         **info})
             self.world.barrier()
         faults.step_done(self.world.rank)
+        if stopping and step < self.total_steps:
+            raise interrupt.interrupted()  # its checkpoint is written (the last step: after the stage's)
 
 
 def rng_state() -> dict:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from pydantic import Field, model_validator
 
-from mixerdistill.data import DataSource, DataSourceConfig, PathsConfig, expand_paths
+from mixerdistill.data import DataSource, DataSourceConfig, PathsConfig, expand_paths, read_text_file
 from mixerdistill.errors import UserError
 from mixerdistill.hookspecs import hookimpl
 from mixerdistill.plugins import suggest
@@ -27,7 +27,7 @@ class TextFiles(DataSource):
         patterns = self.config.paths if split == "train" else self.config.heldout_paths
         held = {p.resolve() for p in expand_paths(self.config.heldout_paths)}
         files = [p for p in expand_paths(patterns) if split == "heldout" or p.resolve() not in held]
-        return (path.read_text(encoding="utf-8", errors="replace") for path in files)
+        return (read_text_file(path) for path in files)
 
 
 class JsonLines(DataSource):
@@ -44,15 +44,14 @@ class JsonLines(DataSource):
 
     def _read(self, files) -> Iterator[str]:
         for path in files:
-            with open(path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)[self.config.text_field]
-                    except (json.JSONDecodeError, KeyError, TypeError) as error:
-                        raise UserError(f"{path}:{number}: not a JSON object with a "
-                                        f"'{self.config.text_field}' string ({error})") from None
+            for number, line in enumerate(read_text_file(path).split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)[self.config.text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise UserError(f"{path}:{number}: not a JSON object with a "
+                                    f"'{self.config.text_field}' string ({error})") from None
 
 
 class HubDataset(DataSource):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 
 import pytest
 import torch
 
-from mixerdistill.data import ByteTokenizer, TokenData
+from conftest import cli_in_process, write_recipe
+from mixerdistill.data import NON_TEXT_LIMIT, ByteTokenizer, TokenData
 from mixerdistill.errors import UserError
 from mixerdistill.plugins import get_dataset
 
@@ -104,3 +107,52 @@ def test_hub_dataset_streams_without_reading_everything(monkeypatch):
     batch = next(data.train_batches(2, 32, seed=0))
     assert batch.shape == (2, 32) and b"train document" in bytes(batch.flatten().tolist())
     assert opened == ["validation", "train"]
+
+
+PROSE = "It is a truth universally acknowledged that a single man must be in want of a wife.\n" * 40
+
+
+@pytest.mark.parametrize("source", ["text", "jsonl"])
+def test_a_file_that_is_not_text_is_refused_by_name(tmp_path, source):
+    executable = tmp_path / "python-binary"
+    shutil.copy(sys.executable, executable)  # a real ELF executable
+    with pytest.raises(UserError, match=f"{executable} is not UTF-8 text: .* NUL"):
+        TokenData(make_source(source, paths=[str(executable)]), ByteTokenizer())
+
+
+def test_text_encoding_threshold(tmp_path):
+    """A stray byte that is not UTF-8 (below NON_TEXT_LIMIT) is read as text; Latin-1 prose above it and
+    UTF-16 are refused."""
+    stray = tmp_path / "stray.txt"
+    stray.write_bytes(PROSE.encode() + b"caf\xe9\n")
+    assert 1 / len(stray.read_bytes()) < NON_TEXT_LIMIT
+    data = TokenData(make_source("text", paths=[str(stray)], heldout_fraction=0.1), ByteTokenizer())
+    assert len(data.train) > 3000
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(("Déjà vu à l'élève: " * 200).encode("latin-1"))
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes(PROSE.encode("utf-16"))
+    for path in (latin, utf16):
+        with pytest.raises(UserError, match=f"{path} is not UTF-8 text"):
+            TokenData(make_source("text", paths=[str(path)]), ByteTokenizer())
+
+
+def test_empty_source_is_a_clear_error(tmp_path):
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(UserError, match="gave no training text .*empty"):
+        TokenData(make_source("text", paths=[str(tmp_path / "*.txt")]), ByteTokenizer())
+
+
+def test_too_little_text_for_a_later_stage_fails_before_any_training(tmp_path):
+    """Stages 1–2 fit the text, stage 3's batch does not: the run stops before stage 1, writing nothing."""
+    (tmp_path / "small.txt").write_text(PROSE)  # 3,360 bytes: stage 3's 4 × 1024 tokens do not fit
+    recipe = write_recipe(tmp_path)
+    output = tmp_path / "run"
+    code, text = cli_in_process("run", str(recipe), "--output", str(output), "--no-progress",
+                                "--set", f"data.paths=[{tmp_path / 'small.txt'}]", "--set", "eval.tokens=128",
+                                "--set", "stages.2.seq_len=1024", "--set", "stages.2.tokens=8192",
+                                "--set", "eval.every_tokens=null")
+    assert code == 2, text
+    assert "stages.2: 4 × 1024 tokens per batch" in text and "stages.0" not in text
+    assert not output.exists()

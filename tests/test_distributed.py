@@ -1,5 +1,5 @@
 """Runs on several processes (torchrun, gloo, CPU): the same weights as one process with the same global
-batch, layer-parallel stages 1–2, FSDP stage 3, a killed rank and resuming under torchrun.
+batch, layer-parallel stages 1–2, FSDP stage 3, a killed rank, a stop signal and resuming under torchrun.
 
 Each multi-process run is `mixerdistill run --nproc 2` in a subprocess (two ranks with one thread each);
 the reference is the same recipe run in one process.
@@ -8,12 +8,15 @@ the reference is the same recipe run in one process.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import STAGES, cli_in_process, run_cli, write_recipe
+from mixerdistill import faults, interrupt
+from mixerdistill.checkpoint import StageProgress
 from mixerdistill.distributed.plans import check_batch_sizes, shard_rows
 from mixerdistill.distributed.world import SINGLE, World, choose_backend, start
 from mixerdistill.errors import RecipeError, UserError
@@ -98,6 +101,38 @@ def test_killed_rank_stops_the_run_and_it_resumes(single, tmp_path, options, kil
     assert resumed.returncode == 0, resumed.stderr
     assert f"stage {stage} {STAGES[stage - 1]}: resuming after step 2" in resumed.stderr
     assert largest_difference(run, reference, 3) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def two_processes(single, tmp_path_factory):
+    """An uninterrupted data-parallel run on two processes of the same recipe."""
+    output = tmp_path_factory.mktemp("two_processes") / "run"
+    result = run_two_processes(single[0], output)
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, name, stage, step", [
+    ("1@3", "SIGTERM", 1, 3),  # rank 1 alone gets it, between two periodic checkpoints (every 2 steps)
+    ("0@6", "SIGUSR1", 2, 2),  # rank 0 alone, on a periodic checkpoint's step
+])
+def test_signal_on_one_rank_stops_every_rank_at_that_step(single, two_processes, tmp_path, target, name, stage, step):
+    recipe, _ = single
+    run = tmp_path / "run"
+    stopped = run_two_processes(recipe, run, env={faults.SEND_SIGNAL: f"{target}:{name}"})
+    assert stopped.returncode == interrupt.exit_code(getattr(signal, name)), stopped.stderr
+    line = " ".join(stopped.stderr.split())
+    assert line.count(f"interrupted at stage {stage} step {step} — continue with: mixerdistill run") == 1
+    assert StageProgress(run / "resume" / f"stage_{stage}_{STAGES[stage - 1]}").latest().step == step
+    command = line.split("continue with: ")[1].split(" --resume")[0].split() + ["--resume", "--nproc", "2"]
+    assert line.split("continue with: ")[1].startswith(" ".join(command))
+    resumed = run_cli(*command[1:], "--no-progress", env=CHILD_ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"stage {stage} {STAGES[stage - 1]}: resuming after step {step}" in resumed.stderr
+    for number in (1, 2, 3):
+        final = f"stage_{number}_{STAGES[number - 1]}/model.safetensors"
+        assert (run / final).read_bytes() == (two_processes / final).read_bytes()
 
 
 def test_global_batch_is_split_into_disjoint_slices():

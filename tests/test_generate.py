@@ -174,14 +174,16 @@ def test_text_stream_with_the_smollm2_tokenizer():
 
 
 # -- the command line on a tiny run --------------------------------------------------------------
+TINY_RUN_OPTIONS = ("--set", "stages=[{name: matrix_orientation, tokens: 1024, batch_size: 8, seq_len: 64}, "
+                            "{name: knowledge_distillation, tokens: 1024, batch_size: 8, seq_len: 64}]",
+                    "--set", "eval.every_tokens=null", "--set", "eval.tokens=512", "--no-progress")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """The tiny recipe cut to two short stages (1: matrix orientation, 2: knowledge distillation)."""
     output = tmp_path_factory.mktemp("generate") / "tiny"
-    stages = ("stages=[{name: matrix_orientation, tokens: 1024, batch_size: 8, seq_len: 64}, "
-              "{name: knowledge_distillation, tokens: 1024, batch_size: 8, seq_len: 64}]")
-    code, log = cli_in_process("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(output), "--set", stages,
-                               "--set", "eval.every_tokens=null", "--set", "eval.tokens=512", "--no-progress")
+    code, log = cli_in_process("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(output), *TINY_RUN_OPTIONS)
     assert code == 0, log
     return output
 
@@ -218,12 +220,36 @@ def test_generate_command_errors(tiny_run, tmp_path):
     shutil.copy(tiny_run / "recipe.yaml", unfinished / "recipe.yaml")
     for args, message in (
             ((str(tmp_path / "missing"), "--prompt", "x"), "no such run directory"),
-            ((str(unfinished), "--prompt", "x"), "no complete stage checkpoint"),
+            ((str(unfinished), "--prompt", "x"), "no finished stage checkpoint"),
             ((str(tiny_run), "--prompt", "  "), "--prompt is empty"),
             ((str(tiny_run), "--prompt", "x", "--stage", "9"), "no finished stage 9 (finished: 1, 2)"),
             ((str(tiny_run / "stage_1_matrix_orientation"), "--prompt", "x", "--stage", "1"), "checkpoint folder")):
         code, output = cli_in_process("generate", *args)
         assert code == 2 and message in output and "Traceback" not in output, (args, output)
+
+
+def test_damaged_checkpoint_is_named_never_silently_replaced(tiny_run, tmp_path):
+    """A truncated last-stage checkpoint: generate, eval and run --resume say which checkpoint is damaged
+    and how; none falls back to stage 1 on its own."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = run / "stage_2_knowledge_distillation" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    damaged = "stage 2 checkpoint is damaged: model.safetensors sha256 mismatch"
+    for args in (("generate", str(run), "--prompt", "x"), ("generate", str(run), "--prompt", "x", "--stage", "2"),
+                 ("eval", str(run), "--tasks", "austen_cloze")):
+        code, output = cli_in_process(*args)
+        output = " ".join(output.split())
+        assert code == 2 and damaged in output and "Traceback" not in output, (args, output)
+        assert "student from" not in output
+    assert "--stage 1" in output
+    code, output = cli_in_process("generate", str(run / "stage_2_knowledge_distillation"), "--prompt", "x")
+    assert code == 2 and "is damaged: model.safetensors sha256 mismatch" in output
+    code, output = cli_in_process("generate", str(run), "--prompt", "x", "--stage", "1", "--max-new-tokens", "2")
+    assert code == 0, output
+    code, output = cli_in_process("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(run), "--resume",
+                                  *TINY_RUN_OPTIONS)
+    assert code == 2 and damaged in " ".join(output.split()), output
 
 
 # -- the decode benchmark's synthetic caches -----------------------------------------------------

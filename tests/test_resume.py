@@ -1,7 +1,8 @@
 """Resume: a run interrupted anywhere continues to bitwise the same weights as an uninterrupted one.
 
-In-process tests crash a run at chosen data positions (an exception from the batch iterator); the
-slow tests SIGKILL a real `mixerdistill run` subprocess mid-stage and mid-checkpoint-write.
+In-process tests crash a run at chosen data positions (an exception from the batch iterator) or send
+it SIGINT / SIGTERM / SIGUSR1 after a chosen step (mixerdistill.interrupt's test hook); the slow tests
+SIGKILL a real `mixerdistill run` subprocess mid-stage and mid-checkpoint-write.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, STAGES, run_cli, write_recipe
+from conftest import REPO, STAGES, cli_in_process, run_cli, write_recipe
+from mixerdistill import faults
 from mixerdistill.checkpoint import MANIFEST_FILE, STATE_FILE, StageProgress, is_complete
 from mixerdistill.data import TokenData
 from mixerdistill.errors import OutputError, UserError
 from mixerdistill.faults import KILL_IN_CHECKPOINT
+from mixerdistill.interrupt import Interrupted
 from mixerdistill.recipe import load_recipe
 from mixerdistill.run import execute
 
@@ -257,3 +260,86 @@ def test_progress_state_is_loaded_without_unpickling_code(tmp_path, monkeypatch,
     with pytest.raises(UserError, match="cannot be loaded safely"):
         execute(recipe, run, resume=True, show_progress=False)
     assert not marker.exists()
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    assert final_weights(run) == final_weights(reference)
+    assert metrics_without_timings(run) == metrics_without_timings(reference)
+    assert comparable_report(run) == comparable_report(reference)
+    assert not (run / "resume").exists()
+
+
+# (optimizer steps done when the signal arrives, signal, the stage and step the run stops at): before a
+# stage's first periodic checkpoint, in the last step of a stage (the stage finishes, its checkpoint
+# is the resume point), mid stage 2 between periodic checkpoints (every 5 steps, 12 per stage).
+STOP_POINTS = [(3, "SIGINT", 1, 3), (12, "SIGUSR1", 1, 12), (19, "SIGTERM", 2, 7)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps, name, stage, step", STOP_POINTS)
+def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_identically(
+        tmp_path, monkeypatch, keep_threads, reference, steps, name, stage, step):
+    recipe = load_recipe(write_recipe(tmp_path))
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.SEND_SIGNAL, f"0@{steps}:{name}")
+    with pytest.raises(Interrupted) as stopped:
+        execute(recipe, run, show_progress=False)
+    assert (stopped.value.signum, stopped.value.stage, stopped.value.step) == (getattr(signal, name), stage, step)
+    progress = StageProgress(run / "resume" / f"stage_{stage}_{STAGES[stage - 1]}").latest()
+    if step < 12:
+        assert progress.step == step  # the stop wrote a checkpoint of exactly that step
+    else:
+        assert progress is None and is_complete(run / f"stage_{stage}_{STAGES[stage - 1]}")
+    assert len(metrics_without_timings(run)) == steps
+    monkeypatch.delenv(faults.SEND_SIGNAL)
+    execute(recipe, run, resume=True, show_progress=False)
+    assert_same_run(run, reference)
+
+
+def test_interrupted_run_prints_the_resume_command_and_exits_130(tmp_path, monkeypatch, keep_threads, reference):
+    """Through the command line: SIGINT in stage 3 (step 10 of 12), exit 130, the printed command
+    continues the run to the uninterrupted run's weights."""
+    recipe = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.SEND_SIGNAL, "0@34:SIGINT")
+    code, text = cli_in_process("run", str(recipe), "--output", str(run), "--no-progress")
+    assert code == 130, text
+    assert "SIGINT: stopping after this step" in text
+    expected = f"interrupted at stage 3 step 10 — continue with: mixerdistill run {recipe} --output {run} --resume"
+    assert expected in " ".join(text.split())
+    assert StageProgress(run / "resume" / "stage_3_knowledge_distillation").latest().step == 10
+    monkeypatch.delenv(faults.SEND_SIGNAL)
+    command = expected.split("continue with: ")[1].split()
+    code, text = cli_in_process(*command[1:], "--no-progress")
+    assert code == 0 and "resuming after step 10" in text, text
+    assert_same_run(run, reference)
+
+
+def test_second_signal_stops_at_once(tmp_path, monkeypatch, keep_threads, reference):
+    """Two SIGTERMs after step 7: no checkpoint of step 7, exit 143; the run continues from step 5."""
+    recipe = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.SEND_SIGNAL, "0@7:SIGTERM,SIGTERM")
+    code, text = cli_in_process("run", str(recipe), "--output", str(run), "--no-progress")
+    assert code == 143, text
+    assert "stopped at once by a second SIGTERM in stage 1" in " ".join(text.split())
+    assert StageProgress(run / "resume" / "stage_1_matrix_orientation").latest().step == 5
+    monkeypatch.delenv(faults.SEND_SIGNAL)
+    execute(load_recipe(recipe), run, resume=True, show_progress=False)
+    assert_same_run(run, reference)
+
+
+def test_signal_outside_a_stage_stops_at_once_and_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM while the teacher loads (nothing to save yet): exit 143 and no output directory."""
+    import mixerdistill.run as run_module
+
+    original = run_module.load_teacher
+
+    def load_teacher(spec):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(spec)
+
+    monkeypatch.setattr(run_module, "load_teacher", load_teacher)
+    code, text = cli_in_process("run", str(write_recipe(tmp_path)), "--output", str(tmp_path / "run"), "--no-progress")
+    assert code == 143 and "interrupted by SIGTERM outside a stage" in text, text
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError
+from mixerdistill.interrupt import Interrupted, exit_code
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Distil a pretrained Transformer into subquadratic sequence mixers (MOHAWK).")
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
         app(args=argv, prog_name="mixerdistill", standalone_mode=True)
+    except Interrupted as stop:  # `run` prints its own message, with the command that continues the run
+        stderr_console.print(f"[bold yellow]{escape(str(stop))}[/]", highlight=False, soft_wrap=True)
+        sys.exit(exit_code(stop.signum))
     except UserError as error:
         if os.environ.get(TRACEBACK_VARIABLE):
             raise

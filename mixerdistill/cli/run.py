@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from mixerdistill.cli import app
 from mixerdistill.console import stderr_console, stdout_console
@@ -45,6 +48,7 @@ def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="
     from mixerdistill.distributed.launcher import launch
     from mixerdistill.distributed.world import current_world, under_torchrun
     from mixerdistill.errors import UserError
+    from mixerdistill.interrupt import RESUME_COMMAND_VARIABLE, Interrupted, exit_code
     from mixerdistill.recipe import load_recipe
     from mixerdistill.report import render_report
     from mixerdistill.run import execute
@@ -53,16 +57,25 @@ def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="
         raise UserError("--resume and --overwrite exclude each other")
     recipe = load_recipe(recipe_path, overrides)
     directory = output or recipe.output.dir or Path("runs") / recipe.name
+    sets = [part for override in overrides for part in ("--set", override)]
+    common = [str(recipe_path), "--output", str(directory), *sets]
+    resume_command = ["mixerdistill", "run", *common, "--resume"] + ["--nproc", str(nproc)] * (nproc > 1)
     if nproc > 1:
         if under_torchrun():
             raise UserError("--nproc starts torchrun; this process already runs under torchrun: drop --nproc")
-        sets = [part for override in overrides for part in ("--set", override)]
-        common = [str(recipe_path), "--output", str(directory), *sets]
         flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ["--no-progress"] * (not progress)
-        launch(nproc, ["run", *common, *flags],
-                           resume_command=["mixerdistill", "run", *common, "--resume", "--nproc", str(nproc)])
+        launch(nproc, ["run", *common, *flags], resume_command=resume_command)
         return
-    report = execute(recipe, Path(directory), resume=resume, overwrite=overwrite, show_progress=progress)
+    try:
+        report = execute(recipe, Path(directory), resume=resume, overwrite=overwrite, show_progress=progress)
+    except Interrupted as stop:
+        if current_world().main:
+            # Under `--nproc`, the launcher's command; under a torchrun of one's own, that command with --resume.
+            command = os.environ.get(RESUME_COMMAND_VARIABLE) or shlex.join(resume_command) + (
+                " (under torchrun: your torchrun command with --resume)" if under_torchrun() else "")
+            stderr_console.print(f"[bold yellow]{escape(str(stop))}[/] — continue with: {escape(command)}",
+                                 highlight=False, soft_wrap=True)
+        raise typer.Exit(exit_code(stop.signum)) from None
     if not current_world().main:
         return
     typer.echo(render_report(report))

@@ -44,6 +44,14 @@ class World:
         dist.broadcast(value, src=0)
         return bool(value.item())
 
+    def largest(self, value: int) -> int:
+        """The largest of every rank's ``value`` (e.g. a signal any one rank received)."""
+        if not self.active:
+            return value
+        flag = torch.tensor([value], device=self.collective_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
     def average(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over ranks of a tensor every rank holds (same shape); float64 for exact sums."""
         if not self.active:
