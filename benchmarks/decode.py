@@ -1,4 +1,5 @@
 """Decode latency and cache memory, student vs teacher: see mixerdistill/bench/decode.py."""
+
 from mixerdistill.bench.decode import main
 
 if __name__ == "__main__":

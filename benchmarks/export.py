@@ -63,8 +63,9 @@ def main() -> None:
                 pass
 
         def hf(count: int) -> None:
-            exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count, do_sample=False,
-                              eos_token_id=None)
+            exported.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count, do_sample=False, eos_token_id=None
+            )
 
         rates = {own: [], hf: []}
         for _ in range(args.repeats):  # alternated, so a change in the machine's load hits both alike

@@ -35,8 +35,12 @@ OPERATORS = {
     "diagonal SSM (fla gla)": lambda T, H, d, k: (lambda a: ssd(*a, 64, kernel=k), inputs(T, H, d, per_state=True)),
     "causal conv1d": lambda T, H, d, k: (
         lambda a: (causal_conv1d(a[0], a[1], a[2], activation="silu", kernel=k)[0], a[0][:, :1, :1]),
-        [torch.randn(1, H * 64 * 3, T, device=d).requires_grad_(),
-         torch.randn(H * 64 * 3, 1, 4, device=d).requires_grad_(), torch.randn(H * 64 * 3, device=d).requires_grad_()]),
+        [
+            torch.randn(1, H * 64 * 3, T, device=d).requires_grad_(),
+            torch.randn(H * 64 * 3, 1, 4, device=d).requires_grad_(),
+            torch.randn(H * 64 * 3, device=d).requires_grad_(),
+        ],
+    ),
 }
 
 
@@ -65,8 +69,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
-          f"ms per forward+backward (median of {args.repeats})\n")
+    print(
+        f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
+        f"ms per forward+backward (median of {args.repeats})\n"
+    )
     print("| operator | T | reference | kernel | speed-up |\n|---|---|---|---|---|")
     for name, build in OPERATORS.items():
         for length in args.lengths:

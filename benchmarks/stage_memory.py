@@ -32,8 +32,12 @@ def whole_logits_kd(teacher, student, input_ids) -> torch.Tensor:
         teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
     logits = student(input_ids=input_ids, use_cache=False).logits
     vocab = logits.shape[-1]
-    return F.kl_div(F.log_softmax(logits.float().view(-1, vocab), -1),
-                    F.log_softmax(teacher_logits.float().view(-1, vocab), -1), log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(logits.float().view(-1, vocab), -1),
+        F.log_softmax(teacher_logits.float().view(-1, vocab), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def main() -> None:
@@ -50,8 +54,9 @@ def main() -> None:
     print(f"{variant}: peak RSS after setup {peak_gb():.2f} GB", flush=True)
     if variant.startswith("stage2"):
         stage_cls = get_stage("hidden_state_alignment")
-        config = stage_cls.Config(tokens=1024, target="mixer", distance="relative",
-                                  recompute=variant == "stage2_recompute")
+        config = stage_cls.Config(
+            tokens=1024, target="mixer", distance="relative", recompute=variant == "stage2_recompute"
+        )
     else:
         stage_cls = get_stage("knowledge_distillation")
         config = stage_cls.Config(tokens=1024)

@@ -17,10 +17,22 @@ from mixerdistill.data import NON_TEXT_LIMIT, non_text_bytes
 
 SAMPLE_BYTES = 1 << 20
 DEFAULT_GROUPS = {
-    "text": ["/usr/share/doc/**/*.txt", "/usr/lib/python3*/**/*.py", "/usr/share/common-licenses/*",
-             "/usr/share/i18n/locales/*", "/usr/share/perl/**/*.pm", "/usr/share/man/**/*.[0-9]", "docs/*.md"],
-    "binary": ["/usr/bin/*", "/usr/lib/x86_64-linux-gnu/*.so*", "/usr/lib/python3*/**/*.pyc",
-               "/usr/share/**/*.png", "/usr/share/**/*.gz"],
+    "text": [
+        "/usr/share/doc/**/*.txt",
+        "/usr/lib/python3*/**/*.py",
+        "/usr/share/common-licenses/*",
+        "/usr/share/i18n/locales/*",
+        "/usr/share/perl/**/*.pm",
+        "/usr/share/man/**/*.[0-9]",
+        "docs/*.md",
+    ],
+    "binary": [
+        "/usr/bin/*",
+        "/usr/lib/x86_64-linux-gnu/*.so*",
+        "/usr/lib/python3*/**/*.pyc",
+        "/usr/share/**/*.png",
+        "/usr/share/**/*.gz",
+    ],
 }
 FILES_PER_PATTERN = 300
 
@@ -41,8 +53,13 @@ def shares(patterns: list[str]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--group", nargs="+", action="append", metavar=("NAME", "GLOB"),
-                        help="A group of files: its name, then glob patterns (repeatable).")
+    parser.add_argument(
+        "--group",
+        nargs="+",
+        action="append",
+        metavar=("NAME", "GLOB"),
+        help="A group of files: its name, then glob patterns (repeatable).",
+    )
     args = parser.parse_args()
     groups = {name: patterns for name, *patterns in args.group} if args.group else DEFAULT_GROUPS
     print(f"limit: {NON_TEXT_LIMIT:.2%} of the bytes NUL or not UTF-8")
@@ -52,9 +69,11 @@ def main() -> None:
             print(f"{name}: no files")
             continue
         refused = sum(v > NON_TEXT_LIMIT for v in values)
-        print(f"{name}: {len(values)} files; non-text share min {values[0]:.2e}, 1st percentile "
-              f"{values[len(values) // 100]:.2e}, median {values[len(values) // 2]:.2e}, max {values[-1]:.2e}; "
-              f"refused {refused} ({refused / len(values):.1%})")
+        print(
+            f"{name}: {len(values)} files; non-text share min {values[0]:.2e}, 1st percentile "
+            f"{values[len(values) // 100]:.2e}, median {values[len(values) // 2]:.2e}, max {values[-1]:.2e}; "
+            f"refused {refused} ({refused / len(values):.1%})"
+        )
 
 
 if __name__ == "__main__":

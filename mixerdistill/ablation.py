@@ -16,12 +16,12 @@ import torch
 
 from mixerdistill.checkpoint import load_student, write_text_atomic
 from mixerdistill.console import stderr_console
+from mixerdistill.device import pick_device
 from mixerdistill.errors import UserError
-from mixerdistill.plots import pyplot
 from mixerdistill.mixture import build_data
+from mixerdistill.plots import pyplot
 from mixerdistill.plugins import get_stage
 from mixerdistill.recipe import Recipe
-from mixerdistill.device import pick_device
 from mixerdistill.run import execute
 from mixerdistill.run_directory import stage_directory
 from mixerdistill.stages import StageContext
@@ -35,28 +35,31 @@ STAGE = "matrix_orientation"
 def family_labels(recipe: Recipe) -> list[str]:
     """One directory-safe label per ablation entry: the mixer name, numbered when a name repeats."""
     names = [block.name for block in recipe.ablation]
-    return [name if names.count(name) == 1 else f"{name}_{names[:i + 1].count(name)}" for i, name in enumerate(names)]
+    return [name if names.count(name) == 1 else f"{name}_{names[: i + 1].count(name)}" for i, name in enumerate(names)]
 
 
-def held_out_distances(recipe: Recipe, checkpoint: Path, teacher, adapter, windows: torch.Tensor,
-                       device: torch.device) -> dict[int, float]:
+def held_out_distances(
+    recipe: Recipe, checkpoint: Path, teacher, adapter, windows: torch.Tensor, device: torch.device
+) -> dict[int, float]:
     """{layer: mean stage-1 distance over ``windows`` (N, T)} for the student saved in ``checkpoint``."""
     student, _ = load_student(checkpoint, device)
     return student_distances(recipe, student, teacher, adapter, windows, device)
 
 
-def student_distances(recipe: Recipe, student, teacher, adapter, windows: torch.Tensor,
-                      device: torch.device) -> dict[int, float]:
+def student_distances(
+    recipe: Recipe, student, teacher, adapter, windows: torch.Tensor, device: torch.device
+) -> dict[int, float]:
     """{layer: mean stage-1 distance over ``windows`` (N, T)} for every mixer layer of ``student``."""
     stage_block = next(block for block in recipe.stages if block.name == STAGE)
     batch_size = stage_block.config.batch_size
-    stage = get_stage(STAGE)(stage_block.config,
-                             StageContext(teacher=teacher, student=student, adapter=adapter,
-                                          mixers=mixer_layers(student, adapter)))
+    stage = get_stage(STAGE)(
+        stage_block.config,
+        StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter)),
+    )
     sums: dict[int, float] = {}
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
-            batch = windows[start:start + batch_size].to(device)
+            batch = windows[start : start + batch_size].to(device)
             _, metrics = stage.loss(batch)
             for key, value in metrics.items():
                 layer = int(key.removeprefix("layer_"))
@@ -78,10 +81,12 @@ def run_ablation(recipe: Recipe, output: Path, overwrite: bool = False, show_pro
     runs = {}
     for label, block in zip(labels, recipe.ablation):
         stderr_console.print(f"[bold]ablation[/]: {label}")
-        family = recipe.model_copy(update={"student": recipe.student.model_copy(update={"mixer": block}),
-                                           "ablation": []})
-        runs[label] = execute(family, output / label, resume=not overwrite, overwrite=overwrite,
-                              show_progress=show_progress)
+        family = recipe.model_copy(
+            update={"student": recipe.student.model_copy(update={"mixer": block}), "ablation": []}
+        )
+        runs[label] = execute(
+            family, output / label, resume=not overwrite, overwrite=overwrite, show_progress=show_progress
+        )
 
     device = pick_device(recipe.device)
     teacher, tokenizer = load_teacher(recipe.teacher)
@@ -94,13 +99,21 @@ def run_ablation(recipe: Recipe, output: Path, overwrite: bool = False, show_pro
         checkpoint = stage_directory(output / label, index, STAGE)
         distances = held_out_distances(recipe, checkpoint, teacher, adapter, windows, device)
         stage_figures = runs[label].stages[index - 1]
-        families[label] = {"mixer": {"name": block.name, **block.config.model_dump(mode="json")},
-                           "distance_per_layer": {str(k): v for k, v in distances.items()},
-                           "distance_mean": sum(distances.values()) / len(distances),
-                           "train_loss_first": stage_figures.loss_first, "train_loss_last": stage_figures.loss_last,
-                           "perplexity_after": stage_figures.perplexity_after}
-    result = {"recipe": recipe.name, "stage": STAGE, "heldout_tokens": int(windows.numel()),
-              "seq_len": int(windows.shape[1]), "families": families}
+        families[label] = {
+            "mixer": {"name": block.name, **block.config.model_dump(mode="json")},
+            "distance_per_layer": {str(k): v for k, v in distances.items()},
+            "distance_mean": sum(distances.values()) / len(distances),
+            "train_loss_first": stage_figures.loss_first,
+            "train_loss_last": stage_figures.loss_last,
+            "perplexity_after": stage_figures.perplexity_after,
+        }
+    result = {
+        "recipe": recipe.name,
+        "stage": STAGE,
+        "heldout_tokens": int(windows.numel()),
+        "seq_len": int(windows.shape[1]),
+        "families": families,
+    }
     write_text_atomic(output / "ablation.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(output / "ablation.md", render_table(result))
     plot_ablation(result, output / "ablation.png")
@@ -113,14 +126,21 @@ def render_table(result: dict) -> str:
     families = sorted(result["families"].items(), key=lambda item: item[1]["distance_mean"])
     layers = list(families[0][1]["distance_per_layer"]) if families else []
     header = ["family", "mean", *[f"layer {layer}" for layer in layers], "perplexity after stage 1"]
-    lines = [f"Stage-1 distance ‖A_teacher − M_student‖_F per (batch, head), on {result['heldout_tokens']} held-out "
-             f"tokens (windows of {result['seq_len']}); lower is closer to attention.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"Stage-1 distance ‖A_teacher − M_student‖_F per (batch, head), on {result['heldout_tokens']} held-out "
+        f"tokens (windows of {result['seq_len']}); lower is closer to attention.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for label, entry in families:
         perplexity = entry["perplexity_after"]
-        cells = [label, f"{entry['distance_mean']:.4f}",
-                 *[f"{entry['distance_per_layer'][layer]:.4f}" for layer in layers],
-                 f"{perplexity:.1f}" if perplexity is not None else "–"]
+        cells = [
+            label,
+            f"{entry['distance_mean']:.4f}",
+            *[f"{entry['distance_per_layer'][layer]:.4f}" for layer in layers],
+            f"{perplexity:.1f}" if perplexity is not None else "–",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -32,8 +32,7 @@ NOVELS = {
     "persuasion": "Persuasion",
 }
 _DATA_DIR = Path("usr/lib/R/site-library/janeaustenr/data")
-_FALLBACK = ("Alternatively, point the recipe's data at local text files: "
-             "`data: {source: text, paths: [...]}`.")
+_FALLBACK = "Alternatively, point the recipe's data at local text files: `data: {source: text, paths: [...]}`."
 
 
 def austen_novels() -> dict[str, str]:
@@ -42,8 +41,7 @@ def austen_novels() -> dict[str, str]:
     The first call fetches and caches the corpus; later calls read the cache.
     """
     entry = _cached_entry() or _fetch_and_cache()
-    return {title: (entry / f"{name}.txt").read_bytes().decode("utf-8")
-            for name, title in NOVELS.items()}
+    return {title: (entry / f"{name}.txt").read_bytes().decode("utf-8") for name, title in NOVELS.items()}
 
 
 def _cached_entry() -> Path | None:
@@ -55,15 +53,16 @@ def _cached_entry() -> Path | None:
 def _fetch_and_cache() -> Path:
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
-            raise UserError(f"The Jane Austen corpus is fetched with `{tool}`, which is not on this "
-                            f"machine (it needs a Debian-based system). {_FALLBACK}")
+            raise UserError(
+                f"The Jane Austen corpus is fetched with `{tool}`, which is not on this "
+                f"machine (it needs a Debian-based system). {_FALLBACK}"
+            )
     with tempfile.TemporaryDirectory(prefix="mixerdistill-austen-") as tmp:
         folder = Path(tmp)
         deb = _download_deb(folder)
         version = _run(["dpkg-deb", "--field", str(deb), "Version"]).strip()
         entry = cache_dir("corpora") / f"janeaustenr-{version}"
-        print(f"Extracting Jane Austen's novels ({PACKAGE} {version}) into {entry}",
-              file=sys.stderr)
+        print(f"Extracting Jane Austen's novels ({PACKAGE} {version}) into {entry}", file=sys.stderr)
         _run(["dpkg-deb", "-x", str(deb), str(folder / "root")])
         data = folder / "root" / _DATA_DIR
         objects = read_rdata(data / "Rdata.rdx", data / "Rdata.rdb")
@@ -80,13 +79,12 @@ def _fetch_and_cache() -> Path:
 def _download_deb(folder: Path) -> Path:
     """`apt-get download` the package into ``folder``, running `apt-get update` once if apt does
     not know the package yet."""
+
     def download() -> subprocess.CompletedProcess:
-        return subprocess.run(["apt-get", "download", PACKAGE], cwd=folder,
-                              capture_output=True, text=True)
+        return subprocess.run(["apt-get", "download", PACKAGE], cwd=folder, capture_output=True, text=True)
 
     proc = download()
-    if proc.returncode != 0 and ("Unable to locate package" in proc.stderr
-                                 or "candidate" in proc.stderr):
+    if proc.returncode != 0 and ("Unable to locate package" in proc.stderr or "candidate" in proc.stderr):
         _run(["apt-get", "update"])
         proc = download()
     if proc.returncode != 0:
@@ -103,15 +101,19 @@ def _run(cmd: list[str]) -> str:
 
 # -- R lazy-load databases and R serialisation ----------------------------------------------------
 
+
 def read_rdata(rdx: Path, rdb: Path) -> dict[str, object]:
     """Every object of an R lazy-load database (``.rdx`` index + ``.rdb`` records), by name."""
     index = r_unserialize(gzip.decompress(rdx.read_bytes()))
     if index["compressed"] != [True]:
-        raise ValueError(f"{rdb}: only zlib-compressed records are supported, "
-                         f"not compression type {index['compressed']}")
+        raise ValueError(
+            f"{rdb}: only zlib-compressed records are supported, not compression type {index['compressed']}"
+        )
     blob = rdb.read_bytes()
-    return {name: r_unserialize(inflate_record(blob[start:start + length]))
-            for name, (start, length) in index["variables"].items()}
+    return {
+        name: r_unserialize(inflate_record(blob[start : start + length]))
+        for name, (start, length) in index["variables"].items()
+    }
 
 
 def inflate_record(record: bytes) -> bytes:
@@ -156,7 +158,7 @@ class _RReader:
     def read_bytes(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
             raise ValueError("truncated R serialisation")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 

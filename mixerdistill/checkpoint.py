@@ -102,6 +102,7 @@ def write_checkpoint(directory: Path, write_files: Callable[[Path], None], extra
 
 def save_checkpoint(model: nn.Module, spec: StudentSpec, directory: Path, extra: dict | None = None) -> None:
     """Write the student's weights and rebuild spec to ``directory`` atomically."""
+
     def write_files(folder: Path) -> None:
         save_model(model, str(folder / MODEL_FILE))
         (folder / SPEC_FILE).write_text(spec.to_json() + "\n")
@@ -155,8 +156,10 @@ def finished_stage(directory: Path, index: int) -> dict | None:
         return None
     manifest, problem = _inspect(directory)
     if problem is not None:
-        raise CheckpointDamaged(f"stage {index} checkpoint is damaged: {problem} ({directory}). Restore it, or "
-                                f"delete that folder to train stage {index} again")
+        raise CheckpointDamaged(
+            f"stage {index} checkpoint is damaged: {problem} ({directory}). Restore it, or "
+            f"delete that folder to train stage {index} again"
+        )
     return manifest
 
 
@@ -167,8 +170,9 @@ def load_weights(model: nn.Module, directory: Path) -> None:
         raise CheckpointDamaged(f"checkpoint {directory} is damaged: {problem}")
     missing, unexpected = load_model(model, str(Path(directory) / MODEL_FILE), strict=False)
     if unexpected or [m for m in missing if not _is_tied(model, m)]:
-        raise UserError(f"{directory}: weights do not fit the student (missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]})")
+        raise UserError(
+            f"{directory}: weights do not fit the student (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
@@ -178,11 +182,12 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 def load_student(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, StudentSpec]:
     """Rebuild a student from a checkpoint folder alone (no teacher weights needed)."""
+    from transformers import AutoModelForCausalLM
+
     from mixerdistill.plugins import get_mixer
     from mixerdistill.student import build_student
     from mixerdistill.teacher import find_adapter
     from mixerdistill.teacher_sources import DTYPES, config_from_dict
-    from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     spec_path = directory / SPEC_FILE
@@ -196,8 +201,14 @@ def load_student(directory: Path, device: str | torch.device = "cpu") -> tuple[n
     skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = find_adapter(config, spec.adapter or None)
     mixer_cls = get_mixer(spec.mixer)
-    student = build_student(skeleton, adapter, mixer_cls, mixer_cls.Config.model_validate(spec.mixer_config),
-                            spec.keep_attention, transfer=False)
+    student = build_student(
+        skeleton,
+        adapter,
+        mixer_cls,
+        mixer_cls.Config.model_validate(spec.mixer_config),
+        spec.keep_attention,
+        transfer=False,
+    )
     load_weights(student, directory)
     return student.to(device).eval(), spec
 
@@ -233,6 +244,7 @@ class StageProgress:
     def save(self, step: int, model: nn.Module, state: dict, info: dict) -> None:
         """Write ``step_<step>/`` (weights, ``state`` via torch.save, ``info`` in the manifest), then
         delete the older ones."""
+
         def write_files(folder: Path) -> None:
             save_model(model, str(folder / MODEL_FILE))
             torch.save(state, folder / STATE_FILE)
@@ -259,8 +271,12 @@ class StageProgress:
             manifest = None
         if damaged:
             fallback = directory.name if manifest is not None else "the start of the stage"
-            stderr_console.print(f"[yellow]warning:[/] damaged progress checkpoint(s) in {self.root}: "
-                                 f"{', '.join(damaged)}; falling back to {fallback}", highlight=False, soft_wrap=True)
+            stderr_console.print(
+                f"[yellow]warning:[/] damaged progress checkpoint(s) in {self.root}: "
+                f"{', '.join(damaged)}; falling back to {fallback}",
+                highlight=False,
+                soft_wrap=True,
+            )
         return ResumePoint(manifest["step"], directory, manifest) if manifest is not None else None
 
     @staticmethod
@@ -270,9 +286,11 @@ class StageProgress:
         try:
             return torch.load(point.directory / STATE_FILE, weights_only=True)
         except Exception as error:  # weights_only refuses anything but tensors and plain containers
-            raise UserError(f"{point.directory / STATE_FILE} cannot be loaded safely ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else ''}); delete {point.directory} "
-                            f"to resume from the start of the stage") from None
+            raise UserError(
+                f"{point.directory / STATE_FILE} cannot be loaded safely ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); delete {point.directory} "
+                f"to resume from the start of the stage"
+            ) from None
 
     def clear(self) -> None:
         """Delete this stage's progress checkpoints (and the ``resume/`` folder once it is empty)."""

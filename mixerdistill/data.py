@@ -25,8 +25,11 @@ class DataSourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     heldout_fraction: float = Field(
-        0.05, gt=0, lt=1,
-        description="Share of the token stream held out for evaluation when the source has no held-out split.")
+        0.05,
+        gt=0,
+        lt=1,
+        description="Share of the token stream held out for evaluation when the source has no held-out split.",
+    )
 
 
 class DataSource:
@@ -47,8 +50,9 @@ class PathsConfig(DataSourceConfig):
     """Mixin for sources reading local files given as glob patterns."""
 
     paths: list[str] = Field(min_length=1, description="Files or glob patterns (recursive ** allowed).")
-    heldout_paths: list[str] = Field(default_factory=list,
-                                     description="Files held out for evaluation (then heldout_fraction is unused).")
+    heldout_paths: list[str] = Field(
+        default_factory=list, description="Files held out for evaluation (then heldout_fraction is unused)."
+    )
 
     @field_validator("paths", "heldout_paths")
     @classmethod
@@ -73,8 +77,9 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     """Sorted files matching the glob patterns (a plain path matches itself)."""
     files: list[Path] = []
     for pattern in patterns:
-        files += sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True)
-                        if Path(p).is_file())
+        files += sorted(
+            Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True) if Path(p).is_file()
+        )
     return files
 
 
@@ -98,9 +103,11 @@ def read_text_file(path: Path) -> str:
     data = Path(path).read_bytes()
     nul, undecodable, text = non_text_bytes(data)
     if data and (nul + undecodable) / len(data) > NON_TEXT_LIMIT:
-        raise UserError(f"{path} is not UTF-8 text: {nul} NUL and {undecodable} undecodable byte(s) of "
-                        f"{len(data)} ({(nul + undecodable) / len(data):.1%}, above {NON_TEXT_LIMIT:.1%}). "
-                        f"Remove it from the data paths, or convert it (e.g. iconv -f LATIN1 -t UTF-8)")
+        raise UserError(
+            f"{path} is not UTF-8 text: {nul} NUL and {undecodable} undecodable byte(s) of "
+            f"{len(data)} ({(nul + undecodable) / len(data):.1%}, above {NON_TEXT_LIMIT:.1%}). "
+            f"Remove it from the data paths, or convert it (e.g. iconv -f LATIN1 -t UTF-8)"
+        )
     return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
 
@@ -200,8 +207,10 @@ class TokenData:
             return
         train = tokenize_documents(tokenizer, source.documents("train"))
         if not (train != _eos(tokenizer)).any():
-            raise UserError("data: the source gave no training text (no documents, or only empty ones): "
-                            "check data.paths (or the source's settings)")
+            raise UserError(
+                "data: the source gave no training text (no documents, or only empty ones): "
+                "check data.paths (or the source's settings)"
+            )
         if heldout_documents is None:
             cut = int(len(train) * (1 - source.config.heldout_fraction))
             train, heldout = train[:cut], train[cut:]
@@ -217,21 +226,26 @@ class TokenData:
         (``stages``: the recipe's stage blocks); a streaming source is not measured."""
         if self.train is None:
             return
-        problems = [(f"stages.{i}", (f"{block.config.batch_size} × {block.config.seq_len} tokens per batch, but "
-                                     f"the training text has {len(self.train)} tokens"))
-                    for i, block in enumerate(stages)
-                    if len(self.train) // block.config.seq_len < block.config.batch_size]
+        problems = [
+            (
+                f"stages.{i}",
+                (
+                    f"{block.config.batch_size} × {block.config.seq_len} tokens per batch, but "
+                    f"the training text has {len(self.train)} tokens"
+                ),
+            )
+            for i, block in enumerate(stages)
+            if len(self.train) // block.config.seq_len < block.config.batch_size
+        ]
         if problems:
-            raise RecipeError(problems, "the data (too little training text: add text, or lower batch_size "
-                                        "or seq_len)")
+            raise RecipeError(problems, "the data (too little training text: add text, or lower batch_size or seq_len)")
 
     @property
     def train_tokens(self) -> int | None:
         """Training tokens (None for a streaming source)."""
         return len(self.train) if self.train is not None else None
 
-    def train_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int = 0
-                      ) -> Iterator[torch.Tensor]:
+    def train_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """Endless (batch_size, seq_len) batches of training windows in a seeded order.
 
         Each pass over finite data is a fresh permutation of the windows (seed + pass number);
@@ -242,20 +256,21 @@ class TokenData:
             return
         windows = len(self.train) // seq_len
         if windows < batch_size:
-            raise UserError(f"the training text has {len(self.train)} tokens: too few for a batch of "
-                            f"{batch_size} × {seq_len}; lower batch_size or seq_len, or add text")
+            raise UserError(
+                f"the training text has {len(self.train)} tokens: too few for a batch of "
+                f"{batch_size} × {seq_len}; lower batch_size or seq_len, or add text"
+            )
         per_pass = windows // batch_size
         index = start_batch
         while True:
             epoch, position = divmod(index, per_pass)
             order = torch.randperm(windows, generator=torch.Generator().manual_seed(seed + epoch))
-            chosen = order[position * batch_size:(position + 1) * batch_size]
+            chosen = order[position * batch_size : (position + 1) * batch_size]
             starts = chosen * seq_len
-            yield torch.stack([self.train[s:s + seq_len] for s in starts.tolist()])
+            yield torch.stack([self.train[s : s + seq_len] for s in starts.tolist()])
             index += 1
 
-    def _streamed_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int
-                          ) -> Iterator[torch.Tensor]:
+    def _streamed_batches(self, batch_size: int, seq_len: int, seed: int, start_batch: int) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         buffer: list[torch.Tensor] = []
         pending = torch.zeros(0, dtype=torch.long)
@@ -279,6 +294,7 @@ class TokenData:
         """(N, seq_len) consecutive held-out windows covering at most ``max_tokens`` tokens."""
         count = min(len(self.heldout), max_tokens) // seq_len
         if count == 0:
-            raise UserError(f"the held-out text has {len(self.heldout)} tokens: too few for one window of "
-                            f"{seq_len} (eval.seq_len)")
-        return self.heldout[:count * seq_len].view(count, seq_len)
+            raise UserError(
+                f"the held-out text has {len(self.heldout)} tokens: too few for one window of {seq_len} (eval.seq_len)"
+            )
+        return self.heldout[: count * seq_len].view(count, seq_len)

@@ -35,6 +35,8 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         yield
     except OSError as error:
         reason = error.strerror or str(error)
-        raise OutputError(f"cannot write {Path(path)}: {reason}. Fix that (free disk space, permissions), "
-                          f"then continue with `mixerdistill run ... --resume`: the last complete "
-                          f"checkpoint is kept") from None
+        raise OutputError(
+            f"cannot write {Path(path)}: {reason}. Fix that (free disk space, permissions), "
+            f"then continue with `mixerdistill run ... --resume`: the last complete "
+            f"checkpoint is kept"
+        ) from None

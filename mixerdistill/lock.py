@@ -59,15 +59,21 @@ def _acquire(output: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if not isinstance(error, BlockingIOError):  # e.g. a network file system without locks
-                stderr_console.print(f"[yellow]warning:[/] cannot lock {path} ({error.strerror}): nothing stops "
-                                     f"a second run from writing into {output}", highlight=False, soft_wrap=True)
+                stderr_console.print(
+                    f"[yellow]warning:[/] cannot lock {path} ({error.strerror}): nothing stops "
+                    f"a second run from writing into {output}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 return handle
             holder = _read_holder(handle)
             handle.close()
             command = f" (`{holder['command']}`)" if holder.get("command") else ""
-            raise OutputLocked(f"output directory {output} is in use by another run: {_describe(holder)}{command}. "
-                               f"Wait for it to end, or stop it (kill -TERM {holder.get('pid', 'PID')} writes a "
-                               f"checkpoint) and continue it with --resume; or choose another --output") from None
+            raise OutputLocked(
+                f"output directory {output} is in use by another run: {_describe(holder)}{command}. "
+                f"Wait for it to end, or stop it (kill -TERM {holder.get('pid', 'PID')} writes a "
+                f"checkpoint) and continue it with --resume; or choose another --output"
+            ) from None
         # The file may have been removed by its previous holder between our open and our flock.
         if path.exists() and os.path.samestat(os.fstat(handle.fileno()), path.stat()):
             return handle
@@ -91,13 +97,26 @@ def output_lock(output: Path, world) -> Iterator[None]:
         if handle is not None:
             stale = _read_holder(handle)
             if stale:
-                stderr_console.print(f"[yellow]warning:[/] {output / LOCK_FILE} was left by a run that is no longer "
-                                     f"running ({_describe(stale)}; killed, or its machine went down): taking the "
-                                     f"directory over", highlight=False, soft_wrap=True)
+                stderr_console.print(
+                    f"[yellow]warning:[/] {output / LOCK_FILE} was left by a run that is no longer "
+                    f"running ({_describe(stale)}; killed, or its machine went down): taking the "
+                    f"directory over",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             handle.seek(0)
             handle.truncate()
-            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                                     "command": shlex.join(["mixerdistill", *sys.argv[1:]])}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "host": socket.gethostname(),
+                        "started": time.time(),
+                        "command": shlex.join(["mixerdistill", *sys.argv[1:]]),
+                    }
+                )
+                + "\n"
+            )
             handle.flush()
         yield
     finally:

@@ -98,8 +98,9 @@ def _fully_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _whole_logits_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
-                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _whole_logits_loss(
+    student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """chunked_distillation_loss for fully sharded models: both go through their own forward, (B·T, V)
     logits at once (the memory the chunks save is spread over the ranks' shards instead)."""
     with torch.no_grad():

@@ -29,8 +29,9 @@ def choose_matrix_loss(requested: MatrixLoss, batch_size: int, seq_len: int, hea
     return "blockwise" if seq_len >= BLOCKWISE_FROM or materialised_bytes > MATERIALISED_LIMIT else "materialised"
 
 
-def matrix_distance(student: MatrixRows, teacher: MatrixRows, length: int, block_rows: int | None = None,
-                    sink_tokens: int = 0) -> torch.Tensor:
+def matrix_distance(
+    student: MatrixRows, teacher: MatrixRows, length: int, block_rows: int | None = None, sink_tokens: int = 0
+) -> torch.Tensor:
     """‖M_student − A_teacher‖_F per (batch, head): (B, H), from two ``MatrixRows`` over T = ``length`` tokens.
 
     ``block_rows`` None: both (B, H, T, T) matrices at once. Otherwise blocks of that many query rows, each

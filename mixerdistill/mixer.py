@@ -123,10 +123,15 @@ def fold_qk_norm(weights: AttentionWeights, geometry: AttentionGeometry) -> Atte
         gain = norm.offset + gain
         gains.append(gain.repeat(projection.shape[0] // gain.numel()))  # per head: one (d,) gain for every head
     q_gain, k_gain = gains
-    return replace(weights, q=weights.q * q_gain[:, None], k=weights.k * k_gain[:, None],
-                   q_bias=None if weights.q_bias is None else weights.q_bias * q_gain,
-                   k_bias=None if weights.k_bias is None else weights.k_bias * k_gain,
-                   q_norm=None, k_norm=None)
+    return replace(
+        weights,
+        q=weights.q * q_gain[:, None],
+        k=weights.k * k_gain[:, None],
+        q_bias=None if weights.q_bias is None else weights.q_bias * q_gain,
+        k_bias=None if weights.k_bias is None else weights.k_bias * k_gain,
+        q_norm=None,
+        k_norm=None,
+    )
 
 
 class SequenceMixer(nn.Module):
@@ -147,8 +152,9 @@ class SequenceMixer(nn.Module):
         self.config = config if config is not None else self.Config()
 
     # -- the fast path -------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
-                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) output and the state after the last token.
 
         With ``state`` given, the sequence continues from it (chunked prefill after a prefix).
@@ -183,27 +189,33 @@ class SequenceMixer(nn.Module):
         return list(self.parameters())
 
     # -- recurrent decoding --------------------------------------------------------------------
-    def init_state(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """The state before the first token."""
         raise NotImplementedError
 
-    def zero_state(self, shapes: dict[str, tuple[int, ...]], device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def zero_state(
+        self, shapes: dict[str, tuple[int, ...]], device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """{name: zeros of shape} on ``device`` / in ``dtype``, by default those of the mixer's parameters."""
         reference = next(self.parameters())
-        return {name: torch.zeros(shape, device=device or reference.device, dtype=dtype or reference.dtype)
-                for name, shape in shapes.items()}
+        return {
+            name: torch.zeros(shape, device=device or reference.device, dtype=dtype or reference.dtype)
+            for name, shape in shapes.items()
+        }
 
-    def step(self, hidden_state: torch.Tensor, state: State,
-             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """One token: (B, D) and state → (B, D) output and the next state. ``rotary`` is (B, rotary_dim) pairs."""
         raise NotImplementedError
 
     # -- construction from a teacher -----------------------------------------------------------
     @classmethod
-    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig) -> SequenceMixer:
+    def from_attention(
+        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: MixerConfig
+    ) -> SequenceMixer:
         """A mixer initialised from a teacher attention layer. Default: a fresh mixer (no transfer)."""
         return cls(geometry, config)
 

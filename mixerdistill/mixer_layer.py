@@ -134,8 +134,16 @@ class MixerLayer(nn.Module):
         self.mixer = mixer
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                cache=None, past_key_values=None, layer_past=None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,
+        layer_past=None,
+        **kwargs,
+    ):
         cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         entry = None if cache is None else mixer_cache_layer(cache, self.layer_idx)
         state = None if entry is None else entry.state
@@ -157,13 +165,16 @@ class MixerLayer(nn.Module):
             entry.seen += length
         return output, None
 
-    def _forward_left_padded(self, hidden_states: torch.Tensor, state: State | None, rotary: RotaryEmbedding,
-                             pads: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def _forward_left_padded(
+        self, hidden_states: torch.Tensor, state: State | None, rotary: RotaryEmbedding, pads: torch.Tensor
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) with ``pads`` (B,) leading padding tokens per row → (B, T, D) and the state: the rows
         sharing a padding length go through the mixer together, from their first real token."""
         if self.mixer.state_grows:
-            raise ValueError(f"layer {self.layer_idx}: a left-padded batch needs a mixer with a constant-size "
-                             f"state; {type(self.mixer).__name__}'s grows with the tokens")
+            raise ValueError(
+                f"layer {self.layer_idx}: a left-padded batch needs a mixer with a constant-size "
+                f"state; {type(self.mixer).__name__}'s grows with the tokens"
+            )
         batch, length = hidden_states.shape[:2]
         output = torch.zeros_like(hidden_states)
         pieces = []
@@ -172,12 +183,12 @@ class MixerLayer(nn.Module):
             row_state = None if state is None else {name: tensor[rows] for name, tensor in state.items()}
             if pad == length:  # nothing real yet: the state stays as it was
                 if row_state is None:
-                    row_state = self.mixer.init_state(len(rows), device=hidden_states.device,
-                                                      dtype=hidden_states.dtype)
+                    row_state = self.mixer.init_state(len(rows), device=hidden_states.device, dtype=hidden_states.dtype)
                 pieces.append((rows, row_state))
                 continue
-            row_rotary = None if rotary is None else tuple(
-                (t[rows] if t.shape[0] == batch else t)[:, pad:] for t in rotary)
+            row_rotary = (
+                None if rotary is None else tuple((t[rows] if t.shape[0] == batch else t)[:, pad:] for t in rotary)
+            )
             output[rows, pad:], row_state = self.mixer(hidden_states[rows, pad:], state=row_state, rotary=row_rotary)
             pieces.append((rows, row_state))
         merged = {name: tensor.new_empty((batch, *tensor.shape[1:])) for name, tensor in pieces[0][1].items()}

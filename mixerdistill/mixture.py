@@ -46,13 +46,20 @@ class MixedData:
         """Before any training: every source must give at least one window of each stage's seq_len (a
         batch draws its windows from the sources by weight, each source walking its own windows pass after
         pass); ``stages``: the recipe's stage blocks."""
-        problems = [(f"data.mix.{i}", f"'{p.name}' has {len(p.data.train)} training tokens: too few for one "
-                                      f"window of {block.config.seq_len} (stages.{j})")
-                    for i, p in enumerate(self.parts) for j, block in enumerate(stages)
-                    if len(p.data.train) // block.config.seq_len < 1]
+        problems = [
+            (
+                f"data.mix.{i}",
+                f"'{p.name}' has {len(p.data.train)} training tokens: too few for one "
+                f"window of {block.config.seq_len} (stages.{j})",
+            )
+            for i, p in enumerate(self.parts)
+            for j, block in enumerate(stages)
+            if len(p.data.train) // block.config.seq_len < 1
+        ]
         if problems:
-            raise RecipeError(problems, "the data (too little training text: add text to that source, or lower "
-                                        "seq_len)")
+            raise RecipeError(
+                problems, "the data (too little training text: add text to that source, or lower seq_len)"
+            )
 
     def source_picks(self, batch_size: int, batch: int, seed: int) -> torch.Tensor:
         """(batch_size,) index of the source of each window of batch number ``batch``."""

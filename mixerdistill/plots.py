@@ -36,7 +36,7 @@ def read_stage_records(metrics_path: Path) -> list[tuple[str, list[dict]]]:
 def layer_distances(records: list[dict]) -> tuple[list[int], list[float], list[float]] | None:
     """(layer indices, mean distance over the first steps, over the last steps) of one stage, or None
     when the stage logs no per-layer distances."""
-    layers = sorted(int(k[len(LAYER_PREFIX):]) for k in records[0] if k.startswith(LAYER_PREFIX))
+    layers = sorted(int(k[len(LAYER_PREFIX) :]) for k in records[0] if k.startswith(LAYER_PREFIX))
     if not layers:
         return None
     count = min(EDGE_STEPS, max(1, len(records) // 2))
@@ -109,7 +109,7 @@ def heldout_tokens(checkpoint: Path, tokenizer, length: int) -> torch.Tensor:
     if documents is None:
         stream = TokenData(source, tokenizer).heldout
     else:
-        stream = tokenize_documents(tokenizer, [next(iter(documents))[:length * 16]])
+        stream = tokenize_documents(tokenizer, [next(iter(documents))[: length * 16]])
     if len(stream) < length:
         raise UserError(f"the held-out text has only {len(stream)} tokens; ask for fewer with --tokens")
     return stream[:length].unsqueeze(0)
@@ -132,8 +132,10 @@ def inspect_mixing(checkpoint: Path, layer: int, head: int, length: int, path: P
     adapter = find_adapter(teacher.config, spec.adapter or None)
     mixers = mixer_layers(student, adapter)
     if layer not in mixers:
-        raise UserError(f"--layer {layer}: the student has no mixer there (replaced layers: "
-                        f"{min(mixers)}–{max(mixers)}, kept attention: {spec.keep_attention or 'none'})")
+        raise UserError(
+            f"--layer {layer}: the student has no mixer there (replaced layers: "
+            f"{min(mixers)}–{max(mixers)}, kept attention: {spec.keep_attention or 'none'})"
+        )
     heads = adapter.geometry(teacher.config, layer).num_heads
     if head >= heads:
         raise UserError(f"--head {head}: layer {layer} has {heads} heads (0–{heads - 1})")

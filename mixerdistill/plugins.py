@@ -94,8 +94,10 @@ class Registry:
             raise ValueError(f"{self.kind} names must be non-empty strings without ':', got {name!r}")
         for other, _ in self.claims.get(name, []):
             if other.builtin or owner.builtin:
-                raise ValueError(f"{self.singular} '{name}' belongs to the built-in plugin '{other.name}'; "
-                                 f"plugin {owner.label} cannot take it over: rename it")
+                raise ValueError(
+                    f"{self.singular} '{name}' belongs to the built-in plugin '{other.name}'; "
+                    f"plugin {owner.label} cannot take it over: rename it"
+                )
             if other.name == owner.name:
                 raise ValueError(f"plugin {owner.label} registers {self.singular} '{name}' twice")
         self.claims.setdefault(name, []).append((owner, item))
@@ -127,19 +129,28 @@ class Registry:
         if claims:
             claimants = " and ".join(owner.label for owner, _ in claims)
             choices = " or ".join(f"'{owner.distribution}:{bare}'" for owner, _ in claims)
-            raise UserError(f"{self.singular} '{bare}' is registered by two plugins, {claimants}; name one "
-                            f"package in the recipe ({choices}) or leave one plugin out with {ALLOW_LIST_VARIABLE}")
+            raise UserError(
+                f"{self.singular} '{bare}' is registered by two plugins, {claimants}; name one "
+                f"package in the recipe ({choices}) or leave one plugin out with {ALLOW_LIST_VARIABLE}"
+            )
         known = f" from package '{package}'" if package and bare in self.claims else ""
-        raise UserError(f"unknown {self.singular} '{name}'{known}{suggest(bare, self.claims)}; "
-                        f"available: {', '.join(self.names()) or 'none'}{self._missing_plugins()}")
+        raise UserError(
+            f"unknown {self.singular} '{name}'{known}{suggest(bare, self.claims)}; "
+            f"available: {', '.join(self.names()) or 'none'}{self._missing_plugins()}"
+        )
 
     def _missing_plugins(self) -> str:
-        notes = [f"plugin '{p.name}' ({p.distribution}) failed to load: {p.message}"
-                 for p in self._problems if p.reason == "failed"]
+        notes = [
+            f"plugin '{p.name}' ({p.distribution}) failed to load: {p.message}"
+            for p in self._problems
+            if p.reason == "failed"
+        ]
         excluded = [f"'{p.name}' ({p.distribution})" for p in self._problems if p.reason == "excluded"]
         if excluded:
-            notes.append(f"{ALLOW_LIST_VARIABLE}={os.environ.get(ALLOW_LIST_VARIABLE, '')!r} leaves out "
-                         f"the installed plugin(s) {', '.join(excluded)}")
+            notes.append(
+                f"{ALLOW_LIST_VARIABLE}={os.environ.get(ALLOW_LIST_VARIABLE, '')!r} leaves out "
+                f"the installed plugin(s) {', '.join(excluded)}"
+            )
         return "".join(f"\n  note: {note}" for note in notes)
 
     def names(self) -> list[str]:
@@ -154,9 +165,13 @@ def describe_exception(error: BaseException) -> str:
     if isinstance(error, SyntaxError) and error.filename:
         where = f"{error.filename}:{error.lineno}"
     else:
-        frames = [frame for frame in traceback.extract_tb(error.__traceback__)
-                  if not frame.filename.startswith("<frozen") and "importlib" not in frame.filename
-                  and frame.filename != __file__]
+        frames = [
+            frame
+            for frame in traceback.extract_tb(error.__traceback__)
+            if not frame.filename.startswith("<frozen")
+            and "importlib" not in frame.filename
+            and frame.filename != __file__
+        ]
         where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown location"
     return f"{where}: {type(error).__name__}: {error}"
 
@@ -202,16 +217,20 @@ class PluginManager:
             self.register(plugin, entry_point.name, distribution=distribution, version=version, builtin=builtin)
         for registry in self.registries.values():
             for name, owners in registry.conflicts().items():
-                warnings.warn(f"{registry.singular} '{name}' is registered by {' and '.join(o.label for o in owners)}; "
-                              f"a recipe must name the package ('{owners[0].distribution}:{name}')",
-                              PluginWarning, stacklevel=2)
+                warnings.warn(
+                    f"{registry.singular} '{name}' is registered by {' and '.join(o.label for o in owners)}; "
+                    f"a recipe must name the package ('{owners[0].distribution}:{name}')",
+                    PluginWarning,
+                    stacklevel=2,
+                )
 
     def pin_for_child_processes(self) -> None:
         """Make child processes (torchrun ranks) load exactly this process's third-party plugins."""
         os.environ[PLUGIN_SET_VARIABLE] = ",".join(sorted(n for n, p in self.plugins.items() if not p.builtin))
 
-    def register(self, plugin: Any, name: str, *, distribution: str = "local", version: str = "0",
-                 builtin: bool = False) -> PluginInfo:
+    def register(
+        self, plugin: Any, name: str, *, distribution: str = "local", version: str = "0", builtin: bool = False
+    ) -> PluginInfo:
         """Register one plugin object/module and run its ``register_*`` hooks."""
         if name in self.plugins:
             raise ValueError(f"plugin '{name}' is already registered")
@@ -260,8 +279,11 @@ class PluginManager:
         return {
             "plugins": [asdict(info) for info in self.plugins.values()],
             "problems": [asdict(problem) for problem in self.problems],
-            "conflicts": {kind: {name: [o.name for o in owners] for name, owners in registry.conflicts().items()}
-                          for kind, registry in self.registries.items() if registry.conflicts()},
+            "conflicts": {
+                kind: {name: [o.name for o in owners] for name, owners in registry.conflicts().items()}
+                for kind, registry in self.registries.items()
+                if registry.conflicts()
+            },
             **{kind: registry.names() for kind, registry in self.registries.items()},
         }
 
@@ -276,8 +298,10 @@ def _allowed_names(entry_points, variable: str) -> set[str] | None:
     installed = {entry_point.name for entry_point in entry_points}
     third_party = sorted(ep.name for ep in entry_points if _builtin_first(ep)[0])
     for name in sorted(allowed - installed):
-        raise UserError(f"{variable}: no installed plugin is named '{name}'{suggest(name, installed)}; "
-                        f"installed third-party plugins: {', '.join(third_party) or 'none'}")
+        raise UserError(
+            f"{variable}: no installed plugin is named '{name}'{suggest(name, installed)}; "
+            f"installed third-party plugins: {', '.join(third_party) or 'none'}"
+        )
     return allowed
 
 

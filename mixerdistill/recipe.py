@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mixerdistill.data import resolve_input_path
 from mixerdistill.domains import DomainFiles, check_domain_names
@@ -31,7 +39,8 @@ class Strict(BaseModel):
 class TeacherCommon(Strict):
     adapter: str | None = Field(None, description="Teacher adapter name; default: chosen from config.model_type.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Precision of teacher and student weights (use float32 on CPU).")
+        "float32", description="Precision of teacher and student weights (use float32 on CPU)."
+    )
 
     @field_validator("adapter")
     @classmethod
@@ -59,7 +68,9 @@ class ConfigTeacher(TeacherCommon):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
         if model_type not in CONFIG_MAPPING_NAMES:
-            raise ValueError(f"unknown transformers model type '{model_type}'{suggest(model_type, CONFIG_MAPPING_NAMES)}")
+            raise ValueError(
+                f"unknown transformers model type '{model_type}'{suggest(model_type, CONFIG_MAPPING_NAMES)}"
+            )
         return model_type
 
 
@@ -105,8 +116,7 @@ class GgufPackageTeacher(TeacherCommon):
         return self
 
 
-TeacherSpec = Annotated[
-    Union[ConfigTeacher, HubTeacher, LocalTeacher, GgufPackageTeacher], Field(discriminator="source")]
+TeacherSpec = Annotated[ConfigTeacher | HubTeacher | LocalTeacher | GgufPackageTeacher, Field(discriminator="source")]
 
 
 # -- plugin blocks -----------------------------------------------------------------------------
@@ -130,8 +140,10 @@ class PluginBlock(BaseModel):
 
 
 class MixerBlock(PluginBlock):
-    name: str = Field(description="Registered mixer name (see `mixerdistill plugins`); PACKAGE:NAME picks "
-                                  "one of two plugins that register the same name.")
+    name: str = Field(
+        description="Registered mixer name (see `mixerdistill plugins`); PACKAGE:NAME picks "
+        "one of two plugins that register the same name."
+    )
 
 
 class MixPartBlock(PluginBlock):
@@ -141,12 +153,16 @@ class MixPartBlock(PluginBlock):
 
 class DataBlock(PluginBlock):
     mix: list[MixPartBlock] | None = Field(
-        None, description="A weighted mixture instead of one source: a list of data blocks, each with a "
-                          "`weight`; every training window comes from one of them with probability "
-                          "proportional to its weight (seeded; the held-out split is the first one's).")
-    source: str | None = Field(None, validate_default=True,
-                               description="Registered data source name (see `mixerdistill plugins`); "
-                                           "leave it out when `mix` is given.")
+        None,
+        description="A weighted mixture instead of one source: a list of data blocks, each with a "
+        "`weight`; every training window comes from one of them with probability "
+        "proportional to its weight (seeded; the held-out split is the first one's).",
+    )
+    source: str | None = Field(
+        None,
+        validate_default=True,
+        description="Registered data source name (see `mixerdistill plugins`); leave it out when `mix` is given.",
+    )
 
     @field_validator("source")
     @classmethod
@@ -161,35 +177,41 @@ class DataBlock(PluginBlock):
     @model_validator(mode="after")
     def _mix_alone(self):
         if self.mix is not None and self.model_extra:
-            raise ValueError(f"a mixture takes no other fields here (got {', '.join(self.model_extra)}); "
-                             f"put them in its entries")
+            raise ValueError(
+                f"a mixture takes no other fields here (got {', '.join(self.model_extra)}); put them in its entries"
+            )
         if self.mix is not None and not self.mix:
             raise ValueError("`mix` needs at least one entry")
         return self
 
 
 class StageBlock(PluginBlock):
-    name: str = Field(description="Registered stage name: matrix_orientation, hidden_state_alignment, "
-                                  "knowledge_distillation, or a plugin's.")
+    name: str = Field(
+        description="Registered stage name: matrix_orientation, hidden_state_alignment, "
+        "knowledge_distillation, or a plugin's."
+    )
 
 
 # -- the recipe --------------------------------------------------------------------------------
 class StudentSpec(Strict):
     mixer: MixerBlock = Field(description="The mixer that replaces attention, with its Config fields.")
-    keep_attention: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list,
-                                      description="Layer indices that keep the teacher's attention (hybrids).")
+    keep_attention: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="Layer indices that keep the teacher's attention (hybrids)."
+    )
     init: Literal["transfer", "random"] = Field(
-        "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not.")
+        "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not."
+    )
 
 
 class LmEvalSpec(Strict):
     """lm-eval tasks scored on the final student (and its teacher) after the stages."""
 
-    tasks: list[str] = Field(default_factory=list,
-                             description="lm-eval tasks or groups, e.g. [austen_ppl, austen_cloze, austen_choice] "
-                                         "(offline) or [arc_easy, piqa] (from the hub); empty: none.")
-    limit: float | None = Field(None, gt=0, description="Examples per task (below 1: a fraction of each); "
-                                                        "null: all.")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks or groups, e.g. [austen_ppl, austen_cloze, austen_choice] "
+        "(offline) or [arc_easy, piqa] (from the hub); empty: none.",
+    )
+    limit: float | None = Field(None, gt=0, description="Examples per task (below 1: a fraction of each); null: all.")
     with_teacher: bool = Field(True, description="Also score the teacher with the same settings.")
     batch_size: int = Field(1, ge=1, description="Requests per forward pass.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null: each task's default.")
@@ -200,17 +222,23 @@ class EvalSpec(Strict):
     seq_len: int = Field(256, ge=2, description="Sequence length of perplexity windows.")
     batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
     after_each_stage: bool = Field(True, description="Also measure perplexity after transfer and each stage.")
-    every_tokens: int | None = Field(None, ge=1, description="Also measure it every this many training tokens "
-                                                             "(a perplexity-vs-tokens curve); null: never.")
-    prompt: str | None = Field("Once upon a time", description="Prompt for a greedy sample in the report; null skips it.")
+    every_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Also measure it every this many training tokens (a perplexity-vs-tokens curve); null: never.",
+    )
+    prompt: str | None = Field(
+        "Once upon a time", description="Prompt for a greedy sample in the report; null skips it."
+    )
     max_new_tokens: int = Field(32, ge=1, description="Length of that sample.")
     lm_eval: LmEvalSpec = Field(default_factory=LmEvalSpec, description="lm-eval benchmarks after the stages.")
     domains: list[str | DomainFiles] = Field(
         default_factory=list,
         description="Text sets never trained on, scored for teacher and student perplexity wherever the "
-                    "held-out perplexity is: built-ins heldout, heldout_reflowed, pydoc, teacher_samples "
-                    "(docs/evaluation.md), or {name, path} for local text / JSON-lines files. The run fails if "
-                    "one of them appears in the training stream.")
+        "held-out perplexity is: built-ins heldout, heldout_reflowed, pydoc, teacher_samples "
+        "(docs/evaluation.md), or {name, path} for local text / JSON-lines files. The run fails if "
+        "one of them appears in the training stream.",
+    )
     domain_tokens: int = Field(4096, ge=2, description="Tokens scored per domain (in windows of seq_len).")
 
     @field_validator("domains")
@@ -220,19 +248,25 @@ class EvalSpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    every_steps: int | None = Field(None, ge=1, description="Write a resumable mid-stage checkpoint every this many "
-                                                            "optimizer steps; null: not by step count.")
-    every_minutes: float | None = Field(30.0, gt=0, description="Write one when this many minutes passed since the "
-                                                                "last; null: not by time.")
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Write a resumable mid-stage checkpoint every this many optimizer steps; null: not by step count.",
+    )
+    every_minutes: float | None = Field(
+        30.0, gt=0, description="Write one when this many minutes passed since the last; null: not by time."
+    )
 
 
 class OutputSpec(Strict):
     dir: Path | None = Field(None, description="Run directory; default runs/<recipe name>. `--output` overrides.")
     save_every_stage: bool = Field(True, description="Write a checkpoint after every stage (needed to resume).")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec,
-                                       description="Mid-stage checkpoints (model, optimizer, scheduler, RNG, data "
-                                                   "position) that `run --resume` continues from; only the newest "
-                                                   "is kept.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec,
+        description="Mid-stage checkpoints (model, optimizer, scheduler, RNG, data "
+        "position) that `run --resume` continues from; only the newest "
+        "is kept.",
+    )
 
 
 class DistributedSpec(Strict):
@@ -240,31 +274,44 @@ class DistributedSpec(Strict):
     ignores it. See docs/distributed.md."""
 
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="'ddp': every rank holds the whole student, batches are split over ranks and "
-                           "gradients averaged (DistributedDataParallel). 'fsdp': stages that are not layer-local "
-                           "(knowledge_distillation) shard teacher and student over the ranks (FSDP2 fully_shard "
-                           "per decoder layer); layer-local stages 1–2 still run as 'ddp'.")
+        "ddp",
+        description="'ddp': every rank holds the whole student, batches are split over ranks and "
+        "gradients averaged (DistributedDataParallel). 'fsdp': stages that are not layer-local "
+        "(knowledge_distillation) shard teacher and student over the ranks (FSDP2 fully_shard "
+        "per decoder layer); layer-local stages 1–2 still run as 'ddp'.",
+    )
     layer_parallel: bool = Field(
-        False, description="Layer-local stages (matrix_orientation, hidden_state_alignment): each rank trains its "
-                           "own contiguous block of replaced layers on the whole batch instead of splitting "
-                           "the batch; the student is gathered afterwards.")
+        False,
+        description="Layer-local stages (matrix_orientation, hidden_state_alignment): each rank trains its "
+        "own contiguous block of replaced layers on the whole batch instead of splitting "
+        "the batch; the student is gathered afterwards.",
+    )
     mixed_precision: Literal["none", "bf16", "fp16"] = Field(
-        "none", description="fsdp: dtype the sharded layers compute in (gradients are reduced in float32); "
-                            "'bf16' suits GPUs with float32 weights (teacher.dtype: float32). 'none': the "
-                            "weights' own dtype.")
+        "none",
+        description="fsdp: dtype the sharded layers compute in (gradients are reduced in float32); "
+        "'bf16' suits GPUs with float32 weights (teacher.dtype: float32). 'none': the "
+        "weights' own dtype.",
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="Process-group backend; 'auto': nccl when the ranks compute on CUDA, else gloo.")
+        "auto", description="Process-group backend; 'auto': nccl when the ranks compute on CUDA, else gloo."
+    )
     timeout_minutes: float = Field(
-        30.0, gt=0, description="How long a rank waits for the others at a collective before the run fails "
-                                "(ranks also wait while rank 0 writes a checkpoint).")
+        30.0,
+        gt=0,
+        description="How long a rank waits for the others at a collective before the run fails "
+        "(ranks also wait while rank 0 writes a checkpoint).",
+    )
 
 
 class Recipe(Strict):
     name: str = Field(description="Short name of the recipe (default run directory name).")
     description: str = Field("", description="Free text.")
     seed: int = Field(0, description="Seed for student initialisation and data order.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
-                        description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', 'mps'.",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     teacher: TeacherSpec
     student: StudentSpec
@@ -272,12 +319,15 @@ class Recipe(Strict):
     stages: list[StageBlock] = Field(default_factory=list, description="Stages, run in order.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation after the stages.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where and what the run writes.")
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec,
-                                         description="Several processes under torchrun (ignored in one process).")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Several processes under torchrun (ignored in one process)."
+    )
     ablation: list[MixerBlock] = Field(
-        default_factory=list, description="Mixer families that `mixerdistill ablate` compares: each one replaces "
-                                          "student.mixer in turn, on the same teacher, data and stages. "
-                                          "`mixerdistill run` ignores it.")
+        default_factory=list,
+        description="Mixer families that `mixerdistill ablate` compares: each one replaces "
+        "student.mixer in turn, on the same teacher, data and stages. "
+        "`mixerdistill run` ignores it.",
+    )
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in, plugin blocks included (what `recipe.yaml` records)."""
@@ -286,8 +336,11 @@ class Recipe(Strict):
         student["mixer"] = {"name": self.student.mixer.name, **self.student.mixer.config.model_dump(mode="json")}
         data["student"] = student
         if self.data.mix:
-            data["data"] = {"mix": [{"source": p.source, "weight": p.weight, **p.config.model_dump(mode="json")}
-                                    for p in self.data.mix]}
+            data["data"] = {
+                "mix": [
+                    {"source": p.source, "weight": p.weight, **p.config.model_dump(mode="json")} for p in self.data.mix
+                ]
+            }
         else:
             data["data"] = {"source": self.data.source, **self.data.config.model_dump(mode="json")}
         data["stages"] = [{"name": s.name, **s.config.model_dump(mode="json")} for s in self.stages]
@@ -297,8 +350,12 @@ class Recipe(Strict):
 
 
 # -- validation --------------------------------------------------------------------------------
-PLUGIN_BLOCKS = {MixerBlock: ("mixers", "name"), DataBlock: ("datasets", "source"),
-                 MixPartBlock: ("datasets", "source"), StageBlock: ("stages", "name")}
+PLUGIN_BLOCKS = {
+    MixerBlock: ("mixers", "name"),
+    DataBlock: ("datasets", "source"),
+    MixPartBlock: ("datasets", "source"),
+    StageBlock: ("stages", "name"),
+}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -359,8 +416,13 @@ def _validate_plugin_blocks(recipe: Recipe, context: dict) -> list[tuple[str, st
 def _plugin_problems_from_raw(data: dict, context: dict) -> list[tuple[str, str]]:
     """Check the plugin blocks of a recipe that failed the core schema, where they are well formed."""
     problems = []
-    candidates = [("student.mixer", MixerBlock, (data.get("student") or {}).get("mixer")
-                   if isinstance(data.get("student"), dict) else None)]
+    candidates = [
+        (
+            "student.mixer",
+            MixerBlock,
+            (data.get("student") or {}).get("mixer") if isinstance(data.get("student"), dict) else None,
+        )
+    ]
     mix = data["data"].get("mix") if isinstance(data.get("data"), dict) else None
     if isinstance(mix, list):
         candidates += [(f"data.mix.{i}", MixPartBlock, m) for i, m in enumerate(mix)]

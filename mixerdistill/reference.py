@@ -54,8 +54,11 @@ def _default(field) -> str:
 def field_rows(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[tuple[str, str, str, str]]:
     """(name, type, default, description) of each field of ``model``, as the reference page shows them
     (also ``mixerdistill plugins --details``)."""
-    return [(name, _type_name(field.annotation), _default(field), field.description or "")
-            for name, field in model.model_fields.items() if name not in skip]
+    return [
+        (name, _type_name(field.annotation), _default(field), field.description or "")
+        for name, field in model.model_fields.items()
+        if name not in skip
+    ]
 
 
 def _table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
@@ -66,8 +69,12 @@ def _table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> l
     nested = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        if name not in skip and isinstance(annotation, type) and issubclass(annotation, BaseModel) and not \
-                issubclass(annotation, schema.PluginBlock):
+        if (
+            name not in skip
+            and isinstance(annotation, type)
+            and issubclass(annotation, BaseModel)
+            and not issubclass(annotation, schema.PluginBlock)
+        ):
             nested.append((f"{prefix}{name}", annotation))
     for path, sub in nested:
         lines += ["", f"#### `{path}`", ""] + _table(sub, f"{path}.")
@@ -97,15 +104,23 @@ def render_recipe_reference() -> str:
         lines += ["", f"### `source: {tag}`", "", (source.__doc__ or "").strip(), ""]
         lines += _table(source, "teacher.", skip=("source",))
     lines += ["", "## `student`", ""] + _table(schema.StudentSpec, "student.")
-    sections = [("student.mixer", "mixers", "name", "### mixer"), ("data", "datasets", "source", "### data source"),
-                ("stages[]", "stages", "name", "### stage")]
+    sections = [
+        ("student.mixer", "mixers", "name", "### mixer"),
+        ("data", "datasets", "source", "### data source"),
+        ("stages[]", "stages", "name", "### stage"),
+    ]
     for path, kind, key, title in sections:
         if path == "data":
-            lines += ["", "## `data`", "", "The `source` field names a data source plugin; its fields follow. Or a "
-                      "weighted mixture: `data: {mix: [{source: austen, weight: 1}, {source: teacher_samples, "
-                      "weight: 1}]}`, each entry a data block with a `weight` (default 1): every training window "
-                      "comes from one entry with probability proportional to its weight, in a seeded order that "
-                      "resumes exactly; the held-out split is the first entry's (docs/data.md)."]
+            lines += [
+                "",
+                "## `data`",
+                "",
+                "The `source` field names a data source plugin; its fields follow. Or a "
+                "weighted mixture: `data: {mix: [{source: austen, weight: 1}, {source: teacher_samples, "
+                "weight: 1}]}`, each entry a data block with a `weight` (default 1): every training window "
+                "comes from one entry with probability proportional to its weight, in a seeded order that "
+                "resumes exactly; the held-out split is the first entry's (docs/data.md).",
+            ]
         if path == "stages[]":
             lines += ["", "## `stages`", "", "A list, run in order; each entry's `name` names a stage plugin."]
         if path == "student.mixer":
@@ -116,8 +131,13 @@ def render_recipe_reference() -> str:
             doc = (plugins.get(name).__doc__ or "").strip().splitlines()[0]
             lines += ["", f"{title} `{key}: {name}`", "", doc, ""]
             lines += _table(config_cls, f"{path}.") + _defaults_note(config_cls)
-    lines += ["", "## `ablation`", "", schema.Recipe.model_fields["ablation"].description,
-              "Each entry is a `student.mixer` block: `name` and that mixer's fields."]
+    lines += [
+        "",
+        "## `ablation`",
+        "",
+        schema.Recipe.model_fields["ablation"].description,
+        "Each entry is a `student.mixer` block: `name` and that mixer's fields.",
+    ]
     lines += ["", "## `eval`", ""] + _table(schema.EvalSpec, "eval.")
     lines += ["", "## `output`", ""] + _table(schema.OutputSpec, "output.")
     return "\n".join(lines) + "\n"
@@ -137,24 +157,42 @@ def render_teacher_table() -> str:
     """The supported-family table of docs/teachers.md, from the built-in teacher adapters' declarations."""
     from mixerdistill.testing import TINY_CONFIGS
 
-    lines = [TEACHER_TABLE_START, "",
-             "| adapter | `model_type` | blocks | q/k/v/o | q/k norm | RoPE | what it declares | `check_adapter` |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        TEACHER_TABLE_START,
+        "",
+        "| adapter | `model_type` | blocks | q/k/v/o | q/k norm | RoPE | what it declares | `check_adapter` |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     teachers = registry("teachers")
     for name in builtin_names("teachers"):
         adapter = teachers.get(name)
         qkv = ", ".join(f"`{p}`" for p in adapter.projection_names)
         if adapter.fused_qkv:
             qkv += f" (fused, {adapter.fused_qkv})"
-        norm = "—" if not adapter.qk_norm_scope else (
-            f"per {adapter.qk_norm_scope}" + (f", {adapter.qk_norm_offset:g} + w" if adapter.qk_norm_offset else ""))
-        rope = "none" if adapter.rotary_path is None else (
-            "interleaved" if adapter.rotary_interleaved else "per layer type" if adapter.rotary_per_layer_type
-            else "halves")
+        norm = (
+            "—"
+            if not adapter.qk_norm_scope
+            else (
+                f"per {adapter.qk_norm_scope}" + (f", {adapter.qk_norm_offset:g} + w" if adapter.qk_norm_offset else "")
+            )
+        )
+        rope = (
+            "none"
+            if adapter.rotary_path is None
+            else (
+                "interleaved"
+                if adapter.rotary_interleaved
+                else "per layer type"
+                if adapter.rotary_per_layer_type
+                else "halves"
+            )
+        )
         checked = ", ".join(t for t in adapter.model_types if t in TINY_CONFIGS) or "—"
         summary = (type(adapter).__doc__ or "").strip().replace("\n", " ")
         summary = " ".join(summary.split())
-        lines.append(f"| `{name}` | {', '.join(f'`{t}`' for t in adapter.model_types)} | "
-                     f"`{adapter.layers_path}[i].{adapter.attention_name}` | {qkv} | {norm} | {rope} | {summary} | "
-                     f"{checked} |")
+        lines.append(
+            f"| `{name}` | {', '.join(f'`{t}`' for t in adapter.model_types)} | "
+            f"`{adapter.layers_path}[i].{adapter.attention_name}` | {qkv} | {norm} | {rope} | {summary} | "
+            f"{checked} |"
+        )
     return "\n".join(lines + ["", TEACHER_TABLE_END])

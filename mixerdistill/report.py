@@ -28,12 +28,19 @@ def render_report(report: RunReport) -> str:
     teacher, student = report.teacher, report.student
     lines = [f"# Run report: {report.recipe}", ""]
     mixers = ", ".join(f"{count} × {name}" for name, count in student.mixers.items())
-    lines += [f"Student: {mixers} ({format_number(student.parameters)} parameters); "
-              f"teacher: {teacher.adapter} ({format_number(teacher.parameters)} parameters).", ""]
+    lines += [
+        f"Student: {mixers} ({format_number(student.parameters)} parameters); "
+        f"teacher: {teacher.adapter} ({format_number(teacher.parameters)} parameters).",
+        "",
+    ]
     lines += _perplexity_table(report)
     if student.domains:
-        lines += ["", "## Unseen domains (never trained on)", "",
-                  *domain_markdown(student.domains, student.domain_ratio_geomean)]
+        lines += [
+            "",
+            "## Unseen domains (never trained on)",
+            "",
+            *domain_markdown(student.domains, student.domain_ratio_geomean),
+        ]
     lines += _stage_table(report) + _curve_table(report)
     evaluation = report.eval
     if evaluation:
@@ -44,8 +51,15 @@ def render_report(report: RunReport) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{PLOTS[name]}]({name})" for name in plots]
     if report.samples:
-        lines += ["", "## Greedy continuation", "", f"Prompt: `{report.samples.prompt}`", "",
-                  "| model | continuation |", "|---|---|"]
+        lines += [
+            "",
+            "## Greedy continuation",
+            "",
+            f"Prompt: `{report.samples.prompt}`",
+            "",
+            "| model | continuation |",
+            "|---|---|",
+        ]
         for who in ("teacher", "student"):
             text = getattr(report.samples, who).replace("|", "\\|").replace("\n", " ⏎ ")
             lines.append(f"| {who} | {text} |")
@@ -73,13 +87,19 @@ def _perplexity_table(report: RunReport) -> list[str]:
 
 
 def _stage_table(report: RunReport) -> list[str]:
-    lines = ["", "## Stages", "",
-             "| # | stage | steps | tokens | seconds | tokens/s | loss first | loss last |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Stages",
+        "",
+        "| # | stage | steps | tokens | seconds | tokens/s | loss first | loss last |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for stage in report.stages:
-        lines.append(f"| {stage.index} | {stage.name} | {format_number(stage.steps)} | {format_number(stage.tokens)} "
-                     f"| {format_number(stage.seconds, 1)} | {format_number(stage.tokens_per_second, 0)} "
-                     f"| {format_number(stage.loss_first, 4)} | {format_number(stage.loss_last, 4)} |")
+        lines.append(
+            f"| {stage.index} | {stage.name} | {format_number(stage.steps)} | {format_number(stage.tokens)} "
+            f"| {format_number(stage.seconds, 1)} | {format_number(stage.tokens_per_second, 0)} "
+            f"| {format_number(stage.loss_first, 4)} | {format_number(stage.loss_last, 4)} |"
+        )
     return lines
 
 
@@ -100,12 +120,18 @@ def _curve_table(report: RunReport) -> list[str]:
     if not report.curve:
         return []
     domains = list(dict.fromkeys(name for point in report.curve for name in (point.domains or {})))
-    lines = ["", "## Held-out perplexity during training", "",
-             "| training tokens | stage | perplexity |" + "".join(f" {name} |" for name in domains),
-             "|---:|---:|---:|" + "---:|" * len(domains)]
-    lines += [f"| {format_number(p.tokens)} | {p.stage_index} | {format_number(p.perplexity)} |"
-              + "".join(f" {format_number((p.domains or {}).get(name))} |" for name in domains)
-              for p in report.curve]
+    lines = [
+        "",
+        "## Held-out perplexity during training",
+        "",
+        "| training tokens | stage | perplexity |" + "".join(f" {name} |" for name in domains),
+        "|---:|---:|---:|" + "---:|" * len(domains),
+    ]
+    lines += [
+        f"| {format_number(p.tokens)} | {p.stage_index} | {format_number(p.perplexity)} |"
+        + "".join(f" {format_number((p.domains or {}).get(name))} |" for name in domains)
+        for p in report.curve
+    ]
     return lines
 
 
@@ -117,8 +143,15 @@ def comparison_rows(entry: dict) -> list[dict]:
     for task in student:
         for metric, value in student[task].items():
             reference = teacher.get(task, {}).get(metric)
-            rows.append({"task": task, "metric": metric, "teacher": reference, "student": value,
-                         "ratio": value / reference if reference else None})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "teacher": reference,
+                    "student": value,
+                    "ratio": value / reference if reference else None,
+                }
+            )
     return rows
 
 
@@ -126,8 +159,10 @@ def comparison_markdown(entry: dict) -> list[str]:
     """The side-by-side lm-eval table as Markdown lines."""
     lines = ["| task | metric | teacher | student | student / teacher |", "|---|---|---:|---:|---:|"]
     for row in comparison_rows(entry):
-        lines.append(f"| {row['task']} | {row['metric']} | {format_number(row['teacher'], 4)} "
-                     f"| {format_number(row['student'], 4)} | {format_number(row['ratio'], 3)} |")
+        lines.append(
+            f"| {row['task']} | {row['metric']} | {format_number(row['teacher'], 4)} "
+            f"| {format_number(row['student'], 4)} | {format_number(row['ratio'], 3)} |"
+        )
     return lines
 
 
@@ -142,40 +177,51 @@ def summarise_run(directory: Path) -> dict:
         for who in scores:
             for task, values in ((entry or {}).get(who) or {}).get("scores", {}).items():
                 scores[who][task] = values
-    return {"run": str(directory), "recipe": report.recipe,
-            "stages": [stage.name for stage in report.stages],
-            "teacher_perplexity": report.teacher.perplexity,
-            "student_perplexity": report.student.perplexity,
-            "training_tokens": sum(stage.tokens for stage in report.stages),
-            "training_seconds": round(sum(stage.seconds for stage in report.stages), 2),
-            "seconds": report.seconds, "eval": scores,
-            **_domain_summary(report.student.model_dump(), _read_json(directory / EVAL_FILE))}
+    return {
+        "run": str(directory),
+        "recipe": report.recipe,
+        "stages": [stage.name for stage in report.stages],
+        "teacher_perplexity": report.teacher.perplexity,
+        "student_perplexity": report.student.perplexity,
+        "training_tokens": sum(stage.tokens for stage in report.stages),
+        "training_seconds": round(sum(stage.seconds for stage in report.stages), 2),
+        "seconds": report.seconds,
+        "eval": scores,
+        **_domain_summary(report.student.model_dump(), _read_json(directory / EVAL_FILE)),
+    }
 
 
 def _domain_summary(student: dict, evaluated: dict | None) -> dict:
     """Student/teacher perplexity per unseen domain, from report.json or else eval.json."""
     source = student if student.get("domains") else (evaluated or {})
-    return {"domain_ratios": {name: row["ratio"] for name, row in (source.get("domains") or {}).items()},
-            "domain_ratio_geomean": source.get("domain_ratio_geomean")}
+    return {
+        "domain_ratios": {name: row["ratio"] for name, row in (source.get("domains") or {}).items()},
+        "domain_ratio_geomean": source.get("domain_ratio_geomean"),
+    }
 
 
 def comparison_table(summaries: list[dict]) -> tuple[list[str], list[tuple[str, list]]]:
     """(column labels, rows of (name, one value per run)) for ``mixerdistill compare``."""
     labels = [s["run"] for s in summaries]
-    rows = [("stages", [" + ".join(MOHAWK_STAGES.get(name, name) for name in s["stages"]) or "none"
-                        for s in summaries])]
-    rows += [(name.replace("_", " "), [s[name] for s in summaries])
-             for name in ("teacher_perplexity", "student_perplexity", "training_tokens", "training_seconds",
-                          "seconds")]
+    rows = [
+        ("stages", [" + ".join(MOHAWK_STAGES.get(name, name) for name in s["stages"]) or "none" for s in summaries])
+    ]
+    rows += [
+        (name.replace("_", " "), [s[name] for s in summaries])
+        for name in ("teacher_perplexity", "student_perplexity", "training_tokens", "training_seconds", "seconds")
+    ]
     domains = dict.fromkeys(name for s in summaries for name in s.get("domain_ratios", {}))  # issue 21
     rows += [(f"× teacher: {name}", [s.get("domain_ratios", {}).get(name) for s in summaries]) for name in domains]
     if domains:
         rows.append(("× teacher: geometric mean", [s.get("domain_ratio_geomean") for s in summaries]))
     for who in ("student", "teacher"):
-        keys = dict.fromkeys((task, metric) for s in summaries for task, values in s["eval"][who].items()
-                             for metric in values)
-        rows += [(f"{who}: {task} {metric}", [s["eval"][who].get(task, {}).get(metric) for s in summaries])
-                 for task, metric in keys]
+        keys = dict.fromkeys(
+            (task, metric) for s in summaries for task, values in s["eval"][who].items() for metric in values
+        )
+        rows += [
+            (f"{who}: {task} {metric}", [s["eval"][who].get(task, {}).get(metric) for s in summaries])
+            for task, metric in keys
+        ]
     return labels, rows
 
 

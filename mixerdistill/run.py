@@ -25,24 +25,37 @@ from pathlib import Path
 import torch
 
 from mixerdistill import interrupt
-from mixerdistill.checkpoint import (PROGRESS_DIR, ResumePoint, StageProgress, finished_stage, load_weights,
-                                     save_checkpoint)
+from mixerdistill.checkpoint import (
+    PROGRESS_DIR,
+    ResumePoint,
+    StageProgress,
+    finished_stage,
+    load_weights,
+    save_checkpoint,
+)
 from mixerdistill.console import stderr_console
 from mixerdistill.device import pick_device
-from mixerdistill.distributed import plans, world as worlds
+from mixerdistill.distributed import plans
+from mixerdistill.distributed import world as worlds
 from mixerdistill.domains import DomainEvaluation, domain_table
 from mixerdistill.errors import writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
 from mixerdistill.lock import output_lock
-from mixerdistill.plots import write_run_plots
 from mixerdistill.mixture import MixedData, build_data
+from mixerdistill.plots import write_run_plots
 from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.recipe import Recipe
 from mixerdistill.report import write_report
-from mixerdistill.run_directory import (METRICS_FILE, check_output, check_same_recipe, prepare_output,
-                                        stage_directory)
-from mixerdistill.run_report import (CurvePoint, DataFigures, RunReport, Samples, StageFigures, StudentFigures,
-                                     TeacherFigures)
+from mixerdistill.run_directory import METRICS_FILE, check_output, check_same_recipe, prepare_output, stage_directory
+from mixerdistill.run_report import (
+    CurvePoint,
+    DataFigures,
+    RunReport,
+    Samples,
+    StageFigures,
+    StudentFigures,
+    TeacherFigures,
+)
 from mixerdistill.stages import StageContext
 from mixerdistill.student import StudentSpec, build_student, mixer_counts, mixer_layers
 from mixerdistill.teacher import find_adapter
@@ -50,8 +63,9 @@ from mixerdistill.teacher_sources import load_teacher
 from mixerdistill.training import Checkpointing, Placement, Reporting, seed_everything, train_stage, truncate
 
 
-def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool = False,
-            show_progress: bool = True) -> RunReport:
+def execute(
+    recipe: Recipe, output: Path, resume: bool = False, overwrite: bool = False, show_progress: bool = True
+) -> RunReport:
     """Run every stage of ``recipe`` into ``output`` and return the report (on every rank).
 
     The output directory is locked for the whole run (mixerdistill.lock); SIGINT, SIGTERM and SIGUSR1
@@ -60,8 +74,9 @@ def execute(recipe: Recipe, output: Path, resume: bool = False, overwrite: bool 
     world, device = worlds.start(recipe.distributed, pick_device(recipe.device))
     try:
         with output_lock(Path(output), world), interrupt.stop_signals(world.main):  # issue 20
-            run = Distillation(recipe, Path(output), world, device, resume=resume, overwrite=overwrite,
-                               show_progress=show_progress)
+            run = Distillation(
+                recipe, Path(output), world, device, resume=resume, overwrite=overwrite, show_progress=show_progress
+            )
             run.setup()
             for index in range(1, len(recipe.stages) + 1):
                 run.run_stage(index)
@@ -83,9 +98,16 @@ class ResumeState:
 class Distillation:
     """One run of a recipe into an output directory; see the module docstring for the phases."""
 
-    def __init__(self, recipe: Recipe, output: Path, world: worlds.World = worlds.SINGLE,
-                 device: torch.device | None = None, resume: bool = False, overwrite: bool = False,
-                 show_progress: bool = True):
+    def __init__(
+        self,
+        recipe: Recipe,
+        output: Path,
+        world: worlds.World = worlds.SINGLE,
+        device: torch.device | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        show_progress: bool = True,
+    ):
         self.recipe, self.output, self.world = recipe, output, world
         self.device = device or pick_device(recipe.device)
         self.resume, self.overwrite, self.show_progress = resume, overwrite, show_progress
@@ -128,52 +150,81 @@ class Distillation:
         self.log("[bold]data[/]: tokenising")
         # One source or a weighted mixture (teacher_samples are made or read from the cache here); the
         # unseen domains of eval.domains, refused when one of them is in the training stream.
-        self.data, sources = build_data(recipe.data, self.tokenizer, self.teacher,
-                                        recipe.teacher.model_dump(mode="json"), self.show_progress and self.world.main)
+        self.data, sources = build_data(
+            recipe.data,
+            self.tokenizer,
+            self.teacher,
+            recipe.teacher.model_dump(mode="json"),
+            self.show_progress and self.world.main,
+        )
         self.data.check_batches(recipe.stages)  # issue 20: every stage gets full batches, known before training
-        self.domain_eval = DomainEvaluation.for_recipe(recipe, self.data, sources, self.tokenizer, self.teacher,
-                                                       self.device, self.show_progress)
-        self.eval_windows = (self.data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens)
-                             if recipe.eval.tokens else None)
+        self.domain_eval = DomainEvaluation.for_recipe(
+            recipe, self.data, sources, self.tokenizer, self.teacher, self.device, self.show_progress
+        )
+        self.eval_windows = (
+            self.data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens) if recipe.eval.tokens else None
+        )
 
     def _build_student(self) -> None:
         recipe, adapter = self.recipe, self.adapter
         mixer_name = recipe.student.mixer.name
         torch.manual_seed(recipe.seed)
-        self.student = build_student(self.teacher, adapter, get_mixer(mixer_name), recipe.student.mixer.config,
-                                     recipe.student.keep_attention, transfer=recipe.student.init == "transfer")
-        self.spec = StudentSpec(mixer=mixer_name, mixer_config=recipe.student.mixer.config.model_dump(mode="json"),
-                                keep_attention=sorted(recipe.student.keep_attention), adapter=adapter.name,
-                                teacher=recipe.teacher.model_dump(mode="json"),
-                                teacher_config=self.teacher.config.to_dict())
+        self.student = build_student(
+            self.teacher,
+            adapter,
+            get_mixer(mixer_name),
+            recipe.student.mixer.config,
+            recipe.student.keep_attention,
+            transfer=recipe.student.init == "transfer",
+        )
+        self.spec = StudentSpec(
+            mixer=mixer_name,
+            mixer_config=recipe.student.mixer.config.model_dump(mode="json"),
+            keep_attention=sorted(recipe.student.keep_attention),
+            adapter=adapter.name,
+            teacher=recipe.teacher.model_dump(mode="json"),
+            teacher_config=self.teacher.config.to_dict(),
+        )
         self.counts = mixer_counts(self.student, adapter, mixer_name)
-        self.context = StageContext(teacher=self.teacher, student=self.student, adapter=adapter,
-                                    mixers=mixer_layers(self.student, adapter))
+        self.context = StageContext(
+            teacher=self.teacher, student=self.student, adapter=adapter, mixers=mixer_layers(self.student, adapter)
+        )
 
     def _resolve_stages(self) -> Recipe:
         """The recipe with each stage's automatic choices made (``Stage.resolve``); recipe.yaml records it."""
-        stages = [block.with_config(get_stage(block.name).resolve(block.config, self.context))
-                  for block in self.recipe.stages]
+        stages = [
+            block.with_config(get_stage(block.name).resolve(block.config, self.context)) for block in self.recipe.stages
+        ]
         return self.recipe.model_copy(update={"stages": stages})
 
     def _start_report(self, previous: RunReport | None) -> None:
         """The report's figures before training; the perplexities a resumed run measured already are kept."""
         self.report = RunReport(
             recipe=self.recipe.name,
-            teacher=TeacherFigures(source=self.recipe.teacher.source, adapter=self.adapter.name,
-                                   parameters=sum(p.numel() for p in self.teacher.parameters()),
-                                   perplexity=previous.teacher.perplexity if previous else None),
-            student=StudentFigures(mixers=self.counts, parameters=sum(p.numel() for p in self.student.parameters()),
-                                   perplexity_after_transfer=previous.student.perplexity_after_transfer
-                                   if previous else None),
-            data=DataFigures(train_tokens=self.data.train_tokens, heldout_tokens=len(self.data.heldout),
-                             eval_tokens=int(self.eval_windows.numel()) if self.eval_windows is not None else 0))
+            teacher=TeacherFigures(
+                source=self.recipe.teacher.source,
+                adapter=self.adapter.name,
+                parameters=sum(p.numel() for p in self.teacher.parameters()),
+                perplexity=previous.teacher.perplexity if previous else None,
+            ),
+            student=StudentFigures(
+                mixers=self.counts,
+                parameters=sum(p.numel() for p in self.student.parameters()),
+                perplexity_after_transfer=previous.student.perplexity_after_transfer if previous else None,
+            ),
+            data=DataFigures(
+                train_tokens=self.data.train_tokens,
+                heldout_tokens=len(self.data.heldout),
+                eval_tokens=int(self.eval_windows.numel()) if self.eval_windows is not None else 0,
+            ),
+        )
         self.previous_eval = previous.eval if previous else None
         if isinstance(self.data, MixedData):
             self.report.data.mix = self.data.shares(self.recipe.stages, self.recipe.seed)
         if self.domain_eval:
-            self.report.teacher.domains = (previous.teacher.domains if previous else None) or \
-                self.domain_eval.measure(self.teacher)
+            self.report.teacher.domains = (previous.teacher.domains if previous else None) or self.domain_eval.measure(
+                self.teacher
+            )
         if self.report.teacher.perplexity is None and self.eval_windows is not None:
             self.log("[bold]eval[/]: teacher perplexity")
             self.report.teacher.perplexity = self.measure(self.teacher)
@@ -218,17 +269,21 @@ class Distillation:
             progress.clear()
             truncate(self.output / METRICS_FILE, self.metrics_bytes)
         if state.point is not None:
-            self.log(f"[bold]stage {index}[/] {block.name}: resuming after step {state.point.step} "
-                     f"({state.point.directory.name})")
+            self.log(
+                f"[bold]stage {index}[/] {block.name}: resuming after step {state.point.step} "
+                f"({state.point.directory.name})"
+            )
             self.report.curve += [CurvePoint.model_validate(p) for p in state.point.info["curve"]]
         figures = self._train(index, progress, state.point)
         self.report.stages.append(figures)
         if self.world.main:
             self._save_stage(index, figures, progress)
         self.world.barrier()
-        self.log(f"[bold]stage {index}[/] {block.name}: loss {figures.loss_first:.4g} → {figures.loss_last:.4g}, "
-                 f"{figures.tokens_per_second:.0f} tok/s"
-                 + (f", perplexity {figures.perplexity_after:.2f}" if figures.perplexity_after else ""))
+        self.log(
+            f"[bold]stage {index}[/] {block.name}: loss {figures.loss_first:.4g} → {figures.loss_last:.4g}, "
+            f"{figures.tokens_per_second:.0f} tok/s"
+            + (f", perplexity {figures.perplexity_after:.2f}" if figures.perplexity_after else "")
+        )
         interrupt.end_stage(self.world)  # issue 20: a stop asked for in the stage's last step stops here
 
     def _stage_directory(self, index: int) -> Path:
@@ -236,13 +291,15 @@ class Distillation:
 
     def _progress(self, index: int) -> StageProgress:
         every = self.recipe.output.checkpoint
-        return StageProgress(self.output / PROGRESS_DIR / self._stage_directory(index).name, every.every_steps,
-                             every.every_minutes)
+        return StageProgress(
+            self.output / PROGRESS_DIR / self._stage_directory(index).name, every.every_steps, every.every_minutes
+        )
 
     def _load_finished_stage(self, index: int, manifest: dict) -> None:
         directory = self._stage_directory(index)
-        self.log(f"[bold]stage {index}[/] {self.recipe.stages[index - 1].name}: finished earlier, loading "
-                 f"{directory.name}")
+        self.log(
+            f"[bold]stage {index}[/] {self.recipe.stages[index - 1].name}: finished earlier, loading {directory.name}"
+        )
         load_weights(self.student, directory)
         self.student.to(self.device)
         self.report.stages.append(StageFigures.model_validate(manifest["stage"]))
@@ -256,23 +313,38 @@ class Distillation:
         stage = get_stage(block.name)(config, self.context)
         seed = config.seed if config.seed is not None else self.recipe.seed + index
         seed_everything(seed)
-        batches = self.data.train_batches(config.batch_size, config.seq_len, seed,
-                                          start_batch=point.step if point else 0)
+        batches = self.data.train_batches(
+            config.batch_size, config.seq_len, seed, start_batch=point.step if point else 0
+        )
         plan = plans.plan_for(self.recipe, block, self.world, self.device)
         interrupt.begin_stage(index, point.step if point else 0)  # issue 20: a signal now ends the step
-        self.log(f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × {config.batch_size} × "
-                 f"{config.seq_len} tokens" + (f", {plan.describe()}" if self.world.active else ""))
+        self.log(
+            f"[bold]stage {index}[/] {block.name}: {config.steps()} steps × {config.batch_size} × "
+            f"{config.seq_len} tokens" + (f", {plan.describe()}" if self.world.active else "")
+        )
         result = train_stage(
-            stage, block.name, self.student, batches, Placement(self.device, plan, self.world),
+            stage,
+            block.name,
+            self.student,
+            batches,
+            Placement(self.device, plan, self.world),
             Reporting(self.output / METRICS_FILE, self.show_progress, self._curve_callback(index, plan)),
-            Checkpointing(progress, point, lambda: {"curve": self._stage_curve_json(index)}))
-        return StageFigures(index=index, name=block.name, steps=result.steps, tokens=result.tokens,
-                            seconds=round(result.seconds, 3), tokens_per_second=round(result.tokens_per_second, 2),
-                            loss_first=result.loss_first, loss_last=result.loss_last,
-                            perplexity_after=self.measure(self.student) if self.recipe.eval.after_each_stage
-                            else None,
-                            domains_after=self.domain_eval.measure(self.student)
-                            if self.domain_eval and self.recipe.eval.after_each_stage else None)
+            Checkpointing(progress, point, lambda: {"curve": self._stage_curve_json(index)}),
+        )
+        return StageFigures(
+            index=index,
+            name=block.name,
+            steps=result.steps,
+            tokens=result.tokens,
+            seconds=round(result.seconds, 3),
+            tokens_per_second=round(result.tokens_per_second, 2),
+            loss_first=result.loss_first,
+            loss_last=result.loss_last,
+            perplexity_after=self.measure(self.student) if self.recipe.eval.after_each_stage else None,
+            domains_after=self.domain_eval.measure(self.student)
+            if self.domain_eval and self.recipe.eval.after_each_stage
+            else None,
+        )
 
     def _curve_callback(self, index: int, plan: plans.Plan):
         """An on_step callback adding held-out perplexity every ``eval.every_tokens`` training tokens
@@ -280,7 +352,7 @@ class Distillation:
         every = self.recipe.eval.every_tokens
         if not every or self.eval_windows is None:
             return None
-        earlier = sum(s.config.tokens_rounded() for s in self.recipe.stages[:index - 1])
+        earlier = sum(s.config.tokens_rounded() for s in self.recipe.stages[: index - 1])
         config = self.recipe.stages[index - 1].config
         step_tokens = config.batch_size * config.seq_len
 
@@ -288,10 +360,15 @@ class Distillation:
             if (earlier + tokens) // every == (earlier + tokens - step_tokens) // every:
                 return None
             model = plan.evaluation_model(self.student)
-            point = CurvePoint(stage_index=index, tokens=earlier + tokens, perplexity=self.measure(model),
-                               domains=self.domain_eval.measure(model) if self.domain_eval else None)
+            point = CurvePoint(
+                stage_index=index,
+                tokens=earlier + tokens,
+                perplexity=self.measure(model),
+                domains=self.domain_eval.measure(model) if self.domain_eval else None,
+            )
             self.report.curve.append(point)
             return point.model_dump(include={"perplexity", "domains"}, exclude_none=True)
+
         return on_step
 
     def _stage_curve_json(self, index: int) -> list[dict]:
@@ -301,9 +378,16 @@ class Distillation:
         """Rank 0: the stage's checkpoint (with its figures, so a resumed run reuses them) and the report."""
         self.metrics_bytes = (self.output / METRICS_FILE).stat().st_size
         if self.recipe.output.save_every_stage:
-            save_checkpoint(self.student, self.spec, self._stage_directory(index),
-                            extra={"stage": figures.model_dump(mode="json"), "metrics_bytes": self.metrics_bytes,
-                                   "curve": self._stage_curve_json(index)})
+            save_checkpoint(
+                self.student,
+                self.spec,
+                self._stage_directory(index),
+                extra={
+                    "stage": figures.model_dump(mode="json"),
+                    "metrics_bytes": self.metrics_bytes,
+                    "curve": self._stage_curve_json(index),
+                },
+            )
         progress.clear()
         self._write_report()
 
@@ -316,7 +400,8 @@ class Distillation:
         if self.domain_eval:
             final = report.stages[-1].domains_after if report.stages else None
             report.student.domains, report.student.domain_ratio_geomean = domain_table(
-                report.teacher.domains, final or self.domain_eval.measure(self.student))
+                report.teacher.domains, final or self.domain_eval.measure(self.student)
+            )
         if not self.world.main:
             return
         if recipe.eval.prompt:
@@ -324,7 +409,8 @@ class Distillation:
             report.samples = Samples(
                 prompt=prompt,
                 teacher=greedy_continuation(self.teacher, self.tokenizer, prompt, length, self.device),
-                student=greedy_continuation(self.student, self.tokenizer, prompt, length, self.device))
+                student=greedy_continuation(self.student, self.tokenizer, prompt, length, self.device),
+            )
         benchmarks = recipe.eval.lm_eval
         if not benchmarks.tasks:
             return
@@ -333,10 +419,15 @@ class Distillation:
             return
         from mixerdistill.harness import EvalSettings, evaluate_pair, lm_eval_limit
 
-        settings = EvalSettings(tasks=benchmarks.tasks, limit=lm_eval_limit(benchmarks.limit),
-                                batch_size=benchmarks.batch_size, num_fewshot=benchmarks.num_fewshot)
-        report.eval = evaluate_pair(self.student, self.teacher if benchmarks.with_teacher else None,
-                                    self.tokenizer, settings)
+        settings = EvalSettings(
+            tasks=benchmarks.tasks,
+            limit=lm_eval_limit(benchmarks.limit),
+            batch_size=benchmarks.batch_size,
+            num_fewshot=benchmarks.num_fewshot,
+        )
+        report.eval = evaluate_pair(
+            self.student, self.teacher if benchmarks.with_teacher else None, self.tokenizer, settings
+        )
 
     def finish(self) -> RunReport:
         """Rank 0: the transfer checkpoint of a run without stages, plots, wall time, the final report."""

@@ -35,8 +35,10 @@ def check_output(output: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--output {output} exists and is not a directory")
     if output.is_dir() and run_files(output) and not overwrite:
         if not resume:
-            raise UserError(f"output directory {output} is not empty: pass --resume to continue that run "
-                            f"or --overwrite to replace it")
+            raise UserError(
+                f"output directory {output} is not empty: pass --resume to continue that run "
+                f"or --overwrite to replace it"
+            )
         if not (output / RECIPE_FILE).is_file():
             raise UserError(f"cannot resume: {output} has no {RECIPE_FILE}")
 
@@ -45,8 +47,10 @@ def check_same_recipe(output: Path, resolved: dict) -> None:
     """A resumed run must have the recipe it started with (``resolved``: ``Recipe.resolved()``)."""
     recorded = output / RECIPE_FILE
     if yaml.safe_load(recorded.read_text()) != json.loads(json.dumps(resolved)):
-        raise UserError(f"cannot resume: the recipe differs from the one recorded in {recorded}; "
-                        f"use --overwrite to start again or choose another --output")
+        raise UserError(
+            f"cannot resume: the recipe differs from the one recorded in {recorded}; "
+            f"use --overwrite to start again or choose another --output"
+        )
 
 
 def prepare_output(output: Path, resolved: dict, overwrite: bool) -> None:

@@ -115,8 +115,11 @@ class RunReport(_Figures):
 def _drop_unmeasured_domains(value):
     """``value`` (report.json's content) without the domain keys of DOMAIN_KEYS that hold None."""
     if isinstance(value, dict):
-        return {key: _drop_unmeasured_domains(item) for key, item in value.items()
-                if not (key in DOMAIN_KEYS and item is None)}
+        return {
+            key: _drop_unmeasured_domains(item)
+            for key, item in value.items()
+            if not (key in DOMAIN_KEYS and item is None)
+        }
     if isinstance(value, list):
         return [_drop_unmeasured_domains(item) for item in value]
     return value

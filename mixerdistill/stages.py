@@ -36,7 +36,8 @@ class ScheduleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["constant", "cosine", "wsd"] = Field(
-        "wsd", description="constant, cosine (to min_lr_ratio), or warmup-stable-decay.")
+        "wsd", description="constant, cosine (to min_lr_ratio), or warmup-stable-decay."
+    )
     warmup: float = Field(0.05, ge=0, le=1, description="Fraction of steps spent warming up linearly.")
     decay: float = Field(0.1, ge=0, le=1, description="wsd: fraction of steps spent decaying linearly at the end.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak.")
@@ -83,8 +84,12 @@ class StageConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null: no clipping.")
     seed: int | None = Field(None, description="Data-order seed; default: recipe seed + stage index.")
-    skip_nonfinite: int = Field(0, ge=0, description="Skip up to this many steps whose loss or gradient is NaN/inf "
-                                                     "(no optimizer step) before stopping the stage.")
+    skip_nonfinite: int = Field(
+        0,
+        ge=0,
+        description="Skip up to this many steps whose loss or gradient is NaN/inf "
+        "(no optimizer step) before stopping the stage.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -110,8 +115,9 @@ def teacher_attention_mixer(teacher: nn.Module, adapter: TeacherAdapter, idx: in
 
     attention_cls = get_mixer("attention")
     attention = adapter.attention(adapter.layers(teacher)[idx])
-    mixer = attention_cls.from_attention(adapter.attention_weights(attention), adapter.geometry(teacher.config, idx),
-                                         attention_cls.Config())
+    mixer = attention_cls.from_attention(
+        adapter.attention_weights(attention), adapter.geometry(teacher.config, idx), attention_cls.Config()
+    )
     reference = next(attention.parameters())
     return mixer.to(reference.device, reference.dtype).requires_grad_(False)
 

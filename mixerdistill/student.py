@@ -25,8 +25,17 @@ from mixerdistill.mixer_layer import (
 )
 from mixerdistill.teacher import TeacherAdapter
 
-__all__ = ["ATTENTION", "MixerCacheLayer", "MixerLayer", "StudentSpec", "build_student", "cache_tensor_bytes",
-           "mixer_cache_layer", "mixer_counts", "mixer_layers"]
+__all__ = [
+    "ATTENTION",
+    "MixerCacheLayer",
+    "MixerLayer",
+    "StudentSpec",
+    "build_student",
+    "cache_tensor_bytes",
+    "mixer_cache_layer",
+    "mixer_counts",
+    "mixer_layers",
+]
 
 ATTENTION = "attention"  # what `student.mixers` counts a kept teacher attention layer as
 
@@ -50,8 +59,14 @@ class StudentSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def build_student(teacher: nn.Module, adapter: TeacherAdapter, mixer_cls: type[SequenceMixer],
-                  mixer_config, keep_attention: list[int], transfer: bool = True) -> nn.Module:
+def build_student(
+    teacher: nn.Module,
+    adapter: TeacherAdapter,
+    mixer_cls: type[SequenceMixer],
+    mixer_config,
+    keep_attention: list[int],
+    transfer: bool = True,
+) -> nn.Module:
     """A deep copy of ``teacher`` with every layer not in ``keep_attention`` using ``mixer_cls``.
 
     First the transfer check (``mixerdistill.transfer_check``): the adapter's view of every layer to be

@@ -59,14 +59,16 @@ class TeacherAdapter:
         raise NotImplementedError
 
     # -- running pieces ------------------------------------------------------------------------
-    def rotary(self, model: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-               layer_idx: int = 0) -> RotaryEmbedding:
+    def rotary(
+        self, model: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor, layer_idx: int = 0
+    ) -> RotaryEmbedding:
         """(cos, sin) for ``position_ids`` (B, T) as the model computes them for layer ``layer_idx``; None
         for families without RoPE."""
         raise NotImplementedError
 
-    def run_block(self, layer: nn.Module, hidden_states: torch.Tensor, rotary: RotaryEmbedding,
-                  position_ids: torch.Tensor) -> torch.Tensor:
+    def run_block(
+        self, layer: nn.Module, hidden_states: torch.Tensor, rotary: RotaryEmbedding, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """One decoder block on (B, T, D) without a cache, causal; returns (B, T, D).
 
         A teacher attention module gets the causal (or sliding-window) mask its attention implementation
@@ -80,10 +82,10 @@ class TeacherAdapter:
         if config is not None:
             windowed = self.geometry(config, attention.layer_idx).sliding_window is not None
             make_mask = create_sliding_window_causal_mask if windowed else create_causal_mask
-            mask = make_mask(config=config, inputs_embeds=hidden_states, attention_mask=None, cache=None,
-                             position_ids=position_ids)
-        output = layer(hidden_states, attention_mask=mask, position_ids=position_ids,
-                       position_embeddings=rotary)
+            mask = make_mask(
+                config=config, inputs_embeds=hidden_states, attention_mask=None, cache=None, position_ids=position_ids
+            )
+        output = layer(hidden_states, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
         return output[0] if isinstance(output, tuple) else output
 
     def matches(self, config) -> bool:
@@ -202,16 +204,19 @@ class DeclaredAdapter(TeacherAdapter):
         else:
             g = self.geometry(attention.config, attention.layer_idx)
             weight, bias = _detached(module_at(attention, qkv_names[0]))
-            (q, k, v), (q_bias, k_bias, v_bias) = (split_qkv(t, g, self.fused_qkv) if t is not None
-                                                   else (None,) * 3 for t in (weight, bias))
+            (q, k, v), (q_bias, k_bias, v_bias) = (
+                split_qkv(t, g, self.fused_qkv) if t is not None else (None,) * 3 for t in (weight, bias)
+            )
         q_norm = k_norm = None
         if self.qk_norm_scope:
             q_norm, k_norm = (module_at(attention, n).weight.detach() for n in self.qk_norm_names)
-        return AttentionWeights(q=q, k=k, v=v, o=o, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias,
-                                q_norm=q_norm, k_norm=k_norm)
+        return AttentionWeights(
+            q=q, k=k, v=v, o=o, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, q_norm=q_norm, k_norm=k_norm
+        )
 
-    def rotary(self, model: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-               layer_idx: int = 0) -> RotaryEmbedding:
+    def rotary(
+        self, model: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor, layer_idx: int = 0
+    ) -> RotaryEmbedding:
         if self.rotary_path is None:
             return None
         rotary_emb = module_at(model, self.rotary_path)
@@ -288,9 +293,14 @@ TRACE_FIELDS = ("mixer_inputs", "mixer_outputs", "block_inputs", "block_outputs"
 
 
 @torch.no_grad()
-def trace_teacher(model: nn.Module, adapter: TeacherAdapter, input_ids: torch.Tensor,
-                  record: set[str], layers: set[int] | None = None,
-                  keep_logits: bool = False) -> TeacherTrace:
+def trace_teacher(
+    model: nn.Module,
+    adapter: TeacherAdapter,
+    input_ids: torch.Tensor,
+    record: set[str],
+    layers: set[int] | None = None,
+    keep_logits: bool = False,
+) -> TeacherTrace:
     """Run the teacher once on ``input_ids`` (B, T) and record the requested per-block tensors.
 
     ``record`` is a subset of TRACE_FIELDS; ``layers`` restricts which blocks are recorded. When no
@@ -314,6 +324,7 @@ def trace_teacher(model: nn.Module, adapter: TeacherAdapter, input_ids: torch.Te
             continue
         attention = adapter.attention(block)
         if "mixer_inputs" in record or "mixer_outputs" in record:
+
             def attention_pre(module, args, kwargs, _idx=idx):
                 record_input(trace.mixer_inputs, _idx, args, kwargs)
 

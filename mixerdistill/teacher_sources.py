@@ -44,9 +44,11 @@ def load_teacher(spec):
             tokenizer = AutoTokenizer.from_pretrained(where, **options)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True, **options)
         except OSError as error:
-            raise UserError(f"teacher: cannot load '{where}' (mixerdistill reads teacher weights from "
-                            f"safetensors files only; an interrupted download resumes when you run again): "
-                            f"{error}") from None
+            raise UserError(
+                f"teacher: cannot load '{where}' (mixerdistill reads teacher weights from "
+                f"safetensors files only; an interrupted download resumes when you run again): "
+                f"{error}"
+            ) from None
     elif spec.source == "gguf_package":
         from mixerdistill.gguf_teacher import load_gguf_package_teacher
 

@@ -37,8 +37,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
-GEOMETRY = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=8, layer_idx=0,
-                attention_bias=False, output_bias=True)
+GEOMETRY = dict(
+    hidden_size=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rotary_dim=8,
+    layer_idx=0,
+    attention_bias=False,
+    output_bias=True,
+)
 
 
 NEGLIGIBLE = 1e-6
@@ -91,8 +99,11 @@ class ConformanceReport:
 def chunk_lengths(config) -> list[int]:
     """Sequence lengths just below, at and just above a chunk, and above two chunks, for every chunk size in ``config``
     (integer fields whose name contains 'chunk'), so chunked paths cross chunk boundaries."""
-    sizes = [value for key, value in config.model_dump().items()
-             if "chunk" in key and isinstance(value, int) and not isinstance(value, bool) and value > 0]
+    sizes = [
+        value
+        for key, value in config.model_dump().items()
+        if "chunk" in key and isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ]
     return sorted({n for q in sizes for n in (q - 1, q, q + 1, 2 * q + 1) if n > 1})
 
 
@@ -112,8 +123,13 @@ def random_attention_weights(geometry, generator, dtype):
         biases.update(q_bias=draw(width), k_bias=draw(kv_width), v_bias=draw(kv_width))
     if g.output_bias:
         biases["o_bias"] = draw(g.hidden_size)
-    return AttentionWeights(q=draw(width, g.hidden_size), k=draw(kv_width, g.hidden_size),
-                            v=draw(kv_width, g.hidden_size), o=draw(g.hidden_size, width), **biases)
+    return AttentionWeights(
+        q=draw(width, g.hidden_size),
+        k=draw(kv_width, g.hidden_size),
+        v=draw(kv_width, g.hidden_size),
+        o=draw(g.hidden_size, width),
+        **biases,
+    )
 
 
 class _Checker:
@@ -139,8 +155,10 @@ class _Checker:
     def close(self, label: str, actual, expected, culprit: str = "") -> None:
         error = self.measure(label, actual, expected)
         if error > self.tolerance:
-            self.fail(f"{label} differ by {error:.3g} (relative), tolerance {self.tolerance:g}"
-                      + (f"; {culprit}" if culprit else ""))
+            self.fail(
+                f"{label} differ by {error:.3g} (relative), tolerance {self.tolerance:g}"
+                + (f"; {culprit}" if culprit else "")
+            )
 
     def inputs(self, length: int):
         import torch
@@ -157,16 +175,21 @@ class _Checker:
         with torch.no_grad():
             M = mixer.mixing_matrix(u, rotary)
             if not (M.dim() == 4 and M.shape[0] == batch and M.shape[2:] == (length, length)):
-                self.fail(f"mixing_matrix must be (B, H, T, T) = ({batch}, H, {length}, {length}), "
-                          f"got {tuple(M.shape)}")
+                self.fail(
+                    f"mixing_matrix must be (B, H, T, T) = ({batch}, H, {length}, {length}), got {tuple(M.shape)}"
+                )
             if not torch.isfinite(M).all():
                 self.fail("mixing_matrix has non-finite entries")
             if not torch.equal(M.triu(1), torch.zeros_like(M)):
                 self.fail("mixing_matrix is not causal (entries above the diagonal)")
             rows = mixer.matrix_rows(u, rotary)
             for start, stop in ((0, min(3, length)), (min(3, length - 1), length), (length - 1, length)):
-                self.close(f"matrix_rows({start}, {stop}) vs mixing_matrix", rows(start, stop),
-                           M[:, :, start:stop, :stop], "matrix_rows is likely wrong (mixing_matrix is the reference)")
+                self.close(
+                    f"matrix_rows({start}, {stop}) vs mixing_matrix",
+                    rows(start, stop),
+                    M[:, :, start:stop, :stop],
+                    "matrix_rows is likely wrong (mixing_matrix is the reference)",
+                )
 
             out, state = mixer(u, rotary=rotary)
             if out.shape != u.shape:
@@ -182,15 +205,23 @@ class _Checker:
             self.three_paths(length, out, materialised, torch.stack(outputs, dim=1))
 
             if not set(state) == set(stepped) == set(initial_shapes):
-                self.fail(f"state keys differ: forward {sorted(state)}, step {sorted(stepped)}, "
-                          f"init_state {sorted(initial_shapes)}")
+                self.fail(
+                    f"state keys differ: forward {sorted(state)}, step {sorted(stepped)}, "
+                    f"init_state {sorted(initial_shapes)}"
+                )
             for key in state:
-                self.close(f"state '{key}' forward vs step", state[key], stepped[key],
-                           "forward's or step's state update is likely wrong (their outputs agree)")
+                self.close(
+                    f"state '{key}' forward vs step",
+                    state[key],
+                    stepped[key],
+                    "forward's or step's state update is likely wrong (their outputs agree)",
+                )
                 self.report.state_shapes[key] = tuple(state[key].shape)
                 if not type(mixer).state_grows and tuple(state[key].shape) != initial_shapes[key]:
-                    self.fail(f"state '{key}' is {tuple(state[key].shape)} after {length} tokens but "
-                              f"{initial_shapes[key]} from init_state (set state_grows = True if that is intended)")
+                    self.fail(
+                        f"state '{key}' is {tuple(state[key].shape)} after {length} tokens but "
+                        f"{initial_shapes[key]} from init_state (set state_grows = True if that is intended)"
+                    )
 
             cut = min(self.cut, length - 1)
             first_rotary = None if rotary is None else tuple(r[:, :cut] for r in rotary)
@@ -218,8 +249,10 @@ class _Checker:
         try:
             materialised = mixer.materialised_forward(u, rotary)
             if not calls:
-                self.fail("materialised_forward does not call mixing_matrix: it must compute its output from the "
-                          "matrix mixing_matrix returns, or a wrong matrix would pass unnoticed")
+                self.fail(
+                    "materialised_forward does not call mixing_matrix: it must compute its output from the "
+                    "matrix mixing_matrix returns, or a wrong matrix would pass unnoticed"
+                )
             length = u.shape[1]
             if length > 1:
                 i, j = length - 1, length // 2 - 1 if length > 2 else 0
@@ -228,36 +261,44 @@ class _Checker:
                 substitute[0] = nudged
                 changed = (mixer.materialised_forward(u, rotary) - materialised).abs().amax(dim=(0, 2))  # (T,)
                 if changed[:i].max() > 1e-12 or changed[i] <= 1e-12:
-                    self.fail(f"materialised_forward does not use the matrix mixing_matrix returns as M @ v: "
-                              f"changing M[:, :, {i}, {j}] changed output tokens "
-                              f"{torch.nonzero(changed > 1e-12).flatten().tolist()} instead of token {i}")
+                    self.fail(
+                        f"materialised_forward does not use the matrix mixing_matrix returns as M @ v: "
+                        f"changing M[:, :, {i}, {j}] changed output tokens "
+                        f"{torch.nonzero(changed > 1e-12).flatten().tolist()} instead of token {i}"
+                    )
         finally:
             del mixer.mixing_matrix
         return materialised
 
     def three_paths(self, length: int, forward, materialised, stepped) -> None:
         """Compare the three outputs; on a mismatch, name the method the other two contradict."""
-        pairs = {"forward vs materialised_forward": (forward, materialised), "forward vs step": (forward, stepped),
-                 "materialised_forward vs step": (materialised, stepped)}
+        pairs = {
+            "forward vs materialised_forward": (forward, materialised),
+            "forward vs step": (forward, stepped),
+            "materialised_forward vs step": (materialised, stepped),
+        }
         errors = {pair: self.measure(pair, *outputs) for pair, outputs in pairs.items()}
         bad = {pair for pair, error in errors.items() if error > self.tolerance}
         if not bad:
             return
         chunks = chunk_lengths(self.mixer.config)
         if bad == {"forward vs materialised_forward", "materialised_forward vs step"}:
-            culprit = ("mixing_matrix (or materialised_forward) is likely wrong: forward and step agree, the matrix "
-                       "view does not")
+            culprit = (
+                "mixing_matrix (or materialised_forward) is likely wrong: forward and step agree, the matrix "
+                "view does not"
+            )
         elif bad == {"forward vs step", "materialised_forward vs step"}:
             culprit = "step (or init_state) is likely wrong: forward and materialised_forward agree"
         elif bad == {"forward vs materialised_forward", "forward vs step"}:
             culprit = "forward is likely wrong: materialised_forward and step agree" + (
                 f" (T = {length} crosses a chunk boundary: chunk sizes give lengths {chunks})"
-                if chunks and length > min(chunks) else "")
+                if chunks and length > min(chunks)
+                else ""
+            )
         else:
             culprit = "forward, materialised_forward and step disagree with each other"
         pair = max(bad, key=errors.get)
-        self.fail(f"{pair} differ by {errors[pair]:.3g} (relative), tolerance {self.tolerance:g}; "
-                  f"{culprit}")
+        self.fail(f"{pair} differ by {errors[pair]:.3g} (relative), tolerance {self.tolerance:g}; {culprit}")
 
     def gradients(self, length: int) -> None:
         """Through forward and through the matrix, the same, finite and reaching every parameter; a loss on M
@@ -277,9 +318,12 @@ class _Checker:
                 self.fail(f"parameter '{parameter_name}' gets no gradient from forward")
             if not torch.isfinite(gradient).all():
                 self.fail(f"parameter '{parameter_name}' has a non-finite gradient")
-            self.close(f"gradient of '{parameter_name}' forward vs materialised", gradient,
-                       gradients[1][parameter_name], "forward's backward pass (a custom autograd function or "
-                                                     "kernel) is likely wrong: the outputs agree")
+            self.close(
+                f"gradient of '{parameter_name}' forward vs materialised",
+                gradient,
+                gradients[1][parameter_name],
+                "forward's backward pass (a custom autograd function or kernel) is likely wrong: the outputs agree",
+            )
         if not any(g.abs().sum() > 0 for g in gradients[0].values()):
             self.fail("every gradient is zero")
 
@@ -304,9 +348,19 @@ class _Checker:
         self.gradients(lengths[0])
 
 
-def check_mixer(mixer_cls, config=None, geometry=None, *, batch: int = 2, length: int = 19, cut: int = 7,
-                seed: int = 0, perturbation: float = 0.1, tolerance: float = 1e-6,
-                transfer_check=None) -> ConformanceReport:
+def check_mixer(
+    mixer_cls,
+    config=None,
+    geometry=None,
+    *,
+    batch: int = 2,
+    length: int = 19,
+    cut: int = 7,
+    seed: int = 0,
+    perturbation: float = 0.1,
+    tolerance: float = 1e-6,
+    transfer_check=None,
+) -> ConformanceReport:
     """Run the conformance check on ``mixer_cls`` (see the module docstring); raises AssertionError on failure,
     naming the method that is most likely wrong.
 
@@ -338,8 +392,9 @@ def check_mixer(mixer_cls, config=None, geometry=None, *, batch: int = 2, length
         generator = torch.Generator().manual_seed(seed)
         for attention_bias in (False, True):
             for output_bias in (False, True):
-                transfer_geometry = dataclasses.replace(geometry, attention_bias=attention_bias,
-                                                        output_bias=output_bias)
+                transfer_geometry = dataclasses.replace(
+                    geometry, attention_bias=attention_bias, output_bias=output_bias
+                )
                 label = f"from_attention(attention_bias={attention_bias}, output_bias={output_bias})"
                 weights = random_attention_weights(transfer_geometry, generator, torch.float64)
                 transferred = _transfer(mixer_cls, weights, transfer_geometry, config, label, report, generator)
@@ -375,18 +430,24 @@ def _transfer(mixer_cls, weights, geometry, config, label: str, report: Conforma
     expected = {key: tuple(value.shape) for key, value in mixer_cls(geometry, config).state_dict().items()}
     actual = {key: tuple(value.shape) for key, value in mixer.state_dict().items()}
     if actual != expected:
-        differences = [f"'{key}' {actual.get(key, 'missing')} instead of {expected.get(key, 'absent')}"
-                       for key in sorted(expected.keys() | actual.keys()) if actual.get(key) != expected.get(key)]
-        raise AssertionError(f"{name}: {label} changed parameter shapes: {', '.join(differences)} "
-                             f"(from_attention is wrong; a fresh {name} has the expected shapes)")
+        differences = [
+            f"'{key}' {actual.get(key, 'missing')} instead of {expected.get(key, 'absent')}"
+            for key in sorted(expected.keys() | actual.keys())
+            if actual.get(key) != expected.get(key)
+        ]
+        raise AssertionError(
+            f"{name}: {label} changed parameter shapes: {', '.join(differences)} "
+            f"(from_attention is wrong; a fresh {name} has the expected shapes)"
+        )
     for parameter_name, parameter in mixer.named_parameters():
         if not torch.isfinite(parameter).all():
             raise AssertionError(f"{name}: {label} left non-finite values in '{parameter_name}'")
     if mixer_cls.from_attention.__func__ is not SequenceMixer.from_attention.__func__:
         u = torch.randn(2, 5, geometry.hidden_size, generator=generator, dtype=torch.float64)
         rotary = rotary_for(5, geometry.rotary_dim, 2, torch.float64)
-        other = mixer_cls.from_attention(random_attention_weights(geometry, generator, torch.float64), geometry,
-                                         config).to(torch.float64)
+        other = mixer_cls.from_attention(
+            random_attention_weights(geometry, generator, torch.float64), geometry, config
+        ).to(torch.float64)
         with torch.no_grad():
             same = torch.equal(mixer(u, rotary=rotary)[0], other(u, rotary=rotary)[0])
         if same:
@@ -407,9 +468,19 @@ def tiny_teacher():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=0, pad_token_id=0, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
@@ -436,9 +507,18 @@ def register_plugin():
 
 # -- teacher adapters ------------------------------------------------------------------------------------
 
-TINY_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                 max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                 attn_implementation="eager")
+TINY_BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    attn_implementation="eager",
+)
 GQA = dict(num_key_value_heads=2)
 WINDOW = 6  # shorter than check_adapter's sequence, so sliding windows matter
 TINY_CONFIGS: dict[str, dict] = {
@@ -448,12 +528,28 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": {**GQA, "head_dim": 16},
     "olmo2": GQA,
     "gemma": {**GQA, "head_dim": 16},
-    "gemma2": {**GQA, "head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
-               "final_logit_softcapping": 30.0, "sliding_window": WINDOW},
-    "gemma3_text": {**GQA, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW,
-                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
-    "granite": {**GQA, "attention_multiplier": 0.5, "residual_multiplier": 0.7, "embedding_multiplier": 2.0,
-                "logits_scaling": 3.0},
+    "gemma2": {
+        **GQA,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": WINDOW,
+    },
+    "gemma3_text": {
+        **GQA,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+    },
+    "granite": {
+        **GQA,
+        "attention_multiplier": 0.5,
+        "residual_multiplier": 0.7,
+        "embedding_multiplier": 2.0,
+        "logits_scaling": 3.0,
+    },
     "cohere": GQA,
     "phi": {"partial_rotary_factor": 0.5},
     "phi3": GQA,
@@ -487,8 +583,17 @@ class AdapterReport:
     differences: dict[str, float] = field(default_factory=dict)
 
 
-def check_adapter(model_type: str, adapter=None, *, model=None, batch: int = 2, length: int = 12,
-                  new_tokens: int = 5, seed: int = 0, tolerance: float = 1e-5) -> AdapterReport:
+def check_adapter(
+    model_type: str,
+    adapter=None,
+    *,
+    model=None,
+    batch: int = 2,
+    length: int = 12,
+    new_tokens: int = 5,
+    seed: int = 0,
+    tolerance: float = 1e-5,
+) -> AdapterReport:
     """Assert that the all-``attention`` student built through a teacher adapter reproduces the teacher.
 
     Builds ``model`` (default: ``tiny_model(model_type)``) and the student whose every attention layer is
@@ -533,15 +638,18 @@ def check_adapter(model_type: str, adapter=None, *, model=None, batch: int = 2, 
         expected = trace_teacher(teacher, adapter, input_ids, record=set(TRACE_FIELDS), keep_logits=True)
         actual = trace_teacher(student, adapter, input_ids, record=set(TRACE_FIELDS), keep_logits=True)
         close("logits", actual.logits, expected.logits)
-        close("logits from the final hidden state", logits_from_hidden(teacher, final_hidden(teacher, input_ids)),
-              expected.logits)
+        close(
+            "logits from the final hidden state",
+            logits_from_hidden(teacher, final_hidden(teacher, input_ids)),
+            expected.logits,
+        )
         for name in TRACE_FIELDS:
             for idx, tensor in getattr(expected, name).items():
                 close(f"{name}[{idx}]", getattr(actual, name)[idx], tensor)
 
         cache = DynamicCache(config=student.config)
         for t in range(length):
-            logits = student(input_ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            logits = student(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
             close(f"decoding logits at position {t}", logits[:, 0], expected.logits[:, t])
 
         prompt = input_ids[:, : length // 2]

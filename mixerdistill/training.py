@@ -51,10 +51,10 @@ def build_optimizer(parameters: list[nn.Parameter], config) -> torch.optim.AdamW
     """AdamW with weight decay on matrices only (norm weights, biases and per-head scalars are not decayed)."""
     decayed = [p for p in parameters if p.ndim >= 2]
     plain = [p for p in parameters if p.ndim < 2]
-    groups = [{"params": decayed, "weight_decay": config.weight_decay},
-              {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas),
-                             eps=config.eps)
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas), eps=config.eps
+    )
 
 
 def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> dict[nn.Parameter, bool]:
@@ -97,8 +97,15 @@ class Checkpointing:
     info: Callable[[], dict] | None = None
 
 
-def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[torch.Tensor], placement: Placement,
-                reporting: Reporting, checkpointing: Checkpointing | None = None) -> StageResult:
+def train_stage(
+    stage: Stage,
+    name: str,
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    placement: Placement,
+    reporting: Reporting,
+    checkpointing: Checkpointing | None = None,
+) -> StageResult:
     """Run ``stage`` for its configured number of steps on ``batches`` and return its figures.
 
     Only the stage's trainable parameters require gradients while it runs; every step appends one
@@ -131,8 +138,16 @@ def train_stage(stage: Stage, name: str, model: nn.Module, batches: Iterator[tor
 class StageLoop:
     """One stage's optimizer, schedule and running figures, and the steps that update them."""
 
-    def __init__(self, stage: Stage, name: str, model: nn.Module, parameters: list[nn.Parameter],
-                 placement: Placement, reporting: Reporting, checkpointing: Checkpointing):
+    def __init__(
+        self,
+        stage: Stage,
+        name: str,
+        model: nn.Module,
+        parameters: list[nn.Parameter],
+        placement: Placement,
+        reporting: Reporting,
+        checkpointing: Checkpointing,
+    ):
         self.name, self.model, self.config = name, model, stage.config
         self.placement, self.reporting, self.checkpointing = placement, reporting, checkpointing
         self.plan, self.world = placement.plan, placement.world
@@ -142,7 +157,8 @@ class StageLoop:
         self.optimizer = build_optimizer(self.parameters, self.config.optimizer)
         self.total_steps = self.config.steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: self.config.schedule.factor(min(step, self.total_steps - 1), self.total_steps))
+            self.optimizer, lambda step: self.config.schedule.factor(min(step, self.total_steps - 1), self.total_steps)
+        )
         self.tokens_per_step = self.config.batch_size * self.config.seq_len
         self.figures = {"loss_first": None, "loss_last": None, "skipped": 0, "seconds": 0.0}
         self.first_step = 0
@@ -166,14 +182,22 @@ class StageLoop:
 
     def run(self, batches: Iterator[torch.Tensor]) -> StageResult:
         self.running.module.train()
-        bar = Progress(TextColumn(f"[bold]{self.name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console,
-                       disable=not (self.reporting.show_progress and self.world.main), transient=False)
+        bar = Progress(
+            TextColumn(f"[bold]{self.name}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr_console,
+            disable=not (self.reporting.show_progress and self.world.main),
+            transient=False,
+        )
         if self.world.main:
             with writing(self.reporting.metrics_path):
                 self.metrics_file = open(self.reporting.metrics_path, "a")
-        with bar, (self.metrics_file or contextlib.nullcontext()):
+        with bar, self.metrics_file or contextlib.nullcontext():
             task = bar.add_task(self.name, total=self.total_steps, completed=self.first_step, loss="-", speed="-")
             for step in range(self.first_step + 1, self.total_steps + 1):
                 record = self.step(step, next(batches))
@@ -181,13 +205,23 @@ class StageLoop:
                 self.after_step(step, record, pause_start)
                 self.paused += time.perf_counter() - pause_start
                 tokens = step * self.tokens_per_step
-                bar.update(task, completed=step, speed=f"{tokens / self.elapsed():.0f}",
-                           loss=f"{record['loss']:.4g}" if "loss" in record else "skipped")
+                bar.update(
+                    task,
+                    completed=step,
+                    speed=f"{tokens / self.elapsed():.0f}",
+                    loss=f"{record['loss']:.4g}" if "loss" in record else "skipped",
+                )
         self.plan.finish(self.model)
         if self.figures["loss_first"] is None:
             raise NonFiniteLoss(f"stage '{self.name}': every step was skipped as non-finite")
-        return StageResult(self.name, self.total_steps, self.total_steps * self.tokens_per_step, self.elapsed(),
-                           self.figures["loss_first"], self.figures["loss_last"])
+        return StageResult(
+            self.name,
+            self.total_steps,
+            self.total_steps * self.tokens_per_step,
+            self.elapsed(),
+            self.figures["loss_first"],
+            self.figures["loss_last"],
+        )
 
     def elapsed(self) -> float:
         """Training seconds so far (pauses excluded)."""
@@ -204,13 +238,19 @@ class StageLoop:
         loss, extra = self.plan.reduce(local_loss, extra)
         local_loss.backward()
         grad_norm = self.plan.grad_norm(self.parameters)
-        host = torch.stack([loss.detach().double().reshape(()), grad_norm.detach().double().reshape(()),
-                            *(torch.as_tensor(v, dtype=torch.float64, device=loss.device).reshape(())
-                              for v in extra.values())]).tolist()  # host sync
+        host = torch.stack(
+            [
+                loss.detach().double().reshape(()),
+                grad_norm.detach().double().reshape(()),
+                *(torch.as_tensor(v, dtype=torch.float64, device=loss.device).reshape(()) for v in extra.values()),
+            ]
+        ).tolist()  # host sync
         loss_value, norm_value, extra = host[0], host[1], dict(zip(extra, host[2:]))
         tokens = step * self.tokens_per_step
         if not math.isfinite(loss_value):
-            problem = f"loss is {loss_value}; {locate_nonfinite_forward(self.running.module, self.running.stage, input_ids)}"
+            problem = (
+                f"loss is {loss_value}; {locate_nonfinite_forward(self.running.module, self.running.stage, input_ids)}"
+            )
         elif not math.isfinite(norm_value):
             problem = f"gradient norm is {norm_value}; {locate_nonfinite_gradient(self.running.module)}"
         else:
@@ -225,9 +265,17 @@ class StageLoop:
             if self.figures["loss_first"] is None:
                 self.figures["loss_first"] = loss_value
             elapsed = self.elapsed()
-            return {"stage": self.name, "step": step, "tokens": tokens, "loss": loss_value,
-                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm_value,
-                    "tokens_per_second": tokens / elapsed, "seconds": elapsed, **extra}
+            return {
+                "stage": self.name,
+                "step": step,
+                "tokens": tokens,
+                "loss": loss_value,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": norm_value,
+                "tokens_per_second": tokens / elapsed,
+                "seconds": elapsed,
+                **extra,
+            }
         return self.skip(step, tokens, problem)
 
     def skip(self, step: int, tokens: int, problem: str) -> dict:
@@ -237,12 +285,17 @@ class StageLoop:
         message = f"stage '{self.name}', step {step} of {self.total_steps}: {problem}"
         self.figures["skipped"] += 1
         if self.figures["skipped"] > config.skip_nonfinite:
-            raise NonFiniteLoss(f"{message}. Stopped after {self.figures['skipped']} non-finite step(s) "
-                                f"(skip_nonfinite: {config.skip_nonfinite}); the last checkpoint is intact: "
-                                f"lower the lr and continue with --resume")
+            raise NonFiniteLoss(
+                f"{message}. Stopped after {self.figures['skipped']} non-finite step(s) "
+                f"(skip_nonfinite: {config.skip_nonfinite}); the last checkpoint is intact: "
+                f"lower the lr and continue with --resume"
+            )
         if self.world.main:
-            stderr_console.print(f"[yellow]warning:[/] {message}; step skipped "
-                                 f"({self.figures['skipped']} of at most {config.skip_nonfinite})", highlight=False)
+            stderr_console.print(
+                f"[yellow]warning:[/] {message}; step skipped "
+                f"({self.figures['skipped']} of at most {config.skip_nonfinite})",
+                highlight=False,
+            )
         self.scheduler.step()  # the schedule follows the data position
         return {"stage": self.name, "step": step, "tokens": tokens, "skipped": problem}
 
@@ -259,13 +312,17 @@ class StageLoop:
         stopping = interrupt.stop_requested(step, self.world)  # issue 20: a signal ends the run after this step
         if progress is not None and step < self.total_steps and (self.world.agree(progress.due(step)) or stopping):
             self.figures["seconds"] = pause_start - self.begin - self.paused
-            state = {"optimizer": self.plan.optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
-                     "rng": rng_state()}
+            state = {
+                "optimizer": self.plan.optimizer_state(self.optimizer),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+            }
             self.plan.sync(self.model)
             if self.world.main:
                 info = self.checkpointing.info() if self.checkpointing.info else {}
-                progress.save(step, self.model, state, {**self.figures, "metrics_bytes": self.metrics_file.tell(),
-                                                        **info})
+                progress.save(
+                    step, self.model, state, {**self.figures, "metrics_bytes": self.metrics_file.tell(), **info}
+                )
             self.world.barrier()
         faults.step_done(self.world.rank)
         if stopping and step < self.total_steps:
@@ -323,6 +380,7 @@ def locate_nonfinite_forward(model: nn.Module, stage: Stage, input_ids: torch.Te
         def hook(module, inputs, output):
             if not found and any(not torch.isfinite(t).all() for t in _tensors(output)):
                 found.append(name)
+
         return hook
 
     handles = [module.register_forward_hook(check(name)) for name, module in model.named_modules() if name]

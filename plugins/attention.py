@@ -114,8 +114,11 @@ class AttentionMixer(SequenceMixer):
         """(B, T, D) → q (B, T, H, d), k and v (B, T, H_kv, d); q and k normed and rotated."""
         g = self.geometry
         q, k, v = self._project(hidden_states)
-        return (apply_rotary(q, rotary, g.rotary_dim, g.rotary_interleaved),
-                apply_rotary(k, rotary, g.rotary_dim, g.rotary_interleaved), v)
+        return (
+            apply_rotary(q, rotary, g.rotary_dim, g.rotary_interleaved),
+            apply_rotary(k, rotary, g.rotary_dim, g.rotary_interleaved),
+            v,
+        )
 
     def _probabilities(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q (B, Tq, H, d), k (B, Tk, H_kv, d) → causal softmax (B, H, Tq, Tk), queries last in the sequence."""
@@ -126,8 +129,9 @@ class AttentionMixer(SequenceMixer):
         scores.masked_fill_(~causal_mask(q.shape[1], k.shape[1], q.device, g.sliding_window), float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
 
-    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
-                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and the KV cache; with ``state`` the tokens also attend to its keys."""
         batch, length, _ = hidden_states.shape
         q, k, v = self._qkv(hidden_states, rotary)
@@ -140,9 +144,12 @@ class AttentionMixer(SequenceMixer):
         else:
             plain_causal = k.shape[1] == length and g.sliding_window is None
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), repeat_kv(k, self.groups).transpose(1, 2), repeat_kv(v, self.groups).transpose(1, 2),
+                q.transpose(1, 2),
+                repeat_kv(k, self.groups).transpose(1, 2),
+                repeat_kv(v, self.groups).transpose(1, 2),
                 attn_mask=None if plain_causal else causal_mask(length, k.shape[1], q.device, g.sliding_window),
-                is_causal=plain_causal, scale=g.scale,
+                is_causal=plain_causal,
+                scale=g.scale,
             ).transpose(1, 2)
         return self.o_proj(y.reshape(batch, length, -1)), {"k": k, "v": v}
 
@@ -163,41 +170,51 @@ class AttentionMixer(SequenceMixer):
         y = torch.einsum("bhqk,bkhd->bqhd", self.mixing_matrix(hidden_states, rotary), repeat_kv(v, self.groups))
         return self.o_proj(y.reshape(batch, length, -1))
 
-    def init_state(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """An empty KV cache: k and v (B, 0, H_kv, d)."""
         g = self.geometry
         reference = self.k_proj.weight
-        empty = torch.zeros(batch_size, 0, g.num_kv_heads, g.head_dim,
-                            device=device or reference.device, dtype=dtype or reference.dtype)
+        empty = torch.zeros(
+            batch_size, 0, g.num_kv_heads, g.head_dim, device=device or reference.device, dtype=dtype or reference.dtype
+        )
         return {"k": empty, "v": empty.clone()}
 
-    def step(self, hidden_state: torch.Tensor, state: State,
-             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """One token (B, D) with rotary (cos, sin) each (B, rotary_dim) → (B, D) and the grown cache."""
         rotary = None if rotary is None else tuple(t.unsqueeze(1) for t in rotary)
         output, state = self(hidden_state.unsqueeze(1), state=state, rotary=rotary)
         return output.squeeze(1), state
 
     @classmethod
-    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig) -> AttentionMixer:
+    def from_attention(
+        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: MixerConfig
+    ) -> AttentionMixer:
         """An exact copy of the teacher layer's projections (and q/k norms), on their device and dtype."""
         mixer = cls(geometry, config).to(device=weights.q.device, dtype=weights.q.dtype)
         if (geometry.qk_norm is None) != (weights.q_norm is None or weights.k_norm is None):
-            raise ValueError(f"the geometry's qk_norm={geometry.qk_norm} does not match the teacher's q/k norm "
-                             f"weights ({'none' if weights.q_norm is None else 'present'})")
+            raise ValueError(
+                f"the geometry's qk_norm={geometry.qk_norm} does not match the teacher's q/k norm "
+                f"weights ({'none' if weights.q_norm is None else 'present'})"
+            )
         with torch.no_grad():
             if geometry.qk_norm is not None:
                 mixer.q_norm.weight.copy_(weights.q_norm)
                 mixer.k_norm.weight.copy_(weights.k_norm)
-            for linear, weight, bias in ((mixer.q_proj, weights.q, weights.q_bias),
-                                         (mixer.k_proj, weights.k, weights.k_bias),
-                                         (mixer.v_proj, weights.v, weights.v_bias),
-                                         (mixer.o_proj, weights.o, weights.o_bias)):
+            for linear, weight, bias in (
+                (mixer.q_proj, weights.q, weights.q_bias),
+                (mixer.k_proj, weights.k, weights.k_bias),
+                (mixer.v_proj, weights.v, weights.v_bias),
+                (mixer.o_proj, weights.o, weights.o_bias),
+            ):
                 if (linear.bias is None) != (bias is None):
-                    raise ValueError("the teacher's attention biases do not match the geometry's "
-                                     f"attention_bias={geometry.attention_bias}, output_bias={geometry.output_bias}")
+                    raise ValueError(
+                        "the teacher's attention biases do not match the geometry's "
+                        f"attention_bias={geometry.attention_bias}, output_bias={geometry.output_bias}"
+                    )
                 linear.weight.copy_(weight)
                 if bias is not None:
                     linear.bias.copy_(bias)

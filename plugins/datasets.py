@@ -50,8 +50,9 @@ class JsonLines(DataSource):
                 try:
                     yield json.loads(line)[self.config.text_field]
                 except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise UserError(f"{path}:{number}: not a JSON object with a "
-                                    f"'{self.config.text_field}' string ({error})") from None
+                    raise UserError(
+                        f"{path}:{number}: not a JSON object with a '{self.config.text_field}' string ({error})"
+                    ) from None
 
 
 class HubDataset(DataSource):
@@ -63,8 +64,10 @@ class HubDataset(DataSource):
         path: str = Field(description="Dataset id, e.g. 'allenai/c4'.")
         name: str | None = Field(None, description="Dataset configuration, e.g. 'en'.")
         split: str = Field("train", description="Split used for training.")
-        heldout_split: str | None = Field("validation", description="Split used for evaluation; null: "
-                                                                    "hold out the first heldout_documents of `split`.")
+        heldout_split: str | None = Field(
+            "validation",
+            description="Split used for evaluation; null: hold out the first heldout_documents of `split`.",
+        )
         heldout_documents: int = Field(2000, ge=1, description="How many documents the held-out split keeps.")
         train_documents: int | None = Field(None, ge=1, description="Cap on training documents (streamed).")
         text_field: str = Field("text", description="Column holding the text.")
@@ -84,8 +87,7 @@ class HubDataset(DataSource):
         stream = self._stream(config.split)
         skip = 0 if config.heldout_split else config.heldout_documents
         limit = None if config.train_documents is None else skip + config.train_documents
-        return (row[config.text_field] for i, row in enumerate(stream)
-                if i >= skip and (limit is None or i < limit))
+        return (row[config.text_field] for i, row in enumerate(stream) if i >= skip and (limit is None or i < limit))
 
 
 class AustenNovels(DataSource):

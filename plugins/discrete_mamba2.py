@@ -44,18 +44,26 @@ class DiscreteMamba2(SequenceMixer):
         head_dim: int | None = Field(None, ge=1, description="P, width of x per head (None: the teacher's head_dim)")
         num_heads: int | None = Field(None, ge=1, description="H, number of heads (None: the teacher's num_heads)")
         d_conv: int = Field(4, ge=1, description="kernel size of the causal depthwise conv over x‖B‖C")
-        chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
-                                                      "docs/performance.md; the CUDA kernels favour 256)")
+        chunk_size: int = Field(
+            64,
+            ge=1,
+            description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
+            "docs/performance.md; the CUDA kernels favour 256)",
+        )
         conv_init: Literal["identity", "random"] = Field(
-            "identity", description="identity: kernel [0, …, 0, 1], bias 0; random: nn.Conv1d's default")
+            "identity", description="identity: kernel [0, …, 0, 1], bias 0; random: nn.Conv1d's default"
+        )
         gate_bias_init: float = Field(1.2785, description="initial z_bias (silu(1.2785) ≈ 1)")
         D_init: float = Field(1.0, description="initial skip D, per head")
-        a_init: float = Field(0.9, gt=0.0, lt=1.0,
-                              description="initial decay a, set through A_log_bias: exp(−softplus(A_log_bias)) = a")
+        a_init: float = Field(
+            0.9, gt=0.0, lt=1.0, description="initial decay a, set through A_log_bias: exp(−softplus(A_log_bias)) = a"
+        )
         bc_transfer: Literal["attention", "average"] = Field(
-            "attention", description="from_attention: 'attention' sets C ← q/√d, B ← k (MOHAWK); 'average' "
-                                     "starts B and C at a constant so that M is a normalised moving average "
-                                     "of x with decay a_init (x ← v and out_proj ← o either way)")
+            "attention",
+            description="from_attention: 'attention' sets C ← q/√d, B ← k (MOHAWK); 'average' "
+            "starts B and C at a constant so that M is a normalised moving average "
+            "of x with decay a_init (x ← v and out_proj ← o either way)",
+        )
         kernel: KernelChoice = Field("auto", description=KERNEL_HELP)
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
@@ -70,9 +78,12 @@ class DiscreteMamba2(SequenceMixer):
         D_model = geometry.hidden_size
 
         self.in_proj = nn.Linear(D_model, 2 * H * P + 2 * H * N + self.decay_dim, bias=False)  # → x, B, C, z, A_log
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
-                                padding=self.d_conv - 1, bias=True)
-        self.A_log_bias = nn.Parameter(torch.full((self.decay_dim,), math.log(1 / config.a_init - 1)))  # softplus⁻¹(−log a)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, padding=self.d_conv - 1, bias=True
+        )
+        self.A_log_bias = nn.Parameter(
+            torch.full((self.decay_dim,), math.log(1 / config.a_init - 1))
+        )  # softplus⁻¹(−log a)
         self.z_bias = nn.Parameter(torch.full((H * P,), config.gate_bias_init))
         self.D = nn.Parameter(torch.full((H,), config.D_init))
         self.out_proj = nn.Linear(H * P, D_model, bias=geometry.output_bias)
@@ -99,7 +110,7 @@ class DiscreteMamba2(SequenceMixer):
         with torch.no_grad():
             self._rows("B").zero_()
             self._rows("C").zero_()
-            bias_B, bias_C = self.conv1d.bias[H * P:].view(2, H, N).unbind(0)
+            bias_B, bias_C = self.conv1d.bias[H * P :].view(2, H, N).unbind(0)
             bias_B.zero_()
             bias_C.zero_()
             bias_B[:, 0] = level
@@ -116,11 +127,18 @@ class DiscreteMamba2(SequenceMixer):
         batch, length, _ = hidden_states.shape
         H, P, N = self.num_heads, self.head_dim, self.d_state
         xBC, z, A_log = self.in_proj(hidden_states).split([self.conv_dim, H * P, self.decay_dim], dim=-1)
-        conv_out, new_conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                                                 conv_state, kernel=self.config.kernel)  # (B, conv_dim, T)
+        conv_out, new_conv_state = causal_conv1d(
+            xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state, kernel=self.config.kernel
+        )  # (B, conv_dim, T)
         x, B, C = conv_out.transpose(1, 2).split([H * P, H * N, H * N], dim=-1)
-        return (x.reshape(batch, length, H, P), B.reshape(batch, length, H, N), C.reshape(batch, length, H, N),
-                z, self._log_a(A_log), new_conv_state)
+        return (
+            x.reshape(batch, length, H, P),
+            B.reshape(batch, length, H, N),
+            C.reshape(batch, length, H, N),
+            z,
+            self._log_a(A_log),
+            new_conv_state,
+        )
 
     def _log_a(self, A_log: torch.Tensor) -> torch.Tensor:
         """(…, decay_dim) → log decay −softplus(A_log + A_log_bias): (…, H) or (…, H, N)."""
@@ -133,12 +151,14 @@ class DiscreteMamba2(SequenceMixer):
         return self.out_proj(y * F.silu(z + self.z_bias))
 
     # -- SequenceMixer -------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
-                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and the state after the last token (chunked SSD); ``rotary`` is unused."""
         x, B, C, z, log_a, conv_state = self._project(hidden_states, None if state is None else state["conv"])
-        y, ssm_state = ssd(x, log_a, B, C, self.config.chunk_size, None if state is None else state["ssm"],
-                           kernel=self.config.kernel)
+        y, ssm_state = ssd(
+            x, log_a, B, C, self.config.chunk_size, None if state is None else state["ssm"], kernel=self.config.kernel
+        )
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
@@ -162,14 +182,22 @@ class DiscreteMamba2(SequenceMixer):
         """
         return [self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.A_log_bias]
 
-    def init_state(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """{"conv": (B, conv_dim, d_conv−1) pre-conv inputs, "ssm": (B, H, N, P)}, all zeros."""
-        return self.zero_state({"conv": (batch_size, self.conv_dim, self.d_conv - 1),
-                                "ssm": (batch_size, self.num_heads, self.d_state, self.head_dim)}, device, dtype)
+        return self.zero_state(
+            {
+                "conv": (batch_size, self.conv_dim, self.d_conv - 1),
+                "ssm": (batch_size, self.num_heads, self.d_state, self.head_dim),
+            },
+            device,
+            dtype,
+        )
 
-    def step(self, hidden_state: torch.Tensor, state: State,
-             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """One token (B, D) and the state → (B, D) and the next state; ``rotary`` is unused."""
         batch = hidden_state.shape[0]
         H, P, N = self.num_heads, self.head_dim, self.d_state
@@ -181,8 +209,9 @@ class DiscreteMamba2(SequenceMixer):
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
     @classmethod
-    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: Config | None = None) -> DiscreteMamba2:
+    def from_attention(
+        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: Config | None = None
+    ) -> DiscreteMamba2:
         """Transfer: C ← q · scale (1/√d folded into C), B ← k, x ← v, out_proj ← o; z and A_log rows 0.
 
         With ``bc_transfer: average`` the B and C rows start at zero and the conv biases of the B and C
@@ -199,12 +228,20 @@ class DiscreteMamba2(SequenceMixer):
         weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
-        wrong = [f"{name}={value} (teacher: {want})" for name, value, want in (
-            ("d_state", mixer.d_state, d), ("head_dim", mixer.head_dim, d),
-            ("num_heads", mixer.num_heads, geometry.num_heads)) if value != want]
+        wrong = [
+            f"{name}={value} (teacher: {want})"
+            for name, value, want in (
+                ("d_state", mixer.d_state, d),
+                ("head_dim", mixer.head_dim, d),
+                ("num_heads", mixer.num_heads, geometry.num_heads),
+            )
+            if value != want
+        ]
         if wrong:
-            raise ValueError(f"from_attention needs d_state = head_dim = the teacher's head_dim and num_heads = "
-                             f"the teacher's num_heads; got {', '.join(wrong)}")
+            raise ValueError(
+                f"from_attention needs d_state = head_dim = the teacher's head_dim and num_heads = "
+                f"the teacher's num_heads; got {', '.join(wrong)}"
+            )
         with torch.no_grad():
             mixer._rows("x").copy_(repeat_kv_rows(geometry, weights.v))
             if mixer.config.bc_transfer == "attention":

@@ -48,7 +48,8 @@ class LinearAttention(SequenceMixer):
 
     class Config(MixerConfig):
         feature_map: Literal["identity", "elu", "hedgehog"] = Field(
-            "elu", description="φ: identity, elu (elu + 1) or hedgehog (learnable softmax map, N = 2·head_dim)")
+            "elu", description="φ: identity, elu (elu + 1) or hedgehog (learnable softmax map, N = 2·head_dim)"
+        )
         normalize: bool = Field(True, description="divide each row of M by its sum (needs a positive φ)")
         chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked path")
         eps: float = Field(1e-6, gt=0.0, description="added to the row sums when normalising")
@@ -57,8 +58,10 @@ class LinearAttention(SequenceMixer):
         @model_validator(mode="after")
         def _positive_map_for_normalisation(self):
             if self.normalize and self.feature_map == "identity":
-                raise ValueError("normalize: true needs a positive feature map (elu or hedgehog); "
-                                 "the identity map's row sums can be zero or negative")
+                raise ValueError(
+                    "normalize: true needs a positive feature map (elu or hedgehog); "
+                    "the identity map's row sums can be zero or negative"
+                )
             return self
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
@@ -110,12 +113,21 @@ class LinearAttention(SequenceMixer):
         return self.o_proj(y.flatten(-2))
 
     # -- SequenceMixer -------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
-                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and {"ssm": (B, H, N, P[+1])}; chunked, ``rotary`` unused."""
         x, log_a, B, C = self._inputs(hidden_states)
-        y, final = ssd(x, log_a, B, C, self.config.chunk_size, None if state is None else state["ssm"],
-                       kernel=self.config.kernel, library="fla")
+        y, final = ssd(
+            x,
+            log_a,
+            B,
+            C,
+            self.config.chunk_size,
+            None if state is None else state["ssm"],
+            kernel=self.config.kernel,
+            library="fla",
+        )
         return self._output(y), {"ssm": final}
 
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
@@ -143,30 +155,35 @@ class LinearAttention(SequenceMixer):
         excluded = {id(p) for p in (*self.v_proj.parameters(), *self.o_proj.parameters())}
         return [p for p in self.parameters() if id(p) not in excluded]
 
-    def init_state(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """{"ssm": (B, H, N, P[+1])} zeros; with normalisation the last column is the normaliser z."""
         width = self.geometry.head_dim + int(self.config.normalize)
         return self.zero_state({"ssm": (batch_size, self.geometry.num_heads, self.feature_dim, width)}, device, dtype)
 
-    def step(self, hidden_state: torch.Tensor, state: State,
-             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """One token (B, D) → (B, D) and the next state."""
         x, log_a, B, C = self._inputs(hidden_state)
         y, ssm = ssd_step(x, log_a, B, C, state["ssm"])
         return self._output(y), {"ssm": ssm}
 
     @classmethod
-    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig | None = None) -> LinearAttention:
+    def from_attention(
+        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: MixerConfig | None = None
+    ) -> LinearAttention:
         """q, k, v, o (and their biases) copied from the teacher layer, a q/k norm's elementwise gain folded into q
         and k (``fold_qk_norm``); feature maps and decays as initialised."""
         weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
-        for linear, weight, bias in ((mixer.q_proj, weights.q, weights.q_bias),
-                                     (mixer.k_proj, weights.k, weights.k_bias),
-                                     (mixer.v_proj, weights.v, weights.v_bias),
-                                     (mixer.o_proj, weights.o, weights.o_bias)):
+        for linear, weight, bias in (
+            (mixer.q_proj, weights.q, weights.q_bias),
+            (mixer.k_proj, weights.k, weights.k_bias),
+            (mixer.v_proj, weights.v, weights.v_bias),
+            (mixer.o_proj, weights.o, weights.o_bias),
+        ):
             copy_projection(linear, weight, bias)
         return mixer
 
@@ -180,8 +197,9 @@ class GatedLinearAttention(LinearAttention):
     """
 
     class Config(LinearAttention.Config):
-        gate: Literal["head", "key_dim"] = Field("head", description="head: a scalar decay per head; "
-                                                                     "key_dim: one per feature dimension (GLA)")
+        gate: Literal["head", "key_dim"] = Field(
+            "head", description="head: a scalar decay per head; key_dim: one per feature dimension (GLA)"
+        )
         data_dependent: bool = Field(True, description="decays depend on the token (false: fixed, RetNet-like)")
         a_init: float = Field(0.9, gt=0.0, lt=1.0, description="initial decay (gate projection starts at 0)")
 
@@ -200,8 +218,9 @@ class GatedLinearAttention(LinearAttention):
         if self.config.data_dependent:
             gate = gate + self.g_proj(hidden_states)
         log_a = -F.softplus(gate)  # (…, H) or (…, H·N)
-        return log_a.unflatten(-1, (self.geometry.num_heads, self.feature_dim)) if self.config.gate == "key_dim" \
-            else log_a
+        return (
+            log_a.unflatten(-1, (self.geometry.num_heads, self.feature_dim)) if self.config.gate == "key_dim" else log_a
+        )
 
 
 @hookimpl

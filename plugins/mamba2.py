@@ -47,14 +47,24 @@ class Mamba2(SequenceMixer):
         d_state: int | None = Field(None, ge=1, description="N, state size (None: the teacher's head_dim)")
         head_dim: int | None = Field(None, ge=1, description="P, width of x per head (None: the teacher's head_dim)")
         num_heads: int | None = Field(None, ge=1, description="H (None: the teacher's num_heads)")
-        n_groups: int | None = Field(None, ge=1, description="G, groups sharing B and C (None: one per head, which "
-                                                             "from_attention needs; Mamba-2 models often use 1)")
+        n_groups: int | None = Field(
+            None,
+            ge=1,
+            description="G, groups sharing B and C (None: one per head, which "
+            "from_attention needs; Mamba-2 models often use 1)",
+        )
         d_conv: int = Field(4, ge=1, description="kernel size of the causal depthwise conv over x‖B‖C")
-        chunk_size: int = Field(64, ge=1, description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
-                                                      "docs/performance.md; the CUDA kernels favour 256)")
+        chunk_size: int = Field(
+            64,
+            ge=1,
+            description="Q, tokens per chunk of the chunked SSD (64: fastest on CPU, see "
+            "docs/performance.md; the CUDA kernels favour 256)",
+        )
         conv_init: Literal["identity", "random"] = Field(
-            "identity", description="identity: kernel [0, …, 0, 1], bias 0 (keeps transferred B, C close to k, q); "
-                                    "random: nn.Conv1d's default, as Mamba-2 trained from scratch")
+            "identity",
+            description="identity: kernel [0, …, 0, 1], bias 0 (keeps transferred B, C close to k, q); "
+            "random: nn.Conv1d's default, as Mamba-2 trained from scratch",
+        )
         A_init_range: tuple[float, float] = Field((1.0, 16.0), description="A = −exp(A_log) drawn from −U(lo, hi)")
         dt_min: float = Field(0.001, gt=0.0, description="smallest initial dt (log-uniform)")
         dt_max: float = Field(0.1, gt=0.0, description="largest initial dt (log-uniform)")
@@ -84,8 +94,9 @@ class Mamba2(SequenceMixer):
         self.conv_dim = H * P + 2 * G * N  # channels of x‖B‖C
 
         self.in_proj = nn.Linear(geometry.hidden_size, 2 * H * P + 2 * G * N + H, bias=False)  # → z, x, B, C, dt
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
-                                padding=self.d_conv - 1, bias=True)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, padding=self.d_conv - 1, bias=True
+        )
         lo, hi = config.A_init_range
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(lo, hi)))
         dt = torch.exp(torch.empty(H).uniform_(math.log(config.dt_min), math.log(config.dt_max)))
@@ -118,10 +129,17 @@ class Mamba2(SequenceMixer):
 
     def _project(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None):
         """(B, T, D) → x, dt·B, C, log_a, z (see ``_heads``) and the new conv state (B, conv_dim, d_conv−1)."""
-        z, xBC, dt = self.in_proj(hidden_states).split([self.num_heads * self.head_dim, self.conv_dim,
-                                                        self.num_heads], dim=-1)
-        xBC, new_conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state,
-                                            activation="silu", kernel=self.config.kernel)
+        z, xBC, dt = self.in_proj(hidden_states).split(
+            [self.num_heads * self.head_dim, self.conv_dim, self.num_heads], dim=-1
+        )
+        xBC, new_conv_state = causal_conv1d(
+            xBC.transpose(1, 2),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            conv_state,
+            activation="silu",
+            kernel=self.config.kernel,
+        )
         return (*self._heads(z, xBC.transpose(1, 2), dt), new_conv_state)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -131,12 +149,14 @@ class Mamba2(SequenceMixer):
         return self.out_proj(y.flatten(-2) * self.norm_weight)
 
     # -- SequenceMixer -------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
-                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and {"conv", "ssm"}; chunked SSD, ``rotary`` unused."""
         x, B, C, log_a, z, conv_state = self._project(hidden_states, None if state is None else state["conv"])
-        y, ssm_state = ssd(x, log_a, B, C, self.config.chunk_size, None if state is None else state["ssm"],
-                           kernel=self.config.kernel)
+        y, ssm_state = ssd(
+            x, log_a, B, C, self.config.chunk_size, None if state is None else state["ssm"], kernel=self.config.kernel
+        )
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
     def matrix_rows(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> MatrixRows:
@@ -155,25 +175,35 @@ class Mamba2(SequenceMixer):
         """in_proj (its B, C and dt rows get the gradient), conv, dt_bias and A_log."""
         return [self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log]
 
-    def init_state(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """{"conv": (B, conv_dim, d_conv−1), "ssm": (B, H, N, P)} zeros."""
-        return self.zero_state({"conv": (batch_size, self.conv_dim, self.d_conv - 1),
-                                "ssm": (batch_size, self.num_heads, self.d_state, self.head_dim)}, device, dtype)
+        return self.zero_state(
+            {
+                "conv": (batch_size, self.conv_dim, self.d_conv - 1),
+                "ssm": (batch_size, self.num_heads, self.d_state, self.head_dim),
+            },
+            device,
+            dtype,
+        )
 
-    def step(self, hidden_state: torch.Tensor, state: State,
-             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """One token (B, D) → (B, D) and the next state."""
-        z, xBC, dt = self.in_proj(hidden_state).split([self.num_heads * self.head_dim, self.conv_dim,
-                                                       self.num_heads], dim=-1)
+        z, xBC, dt = self.in_proj(hidden_state).split(
+            [self.num_heads * self.head_dim, self.conv_dim, self.num_heads], dim=-1
+        )
         xBC, conv_state = causal_conv1d_step(xBC, self.conv1d.weight, self.conv1d.bias, state["conv"], "silu")
         x, B, C, log_a, z = self._heads(z, xBC, dt)
         y, ssm_state = ssd_step(x, log_a, B, C, state["ssm"])
         return self._output(y, x, z), {"conv": conv_state, "ssm": ssm_state}
 
     @classmethod
-    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: Config | None = None) -> Mamba2:
+    def from_attention(
+        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: Config | None = None
+    ) -> Mamba2:
         """C ← q · scale, B ← k (kv heads repeated), x ← v, out_proj ← o; dt ≈ 1 and a = ``a_init``.
 
         Then M = L ∘ (C Bᵀ) starts as the teacher's scaled q·k scores under an exponential decay, as for
@@ -184,13 +214,21 @@ class Mamba2(SequenceMixer):
         weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
-        wrong = [f"{name}={value} (needs {want})" for name, value, want in (
-            ("d_state", mixer.d_state, d), ("head_dim", mixer.head_dim, d),
-            ("num_heads", mixer.num_heads, geometry.num_heads), ("n_groups", mixer.n_groups, geometry.num_heads))
-            if value != want]
+        wrong = [
+            f"{name}={value} (needs {want})"
+            for name, value, want in (
+                ("d_state", mixer.d_state, d),
+                ("head_dim", mixer.head_dim, d),
+                ("num_heads", mixer.num_heads, geometry.num_heads),
+                ("n_groups", mixer.n_groups, geometry.num_heads),
+            )
+            if value != want
+        ]
         if wrong:
-            raise ValueError(f"mamba2 from_attention needs d_state = head_dim = the teacher's head_dim and "
-                             f"num_heads = n_groups = the teacher's num_heads; got {', '.join(wrong)}")
+            raise ValueError(
+                f"mamba2 from_attention needs d_state = head_dim = the teacher's head_dim and "
+                f"num_heads = n_groups = the teacher's num_heads; got {', '.join(wrong)}"
+            )
         with torch.no_grad():
             mixer._rows("x").copy_(repeat_kv_rows(geometry, weights.v))
             mixer._rows("B").copy_(repeat_kv_rows(geometry, weights.k))

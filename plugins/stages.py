@@ -17,8 +17,8 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.matrix_loss import MatrixLoss, choose_matrix_loss, matrix_distance
 from mixerdistill.logits import chunked_distillation_loss
+from mixerdistill.matrix_loss import MatrixLoss, choose_matrix_loss, matrix_distance
 from mixerdistill.stages import Stage, StageConfig, teacher_attention_mixer
 from mixerdistill.teacher import trace_teacher
 
@@ -38,18 +38,23 @@ class MatrixOrientation(Stage):
         # gradient in this stage and would only be decayed. lr 2e-4 is the published stage-1 rate.
         optimizer_defaults: ClassVar[dict] = {"lr": 2e-4, "weight_decay": 0.0}
         sink_tokens: int = Field(
-            0, ge=0, description="Treat the first k tokens of each window as attention sinks: their columns of "
-                                 "the teacher's matrix become 0 in the target. Mid-depth SmolLM2 layers put "
-                                 "40-60% of every row on token 0, which a decaying mixer cannot copy and which "
-                                 "then dominates the distance (70-90% of it).")
+            0,
+            ge=0,
+            description="Treat the first k tokens of each window as attention sinks: their columns of "
+            "the teacher's matrix become 0 in the target. Mid-depth SmolLM2 layers put "
+            "40-60% of every row on token 0, which a decaying mixer cannot copy and which "
+            "then dominates the distance (70-90% of it).",
+        )
         matrix_loss: MatrixLoss = Field(
-            "auto", description="How the matrices are compared. 'materialised': every layer's (B, H, T, T) "
-                                "teacher and student matrices at once. 'blockwise': blocks of block_rows query "
-                                "rows, each rebuilt in the backward pass (memory O(block_rows·T) per layer, "
-                                "same loss and gradients). 'auto': blockwise from seq_len 1024 (where it is "
-                                "also the faster one on CPU) or when the materialised matrices of a step would "
-                                "take more than 4 GiB; decided from the shapes alone and recorded in the run's "
-                                "resolved recipe.yaml.")
+            "auto",
+            description="How the matrices are compared. 'materialised': every layer's (B, H, T, T) "
+            "teacher and student matrices at once. 'blockwise': blocks of block_rows query "
+            "rows, each rebuilt in the backward pass (memory O(block_rows·T) per layer, "
+            "same loss and gradients). 'auto': blockwise from seq_len 1024 (where it is "
+            "also the faster one on CPU) or when the materialised matrices of a step would "
+            "take more than 4 GiB; decided from the shapes alone and recorded in the run's "
+            "resolved recipe.yaml.",
+        )
         block_rows: int = Field(128, ge=1, description="Query rows per block of the blockwise matrix loss.")
 
     def __init__(self, config, context):
@@ -84,8 +89,9 @@ class MatrixOrientation(Stage):
 
     def loss(self, input_ids):
         context = self.context
-        trace = trace_teacher(context.teacher, context.adapter, input_ids, record={"mixer_inputs"},
-                              layers=set(context.mixers))
+        trace = trace_teacher(
+            context.teacher, context.adapter, input_ids, record={"mixer_inputs"}, layers=set(context.mixers)
+        )
         total = 0.0
         metrics = {}
         block_rows = self.block_rows()
@@ -93,8 +99,13 @@ class MatrixOrientation(Stage):
             hidden = trace.mixer_inputs[idx]  # (B, T, D), already normalised
             with torch.no_grad():
                 target = context.teacher_attention[idx].matrix_rows(hidden, trace.rotary(idx))
-            distance = matrix_distance(mixer.matrix_rows(hidden, trace.rotary(idx)), target, input_ids.shape[1],
-                                       block_rows, self.config.sink_tokens).mean()
+            distance = matrix_distance(
+                mixer.matrix_rows(hidden, trace.rotary(idx)),
+                target,
+                input_ids.shape[1],
+                block_rows,
+                self.config.sink_tokens,
+            ).mean()
             metrics[f"layer_{idx}"] = distance.detach()
             total = total + distance
         return total, metrics
@@ -107,20 +118,26 @@ class HiddenStateAlignment(Stage):
 
     class Config(StageConfig):
         target: Literal["block", "mixer"] = Field(
-            "block", description="'block': whole decoder block output; 'mixer': the mixer's output only.")
+            "block", description="'block': whole decoder block output; 'mixer': the mixer's output only."
+        )
         trainable: list[Literal["mixer", "mlp", "norms"]] = Field(
             default_factory=lambda: ["mixer"],
-            description="Parameter groups of the replaced blocks that learn (MOHAWK: the mixer only).")
+            description="Parameter groups of the replaced blocks that learn (MOHAWK: the mixer only).",
+        )
         distance: Literal["l2", "relative"] = Field(
-            "l2", description="Per-token distance: 'l2' is ‖out − target‖₂ (MOHAWK); 'relative' divides it by "
-                              "‖target‖₂, so tokens with massive activations (e.g. attention sinks, norms "
-                              "of 1e4 in SmolLM2's middle layers) do not drown out the rest.")
+            "l2",
+            description="Per-token distance: 'l2' is ‖out − target‖₂ (MOHAWK); 'relative' divides it by "
+            "‖target‖₂, so tokens with massive activations (e.g. attention sinks, norms "
+            "of 1e4 in SmolLM2's middle layers) do not drown out the rest.",
+        )
 
         recompute: bool = Field(
-            True, description="Recompute each layer's forward in the backward pass (activation checkpointing): "
-                              "the backward holds one layer's activations instead of every layer's (SmolLM2, "
-                              "30 discrete Mamba-2 layers at 4 × 256 tokens: 47 MB instead of 1.4 GB) for one "
-                              "more forward of the mixers.")
+            True,
+            description="Recompute each layer's forward in the backward pass (activation checkpointing): "
+            "the backward holds one layer's activations instead of every layer's (SmolLM2, "
+            "30 discrete Mamba-2 layers at 4 × 256 tokens: 47 MB instead of 1.4 GB) for one "
+            "more forward of the mixers.",
+        )
 
     def trainable_parameters(self):
         context = self.context
@@ -137,10 +154,10 @@ class HiddenStateAlignment(Stage):
 
     def loss(self, input_ids):
         context = self.context
-        record = {"block_inputs", "block_outputs"} if self.config.target == "block" else {
-            "mixer_inputs", "mixer_outputs"}
-        trace = trace_teacher(context.teacher, context.adapter, input_ids, record=record,
-                              layers=set(context.mixers))
+        record = (
+            {"block_inputs", "block_outputs"} if self.config.target == "block" else {"mixer_inputs", "mixer_outputs"}
+        )
+        trace = trace_teacher(context.teacher, context.adapter, input_ids, record=record, layers=set(context.mixers))
         layers = context.adapter.layers(context.student)
         positions = _positions(input_ids)
 
@@ -158,8 +175,11 @@ class HiddenStateAlignment(Stage):
         total = 0.0
         metrics = {}
         for idx in context.mixers:
-            inputs, target = ((trace.block_inputs[idx], trace.block_outputs[idx]) if self.config.target == "block"
-                              else (trace.mixer_inputs[idx], trace.mixer_outputs[idx]))
+            inputs, target = (
+                (trace.block_inputs[idx], trace.block_outputs[idx])
+                if self.config.target == "block"
+                else (trace.mixer_inputs[idx], trace.mixer_outputs[idx])
+            )
             if self.config.recompute:
                 distance = checkpoint(layer_distance, idx, inputs, target, use_reentrant=False)
             else:
@@ -179,7 +199,8 @@ class KnowledgeDistillation(Stage):
         freeze: list[Literal["mlp", "norms", "embeddings", "attention"]] = Field(
             default_factory=list,
             description="Parameter groups kept at the teacher's weights: MLPs, norms, embeddings (with a "
-                        "tied LM head) and kept attention layers. Freezing saves their weight gradients.")
+            "tied LM head) and kept attention layers. Freezing saves their weight gradients.",
+        )
 
     def trainable_parameters(self):
         context = self.context
@@ -187,12 +208,19 @@ class KnowledgeDistillation(Stage):
         layers = adapter.layers(student)
         groups = {
             "mlp": lambda: [p for layer in layers for p in adapter.mlp(layer).parameters()],
-            "norms": lambda: [p for layer in layers for norm in adapter.norms(layer) for p in norm.parameters()]
-            + list(adapter.final_norm(student).parameters()),
-            "embeddings": lambda: list(student.get_input_embeddings().parameters())
-            + list(student.get_output_embeddings().parameters()),
-            "attention": lambda: [p for i, layer in enumerate(layers) if i not in context.mixers
-                                  for p in adapter.attention(layer).parameters()],
+            "norms": lambda: (
+                [p for layer in layers for norm in adapter.norms(layer) for p in norm.parameters()]
+                + list(adapter.final_norm(student).parameters())
+            ),
+            "embeddings": lambda: (
+                list(student.get_input_embeddings().parameters()) + list(student.get_output_embeddings().parameters())
+            ),
+            "attention": lambda: [
+                p
+                for i, layer in enumerate(layers)
+                if i not in context.mixers
+                for p in adapter.attention(layer).parameters()
+            ],
         }
         frozen = {id(p) for group in self.config.freeze for p in groups[group]()}
         return [p for p in student.parameters() if id(p) not in frozen]

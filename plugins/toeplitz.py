@@ -14,8 +14,15 @@ from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding, SequenceMixer,
-                                State, copy_projection)
+from mixerdistill.mixer import (
+    AttentionGeometry,
+    AttentionWeights,
+    MixerConfig,
+    RotaryEmbedding,
+    SequenceMixer,
+    State,
+    copy_projection,
+)
 
 
 class Toeplitz(SequenceMixer):
@@ -23,8 +30,9 @@ class Toeplitz(SequenceMixer):
 
     class Config(MixerConfig):
         max_len: int = Field(512, ge=1, description="K, number of learned offsets 0 … K−1 (longer ones weigh 0)")
-        a_init: float = Field(0.9, gt=0.0, lt=1.0,
-                              description="initial weights w[k] = (1 − a)·a^k: an exponential moving average")
+        a_init: float = Field(
+            0.9, gt=0.0, lt=1.0, description="initial weights w[k] = (1 − a)·a^k: an exponential moving average"
+        )
 
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
         super().__init__(geometry, config)
@@ -43,8 +51,9 @@ class Toeplitz(SequenceMixer):
         v = self.v_proj(hidden_states).view(*hidden_states.shape[:-1], g.num_kv_heads, g.head_dim)
         return v.repeat_interleave(self.groups, dim=-2)
 
-    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
-                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and {"values": the last K − 1 values}; FFT convolution, ``rotary`` unused."""
         batch, length, _ = hidden_states.shape
         v = self._values(hidden_states)  # (B, T, H, d)
@@ -52,9 +61,9 @@ class Toeplitz(SequenceMixer):
         seen = torch.cat([past, v], dim=1)  # (B, K − 1 + T, H, d)
         size = seen.shape[1] + self.config.max_len  # long enough that the circular convolution does not wrap
         spectrum = torch.fft.rfft(seen, n=size, dim=1) * torch.fft.rfft(self.weights, n=size, dim=1).T[..., None]
-        y = torch.fft.irfft(spectrum, n=size, dim=1)[:, seen.shape[1] - length:seen.shape[1]]  # (B, T, H, d)
+        y = torch.fft.irfft(spectrum, n=size, dim=1)[:, seen.shape[1] - length : seen.shape[1]]  # (B, T, H, d)
         keep = self.config.max_len - 1
-        return self.o_proj(y.flatten(-2)), {"values": seen[:, seen.shape[1] - keep:]}
+        return self.o_proj(y.flatten(-2)), {"values": seen[:, seen.shape[1] - keep :]}
 
     def mixing_matrix(self, hidden_states: torch.Tensor, rotary: RotaryEmbedding = None) -> torch.Tensor:
         """(B, T, D) → M (B, H, T, T) with M[h, i, j] = w[h, i − j]; the same for every input."""
@@ -74,26 +83,33 @@ class Toeplitz(SequenceMixer):
         """Only the weights w shape M."""
         return [self.weights]
 
-    def init_state(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         """{"values": (B, K − 1, H, d)} zeros."""
         g = self.geometry
-        return self.zero_state({"values": (batch_size, self.config.max_len - 1, g.num_heads, g.head_dim)}, device, dtype)
+        return self.zero_state(
+            {"values": (batch_size, self.config.max_len - 1, g.num_heads, g.head_dim)}, device, dtype
+        )
 
-    def step(self, hidden_state: torch.Tensor, state: State,
-             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
         """One token (B, D) → (B, D): y = Σ_k w[k] v_{t−k} over the stored window."""
         window = torch.cat([state["values"], self._values(hidden_state).unsqueeze(1)], dim=1)  # (B, K, H, d)
         y = torch.einsum("bkhd,hk->bhd", window, self.weights.flip(-1))  # the newest value meets w[0]
         return self.o_proj(y.flatten(-2)), {"values": window[:, 1:]}
 
     @classmethod
-    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
-                       config: MixerConfig | None = None) -> "Toeplitz":
+    def from_attention(
+        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: MixerConfig | None = None
+    ) -> Toeplitz:
         """v and o (with biases) from the teacher; w starts as the moving average of ``a_init``."""
         mixer = cls(geometry, config)
-        for linear, weight, bias in ((mixer.v_proj, weights.v, weights.v_bias),
-                                     (mixer.o_proj, weights.o, weights.o_bias)):
+        for linear, weight, bias in (
+            (mixer.v_proj, weights.v, weights.v_bias),
+            (mixer.o_proj, weights.o, weights.o_bias),
+        ):
             copy_projection(linear, weight, bias)
         return mixer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import textwrap
 import sys
+import textwrap
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -18,22 +18,36 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("matrix_orientation", "hidden_state_alignment", "knowledge_distillation")
 
 
-def write_recipe(folder: Path, steps: int = 12, every_steps: int = 5, threads: int | None = None,
-                 every_tokens: int | None = 1024) -> Path:
+def write_recipe(
+    folder: Path, steps: int = 12, every_steps: int = 5, threads: int | None = None, every_tokens: int | None = 1024
+) -> Path:
     """A 2-layer random Llama → discrete Mamba-2 recipe: three stages of ``steps`` steps of 4 × 64 tokens."""
     recipe = {
-        "name": "resume-test", "seed": 0,
-        "teacher": {"source": "config", "model_type": "llama",
-                    "config": {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
-                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                               "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 0,
-                               "pad_token_id": 0}},
+        "name": "resume-test",
+        "seed": 0,
+        "teacher": {
+            "source": "config",
+            "model_type": "llama",
+            "config": {
+                "vocab_size": 256,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+                "bos_token_id": 1,
+                "eos_token_id": 0,
+                "pad_token_id": 0,
+            },
+        },
         "student": {"mixer": {"name": "discrete_mamba2", "chunk_size": 16}},
         "data": {"source": "text", "paths": [str(REPO / "README.md"), str(REPO / "docs" / "*.md")]},
-        "stages": [{"name": name, "tokens": steps * 256, "batch_size": 4, "seq_len": 64,
-                    "optimizer": {"lr": 1e-3}} for name in STAGES],
-        "eval": {"tokens": 256, "seq_len": 64, "batch_size": 4, "every_tokens": every_tokens,
-                 "prompt": None},
+        "stages": [
+            {"name": name, "tokens": steps * 256, "batch_size": 4, "seq_len": 64, "optimizer": {"lr": 1e-3}}
+            for name in STAGES
+        ],
+        "eval": {"tokens": 256, "seq_len": 64, "batch_size": 4, "every_tokens": every_tokens, "prompt": None},
         "output": {"checkpoint": {"every_steps": every_steps, "every_minutes": None}},
     }
     if threads:
@@ -47,9 +61,19 @@ def tiny_llama(layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=0, pad_token_id=0, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
@@ -61,8 +85,14 @@ def llama_teacher():
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 600):
     """Run ``python -m mixerdistill ARGS`` in a subprocess; returns the CompletedProcess."""
     environment = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mixerdistill", *args], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mixerdistill", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def cli_in_process(*args: str) -> tuple[int, str]:

@@ -27,13 +27,23 @@ def load(folder: str, **kwargs):
 
 def state_bytes(cache) -> int:
     """Bytes of the mixer states in a generation cache (its MixerCacheLayer entries)."""
-    return sum(t.nbytes for entry in cache.layers if type(entry).__name__ == "MixerCacheLayer"
-               for t in (entry.state or {}).values())
+    return sum(
+        t.nbytes
+        for entry in cache.layers
+        if type(entry).__name__ == "MixerCacheLayer"
+        for t in (entry.state or {}).values()
+    )
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, **kwargs):
-    return model.generate(ids, attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)),
-                          max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, **kwargs)
+    return model.generate(
+        ids,
+        attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        **kwargs,
+    )
 
 
 @torch.no_grad()
@@ -44,17 +54,19 @@ def check(name: str, folder: str, request: dict) -> dict:
     ids = torch.tensor(request["ids"])
     result["logits"] = model(input_ids=ids).logits
     n = request["new_tokens"]
-    result["greedy"] = greedy(model, ids, n)[:, ids.shape[1]:]
-    result["state_bytes"] = [state_bytes(greedy(model, ids, count, return_dict_in_generate=True).past_key_values)
-                             for count in (2, n)]
+    result["greedy"] = greedy(model, ids, n)[:, ids.shape[1] :]
+    result["state_bytes"] = [
+        state_bytes(greedy(model, ids, count, return_dict_in_generate=True).past_key_values) for count in (2, n)
+    ]
     if name in request["padding"]:
         short, long = request["padded"]
         pad = request["pad_token_id"]
         batch = torch.tensor([[pad] * (len(long) - len(short)) + short, long])
         mask = torch.tensor([[0] * (len(long) - len(short)) + [1] * len(short), [1] * len(long)])
-        result["padded_batch"] = greedy(model, batch, n, attention_mask=mask, pad_token_id=pad)[:, batch.shape[1]:]
-        result["padded_alone"] = [greedy(model, torch.tensor([p]), n, pad_token_id=pad)[0, len(p):]
-                                  for p in (short, long)]
+        result["padded_batch"] = greedy(model, batch, n, attention_mask=mask, pad_token_id=pad)[:, batch.shape[1] :]
+        result["padded_alone"] = [
+            greedy(model, torch.tensor([p]), n, pad_token_id=pad)[0, len(p) :] for p in (short, long)
+        ]
     if name in request["round_trip"]:
         with tempfile.TemporaryDirectory() as copy:
             model.save_pretrained(copy)

@@ -13,18 +13,36 @@ from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.recipe import load_recipe
 
 TINY = {
-    "name": "tiny_ablation", "seed": 0, "threads": 1,
-    "teacher": {"source": "config", "model_type": "llama", "config": {
-        "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "bos_token_id": 1, "eos_token_id": 0, "pad_token_id": 0}},
+    "name": "tiny_ablation",
+    "seed": 0,
+    "threads": 1,
+    "teacher": {
+        "source": "config",
+        "model_type": "llama",
+        "config": {
+            "vocab_size": 256,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "bos_token_id": 1,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+        },
+    },
     "student": {"mixer": {"name": "discrete_mamba2"}, "keep_attention": [0]},
     "data": {"source": "text", "paths": [str(REPO / "README.md")], "heldout_fraction": 0.2},
-    "stages": [{"name": "matrix_orientation", "tokens": 512, "batch_size": 4, "seq_len": 32,
-                "optimizer": {"lr": 1e-3}}],
+    "stages": [
+        {"name": "matrix_orientation", "tokens": 512, "batch_size": 4, "seq_len": 32, "optimizer": {"lr": 1e-3}}
+    ],
     "eval": {"tokens": 256, "seq_len": 32, "batch_size": 4, "after_each_stage": False, "prompt": None},
-    "ablation": [{"name": "toeplitz", "max_len": 32}, {"name": "discrete_mamba2", "chunk_size": 16},
-                 {"name": "toeplitz", "max_len": 4}],
+    "ablation": [
+        {"name": "toeplitz", "max_len": 32},
+        {"name": "discrete_mamba2", "chunk_size": 16},
+        {"name": "toeplitz", "max_len": 4},
+    ],
 }
 
 

@@ -12,8 +12,14 @@ from mixerdistill.teacher import trace_teacher
 from mixerdistill_plugins.attention import AttentionMixer
 from mixerdistill_plugins.families import LlamaAdapter, PhiAdapter
 
-SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-             num_attention_heads=4, attn_implementation="eager")
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    attn_implementation="eager",
+)
 
 
 def tiny_llama():
@@ -43,9 +49,14 @@ def family(request):
 
 
 def mixers(model, adapter):
-    return [AttentionMixer.from_attention(adapter.attention_weights(adapter.attention(layer)),
-                                          adapter.geometry(model.config, idx), AttentionMixer.Config())
-            for idx, layer in enumerate(adapter.layers(model))]
+    return [
+        AttentionMixer.from_attention(
+            adapter.attention_weights(adapter.attention(layer)),
+            adapter.geometry(model.config, idx),
+            AttentionMixer.Config(),
+        )
+        for idx, layer in enumerate(adapter.layers(model))
+    ]
 
 
 def test_geometry():

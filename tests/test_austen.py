@@ -63,8 +63,14 @@ def test_read_rdata_uses_the_index_to_name_objects(tmp_path):
     variables = i32(0x213, 2) + b"".join(ranges) + names_attr("emma", "persuasion")
     references = i32(0x213, 0) + names_attr(first_use=False)
     compressed = i32(10, 1, 1)
-    index = (HEADER + i32(0x213, 3) + variables + references + compressed
-             + names_attr("variables", "references", "compressed", first_use=False))
+    index = (
+        HEADER
+        + i32(0x213, 3)
+        + variables
+        + references
+        + compressed
+        + names_attr("variables", "references", "compressed", first_use=False)
+    )
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
     (tmp_path / "Rdata.rdb").write_bytes(first + second)
     objects = read_rdata(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")

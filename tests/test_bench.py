@@ -36,8 +36,12 @@ def test_ssd_benchmark_reports_every_path_with_linear_memory_for_chunked(tmp_pat
     chunked = [row for row in result["rows"] if row["path"] == "chunked"]
     assert all(row["chunk"] in (16, 32) and row["GFLOP"] > 0 and 0 < row["peak_fraction"] for row in chunked)
     assert all(row["forward_backward_ms"] > 0 and row["peak_MB"] >= 0 for row in result["rows"])
-    assert set(result["summary"]) == {"speedup_fwd_bwd_T64", "peak_fraction_T64", "speedup_fwd_bwd_T256",
-                                      "peak_fraction_T256"}
+    assert set(result["summary"]) == {
+        "speedup_fwd_bwd_T64",
+        "peak_fraction_T64",
+        "speedup_fwd_bwd_T256",
+        "peak_fraction_T256",
+    }
     path = bench.write_result("ssd", result, tmp_path)
     assert json.loads(path.read_text())["machine"]["matmul_peak_gflops"] > 0
 

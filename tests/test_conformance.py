@@ -26,8 +26,9 @@ class ChunkedLinearAttention(SequenceMixer):
     def __init__(self, geometry, config=None):
         super().__init__(geometry, config if config is not None else self.Config())
         g, width = geometry, geometry.num_heads * geometry.head_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(g.hidden_size, width, bias=g.attention_bias)
-                                                 for _ in range(3))
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(g.hidden_size, width, bias=g.attention_bias) for _ in range(3)
+        )
         self.o_proj = nn.Linear(width, g.hidden_size, bias=g.output_bias)
 
     def _qkv(self, hidden_states):
@@ -66,8 +67,16 @@ class ChunkedLinearAttention(SequenceMixer):
 
     def init_state(self, batch_size, device=None, dtype=None):
         g, reference = self.geometry, self.q_proj.weight
-        return {"S": torch.zeros(batch_size, g.num_heads, g.head_dim, g.head_dim, device=device or reference.device,
-                                 dtype=dtype or reference.dtype)}
+        return {
+            "S": torch.zeros(
+                batch_size,
+                g.num_heads,
+                g.head_dim,
+                g.head_dim,
+                device=device or reference.device,
+                dtype=dtype or reference.dtype,
+            )
+        }
 
     def step(self, hidden_state, state, rotary=None):
         output, state = self(hidden_state.unsqueeze(1), state)
@@ -77,8 +86,13 @@ class ChunkedLinearAttention(SequenceMixer):
     def from_attention(cls, weights, geometry, config=None):
         mixer = cls(geometry, config)
         copy_projection(mixer.q_proj, weights.q, weights.q_bias)
-        for linear, weight, bias in ((mixer.k_proj, weights.k, weights.k_bias), (mixer.v_proj, weights.v, weights.v_bias)):
-            copy_projection(linear, repeat_kv_rows(geometry, weight), None if bias is None else repeat_kv_rows(geometry, bias))
+        for linear, weight, bias in (
+            (mixer.k_proj, weights.k, weights.k_bias),
+            (mixer.v_proj, weights.v, weights.v_bias),
+        ):
+            copy_projection(
+                linear, repeat_kv_rows(geometry, weight), None if bias is None else repeat_kv_rows(geometry, bias)
+            )
         copy_projection(mixer.o_proj, weights.o, weights.o_bias)
         return mixer
 
@@ -148,10 +162,20 @@ PLANTED = [
     (SignErrorHiddenByADirectPath, "materialised_forward does not call mixing_matrix"),
     (CallsButIgnoresTheMatrix, r"materialised_forward does not use the matrix mixing_matrix returns"),
     (SignErrorThroughTheMatrix, r"mixing_matrix \(or materialised_forward\) is likely wrong: forward and step agree"),
-    (RunningStateIgnoredBetweenChunks, (r"T=65: .*forward is likely wrong: materialised_forward and step agree "
-                                        r"\(T = 65 crosses a chunk boundary")),
-    (KeyBiasOfTheWrongShape, (r"from_attention\(attention_bias=True, output_bias=False\) changed parameter shapes: "
-                              r"'k_proj.bias' \(32, 1\) instead of \(32,\)")),
+    (
+        RunningStateIgnoredBetweenChunks,
+        (
+            r"T=65: .*forward is likely wrong: materialised_forward and step agree "
+            r"\(T = 65 crosses a chunk boundary"
+        ),
+    ),
+    (
+        KeyBiasOfTheWrongShape,
+        (
+            r"from_attention\(attention_bias=True, output_bias=False\) changed parameter shapes: "
+            r"'k_proj.bias' \(32, 1\) instead of \(32,\)"
+        ),
+    ),
     (BrokenStep, r"forward vs step differ .*step \(or init_state\) is likely wrong"),
 ]
 
@@ -170,9 +194,20 @@ def test_the_transfer_is_checked_for_every_bias_combination_under_grouped_query_
         into float32 layers, hence the tolerance)."""
         assert torch.allclose(mixer.q_proj.weight, weights.q, atol=1e-7)
         assert torch.allclose(mixer.k_proj.weight, repeat_kv_rows(geometry, weights.k), atol=1e-7)
-        seen.append((geometry.attention_bias, geometry.output_bias, weights.k_bias is not None,
-                     weights.o_bias is not None, geometry.num_kv_heads < geometry.num_heads))
+        seen.append(
+            (
+                geometry.attention_bias,
+                geometry.output_bias,
+                weights.k_bias is not None,
+                weights.o_bias is not None,
+                geometry.num_kv_heads < geometry.num_heads,
+            )
+        )
 
     check_mixer(ChunkedLinearAttention, transfer_check=promise)
-    assert sorted(seen) == [(False, False, False, False, True), (False, True, False, True, True),
-                            (True, False, True, False, True), (True, True, True, True, True)]
+    assert sorted(seen) == [
+        (False, False, False, False, True),
+        (False, True, False, True, True),
+        (True, False, True, False, True),
+        (True, True, True, True, True),
+    ]

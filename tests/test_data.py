@@ -149,10 +149,23 @@ def test_too_little_text_for_a_later_stage_fails_before_any_training(tmp_path):
     (tmp_path / "small.txt").write_text(PROSE)  # 3,360 bytes: stage 3's 4 × 1024 tokens do not fit
     recipe = write_recipe(tmp_path)
     output = tmp_path / "run"
-    code, text = cli_in_process("run", str(recipe), "--output", str(output), "--no-progress",
-                                "--set", f"data.paths=[{tmp_path / 'small.txt'}]", "--set", "eval.tokens=128",
-                                "--set", "stages.2.seq_len=1024", "--set", "stages.2.tokens=8192",
-                                "--set", "eval.every_tokens=null")
+    code, text = cli_in_process(
+        "run",
+        str(recipe),
+        "--output",
+        str(output),
+        "--no-progress",
+        "--set",
+        f"data.paths=[{tmp_path / 'small.txt'}]",
+        "--set",
+        "eval.tokens=128",
+        "--set",
+        "stages.2.seq_len=1024",
+        "--set",
+        "stages.2.tokens=8192",
+        "--set",
+        "eval.every_tokens=null",
+    )
     assert code == 2, text
     assert "stages.2: 4 × 1024 tokens per batch" in text and "stages.0" not in text
     assert not output.exists()

@@ -20,8 +20,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def geometry(output_bias: bool = False) -> AttentionGeometry:
-    return AttentionGeometry(hidden_size=D_MODEL, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                             rotary_dim=HEAD_DIM, layer_idx=0, output_bias=output_bias)
+    return AttentionGeometry(
+        hidden_size=D_MODEL,
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        rotary_dim=HEAD_DIM,
+        layer_idx=0,
+        output_bias=output_bias,
+    )
 
 
 def ssd_inputs(T: int, dtype=torch.float32, seed: int = 0, batch: int = 2, H: int = 3, N: int = 5, P: int = 4):
@@ -60,7 +67,7 @@ def test_materialised_matrix_entries():
     x, log_a, B, C = ssd_inputs(6, dtype=torch.float64)
     M = ssd_materialised_matrix(log_a, B, C)
     b, h, i, j = 1, 2, 5, 2
-    decay = torch.exp(log_a[b, j + 1:i + 1, h].sum())
+    decay = torch.exp(log_a[b, j + 1 : i + 1, h].sum())
     assert torch.allclose(M[b, h, i, j], (C[b, i, h] @ B[b, j, h]) * decay)
     assert M[b, h, j, i] == 0
 
@@ -139,8 +146,8 @@ def test_forward_continues_from_state(cut):
     u = torch.randn(2, 19, D_MODEL)
     out, state = mixer(u)
     _, first = mixer(u[:, :cut])
-    out_a, mid = mixer(u[:, cut:cut + 1], state=first)  # one token, then the rest
-    out_b, last = mixer(u[:, cut + 1:], state=mid)
+    out_a, mid = mixer(u[:, cut : cut + 1], state=first)  # one token, then the rest
+    out_b, last = mixer(u[:, cut + 1 :], state=mid)
     assert rel(torch.cat([out_a, out_b], dim=1), out[:, cut:]) <= 1e-5
     assert rel(last["ssm"], state["ssm"]) <= 1e-5
     assert torch.allclose(last["conv"], state["conv"])
@@ -258,8 +265,18 @@ def test_fresh_mixer_uses_config_sizes_and_init():
 
 
 # -- (f) configuration and registration ------------------------------------------------------------
-@pytest.mark.parametrize("bad", [{"d_stat": 8}, {"chunk_size": 0}, {"a_init": 1.0}, {"a_init": 0.0},
-                                 {"d_conv": 0}, {"conv_init": "zeros"}, {"num_heads": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"d_stat": 8},
+        {"chunk_size": 0},
+        {"a_init": 1.0},
+        {"a_init": 0.0},
+        {"d_conv": 0},
+        {"conv_init": "zeros"},
+        {"num_heads": 0},
+    ],
+)
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValidationError) as info:
         DiscreteMamba2.Config(**bad)

@@ -40,8 +40,17 @@ def largest_difference(run, reference, stage: int) -> float:
 
 
 def run_two_processes(recipe, output, *options, env=None):
-    return run_cli("run", str(recipe), "--output", str(output), "--no-progress", "--nproc", "2", *options,
-                   env={**CHILD_ENV, **(env or {})})
+    return run_cli(
+        "run",
+        str(recipe),
+        "--output",
+        str(output),
+        "--no-progress",
+        "--nproc",
+        "2",
+        *options,
+        env={**CHILD_ENV, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +92,14 @@ def test_layer_parallel_and_fsdp_give_the_single_process_weights(single, tmp_pat
     assert largest_difference(tmp_path / "run", reference, 3) < 1e-5
 
 
-@pytest.mark.parametrize("options, kill_after", [
-    ((), 7),                    # data parallel: rank 1 dies in stage 2 after step 3 (checkpoint at step 2)
-    (LAYER_PARALLEL_FSDP, 11),  # fsdp: rank 1 dies in stage 3 after step 3 (checkpoint at step 2)
-], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "options, kill_after",
+    [
+        ((), 7),  # data parallel: rank 1 dies in stage 2 after step 3 (checkpoint at step 2)
+        (LAYER_PARALLEL_FSDP, 11),  # fsdp: rank 1 dies in stage 3 after step 3 (checkpoint at step 2)
+    ],
+    ids=["ddp", "fsdp"],
+)
 def test_killed_rank_stops_the_run_and_it_resumes(single, tmp_path, options, kill_after):
     recipe, reference = single
     run = tmp_path / "run"
@@ -113,10 +126,13 @@ def two_processes(single, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target, name, stage, step", [
-    ("1@3", "SIGTERM", 1, 3),  # rank 1 alone gets it, between two periodic checkpoints (every 2 steps)
-    ("0@6", "SIGUSR1", 2, 2),  # rank 0 alone, on a periodic checkpoint's step
-])
+@pytest.mark.parametrize(
+    "target, name, stage, step",
+    [
+        ("1@3", "SIGTERM", 1, 3),  # rank 1 alone gets it, between two periodic checkpoints (every 2 steps)
+        ("0@6", "SIGUSR1", 2, 2),  # rank 0 alone, on a periodic checkpoint's step
+    ],
+)
 def test_signal_on_one_rank_stops_every_rank_at_that_step(single, two_processes, tmp_path, target, name, stage, step):
     recipe, _ = single
     run = tmp_path / "run"

@@ -7,7 +7,8 @@ from mixerdistill.reference import render_recipe_reference
 def test_recipe_reference_is_current():
     written = (REPO / "docs" / "recipes.md").read_text()
     assert written == render_recipe_reference(), (
-        "docs/recipes.md is stale: run `python -m mixerdistill.reference > docs/recipes.md`")
+        "docs/recipes.md is stale: run `python -m mixerdistill.reference > docs/recipes.md`"
+    )
 
 
 def test_readme_gives_the_two_setup_commands():
@@ -22,4 +23,5 @@ def test_teacher_family_table_is_current():
     start, end = written.index(TEACHER_TABLE_START), written.index(TEACHER_TABLE_END) + len(TEACHER_TABLE_END)
     assert written[start:end] == render_teacher_table(), (
         "docs/teachers.md's family table is stale: replace it with "
-        "`python -c 'from mixerdistill.reference import render_teacher_table as r; print(r())'`")
+        "`python -c 'from mixerdistill.reference import render_teacher_table as r; print(r())'`"
+    )

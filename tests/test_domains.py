@@ -144,10 +144,20 @@ def test_report_and_compare_show_the_domain_table(tmp_path):
     table, geomean = domain_table({"pydoc": 10.0, "heldout": 40.0}, {"pydoc": 30.0, "heldout": 60.0})
     report = {
         "recipe": "r",
-        "teacher": {"source": "config", "adapter": "llama", "parameters": 10, "perplexity": 40.0,
-                    "domains": {"pydoc": 10.0, "heldout": 40.0}},
-        "student": {"mixers": {"discrete_mamba2": 2}, "parameters": 10, "perplexity": 60.0, "domains": table,
-                    "domain_ratio_geomean": geomean},
+        "teacher": {
+            "source": "config",
+            "adapter": "llama",
+            "parameters": 10,
+            "perplexity": 40.0,
+            "domains": {"pydoc": 10.0, "heldout": 40.0},
+        },
+        "student": {
+            "mixers": {"discrete_mamba2": 2},
+            "parameters": 10,
+            "perplexity": 60.0,
+            "domains": table,
+            "domain_ratio_geomean": geomean,
+        },
         "data": {"train_tokens": 100, "heldout_tokens": 10, "eval_tokens": 8},
         "stages": [],
         "curve": [{"stage_index": 1, "tokens": 8, "perplexity": 61.0, "domains": {"pydoc": 31.0, "heldout": 61.0}}],

@@ -60,8 +60,8 @@ def test_byte_tokenizer_as_transformers_keeps_the_ids():
 
 def test_lm_eval_scores_an_in_memory_student_beside_its_teacher():
     from mixerdistill.harness import EvalSettings, evaluate_pair
-    from mixerdistill.report import comparison_rows
     from mixerdistill.plugins import get_mixer
+    from mixerdistill.report import comparison_rows
     from mixerdistill.student import build_student
     from mixerdistill_plugins.families import LlamaAdapter
 
@@ -109,19 +109,46 @@ def test_run_plots_are_png_images(tmp_path):
 
 # -- the command line on tiny runs (each CLI call loads torch and lm-eval) ---------------------
 TINY = str(REPO / "recipes" / "tiny.yaml")
-SHORT = ["--set", "stages.0.tokens=2048", "--set", "stages.1.tokens=2048", "--set", "stages.2.tokens=2048",
-         "--set", "eval.every_tokens=null", "--set", "eval.tokens=1024", "--no-progress"]
+SHORT = [
+    "--set",
+    "stages.0.tokens=2048",
+    "--set",
+    "stages.1.tokens=2048",
+    "--set",
+    "stages.2.tokens=2048",
+    "--set",
+    "eval.every_tokens=null",
+    "--set",
+    "eval.tokens=1024",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny three-stage run with the recipe's lm-eval block, and the same recipe with stage 3 only."""
     root = tmp_path_factory.mktemp("eval_runs")
-    full = run_cli("run", TINY, "--output", str(root / "full"), *SHORT,
-                   "--set", "eval.lm_eval.tasks=[austen_cloze]", "--set", "eval.lm_eval.limit=4")
+    full = run_cli(
+        "run",
+        TINY,
+        "--output",
+        str(root / "full"),
+        *SHORT,
+        "--set",
+        "eval.lm_eval.tasks=[austen_cloze]",
+        "--set",
+        "eval.lm_eval.limit=4",
+    )
     assert full.returncode == 0, full.stderr
-    only_kd = run_cli("run", TINY, "--output", str(root / "kd"), *SHORT, "--set",
-                      "stages=[{name: knowledge_distillation, tokens: 2048, batch_size: 8, seq_len: 128}]")
+    only_kd = run_cli(
+        "run",
+        TINY,
+        "--output",
+        str(root / "kd"),
+        *SHORT,
+        "--set",
+        "stages=[{name: knowledge_distillation, tokens: 2048, batch_size: 8, seq_len: 128}]",
+    )
     assert only_kd.returncode == 0, only_kd.stderr
     return root / "full", root / "kd"
 
@@ -142,8 +169,9 @@ def test_recipe_eval_block_lands_in_the_report_with_plots(tiny_runs):
 @pytest.mark.slow
 def test_eval_command_and_lm_eval_passthrough_agree(tiny_runs, tmp_path):
     run, _ = tiny_runs
-    result = run_cli("eval", str(run), "--tasks", "austen_cloze,austen_choice", "--limit", "4", "--with-teacher",
-                     "--batch-size", "2")
+    result = run_cli(
+        "eval", str(run), "--tasks", "austen_cloze,austen_choice", "--limit", "4", "--with-teacher", "--batch-size", "2"
+    )
     assert result.returncode == 0, result.stderr
     assert "student / teacher" in result.stdout and "austen_choice" in result.stdout
     scores = json.loads((run / "eval.json").read_text())
@@ -151,8 +179,21 @@ def test_eval_command_and_lm_eval_passthrough_agree(tiny_runs, tmp_path):
     assert set(scores["teacher"]["scores"]) == set(scores["student"]["scores"]) == {"austen_cloze", "austen_choice"}
 
     out = tmp_path / "lm_eval_out"
-    passthrough = run_cli("lm-eval", "--", "run", "--model", "mixerdistill", "--model_args", f"pretrained={run}",
-                          "--tasks", "austen_cloze", "--limit", "4", "--output_path", str(out))
+    passthrough = run_cli(
+        "lm-eval",
+        "--",
+        "run",
+        "--model",
+        "mixerdistill",
+        "--model_args",
+        f"pretrained={run}",
+        "--tasks",
+        "austen_cloze",
+        "--limit",
+        "4",
+        "--output_path",
+        str(out),
+    )
     assert passthrough.returncode == 0, passthrough.stderr
     written = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["austen_cloze"]
     assert written["acc,none"] == scores["student"]["scores"]["austen_cloze"]["acc"]

@@ -22,8 +22,9 @@ def installed():
     try:
         importlib.metadata.distribution("mixerdistill-window")
     except importlib.metadata.PackageNotFoundError:
-        pytest.fail("the tutorial package is not installed: run `make setup` "
-                    "(or `pip install -e examples/mixer_plugin`)")
+        pytest.fail(
+            "the tutorial package is not installed: run `make setup` (or `pip install -e examples/mixer_plugin`)"
+        )
 
 
 def test_listed_as_a_third_party_plugin():
@@ -41,7 +42,9 @@ def test_a_recipe_runs_with_the_tutorial_mixer(tmp_path: Path):
     assert report["student"]["mixers"] == {"sliding_window": 2}
     # The stages ran on the tutorial mixer's matrices and outputs. Whether a loss falls in four steps of a
     # window-16 mixer on a random teacher depends on the text (the repository's own docs), so it is not asserted.
-    assert [(s["name"], s["tokens"]) for s in report["stages"]] == [("matrix_orientation", 1024),
-                                                                    ("hidden_state_alignment", 1024)]
+    assert [(s["name"], s["tokens"]) for s in report["stages"]] == [
+        ("matrix_orientation", 1024),
+        ("hidden_state_alignment", 1024),
+    ]
     assert all(math.isfinite(s["loss_first"]) and math.isfinite(s["loss_last"]) for s in report["stages"])
     assert report["samples"]["student"]  # generate() ran through the mixer's recurrent state

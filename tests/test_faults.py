@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import transformers
 
@@ -18,16 +17,21 @@ TINY = str(REPO / "recipes" / "tiny.yaml")
 def test_unwritable_output_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, text = cli_in_process("run", TINY, "--output", str(blocker / "run"), "--no-progress",
-                     "--set", "stages=[]", "--set", "eval.tokens=0")
+    code, text = cli_in_process(
+        "run", TINY, "--output", str(blocker / "run"), "--no-progress", "--set", "stages=[]", "--set", "eval.tokens=0"
+    )
     assert code == 2 and "Traceback" not in text
     assert f"cannot write {blocker / 'run'}: Not a directory" in text and "--resume" in text
     assert blocker.read_text() == ""
 
 
 def teacher_spec(source: str, **fields):
-    data = {"name": "t", "teacher": {"source": source, **fields}, "student": {"mixer": {"name": "discrete_mamba2"}},
-            "data": {"source": "text", "paths": [str(REPO / "README.md")]}}
+    data = {
+        "name": "t",
+        "teacher": {"source": source, **fields},
+        "student": {"mixer": {"name": "discrete_mamba2"}},
+        "data": {"source": "text", "paths": [str(REPO / "README.md")]},
+    }
     return validate_recipe(data).teacher
 
 
@@ -46,6 +50,7 @@ def record_calls(monkeypatch, error: Exception | None = None) -> dict[str, dict]
                 raise error
             if kind == "model":
                 raise _Stop
+
         return from_pretrained
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tokenizer"))
@@ -53,11 +58,14 @@ def record_calls(monkeypatch, error: Exception | None = None) -> dict[str, dict]
     return calls
 
 
-@pytest.mark.parametrize("source, fields, trusted", [
-    ("hub", {"name": "org/model"}, False),
-    ("hub", {"name": "org/model", "trust_remote_code": True}, True),
-    ("local", {"path": str(REPO / "docs")}, False),
-])
+@pytest.mark.parametrize(
+    "source, fields, trusted",
+    [
+        ("hub", {"name": "org/model"}, False),
+        ("hub", {"name": "org/model", "trust_remote_code": True}, True),
+        ("local", {"path": str(REPO / "docs")}, False),
+    ],
+)
 def test_remote_code_only_when_the_recipe_allows_it(monkeypatch, source, fields, trusted):
     calls = record_calls(monkeypatch)
     with pytest.raises(_Stop):

@@ -20,8 +20,7 @@ from mixerdistill.student import MixerCacheLayer, build_student, cache_tensor_by
 from mixerdistill_plugins.families import LlamaAdapter
 
 # name → (mixer, keep_attention): pure students of both SSD families and a hybrid keeping layer 1
-STUDENTS = {"discrete_mamba2": ("discrete_mamba2", []), "mamba2": ("mamba2", []),
-            "hybrid": ("discrete_mamba2", [1])}
+STUDENTS = {"discrete_mamba2": ("discrete_mamba2", []), "mamba2": ("mamba2", []), "hybrid": ("discrete_mamba2", [1])}
 NEW_TOKENS = 12
 
 
@@ -48,7 +47,7 @@ def recomputed_greedy(model, prompt: torch.Tensor, count: int) -> torch.Tensor:
     for _ in range(count):
         logits = model(input_ids=ids, use_cache=False).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids[:, prompt.shape[1]:]
+    return ids[:, prompt.shape[1] :]
 
 
 @pytest.mark.parametrize("prompt_length", [1, 9])
@@ -63,8 +62,15 @@ def test_transformers_generate_with_cache_equals_recomputation(student):
     prompt = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(2))
     student.generation_config.eos_token_id = None  # all NEW_TOKENS tokens in every row, as recomputed
     with torch.no_grad():
-        output = student.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                                  do_sample=False, pad_token_id=0, use_cache=True, return_dict_in_generate=True)
+        output = student.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+            return_dict_in_generate=True,
+        )
     assert torch.equal(output.sequences[:, 9:], recomputed_greedy(student, prompt, NEW_TOKENS))
     replaced = mixer_layers(student, LlamaAdapter())
     for idx, entry in enumerate(output.cache.layers):
@@ -75,11 +81,13 @@ def test_transformers_generate_with_cache_equals_recomputation(student):
 def test_beam_search_reorders_the_mixer_states():
     student = make_student("hybrid")
     prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
-    settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False,
-                    pad_token_id=0)
+    settings = dict(
+        attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0
+    )
     with torch.no_grad():
-        assert torch.equal(student.generate(prompt, use_cache=True, **settings),
-                           student.generate(prompt, use_cache=False, **settings))
+        assert torch.equal(
+            student.generate(prompt, use_cache=True, **settings), student.generate(prompt, use_cache=False, **settings)
+        )
 
 
 def test_decoding_steps_the_mixer_and_prefill_runs_its_chunked_forward(monkeypatch):
@@ -155,10 +163,12 @@ def test_text_stream_prints_whole_characters_of_a_byte_tokenizer():
     assert all("\ufffd" not in piece for piece in pieces)
     assert [p for p in pieces if p] == list(MULTIBYTE)  # one character at a time, once it is complete
     prompt = tokenizer.encode("Persuasion", add_special_tokens=False)
-    assert "".join(streamed_text(tokenizer, tokenizer.encode(", by Jane", add_special_tokens=False), prompt)) \
+    assert (
+        "".join(streamed_text(tokenizer, tokenizer.encode(", by Jane", add_special_tokens=False), prompt))
         == ", by Jane"
-    broken = streamed_text(tokenizer, ids[:ids.index(0xF0) + 2])  # an emoji cut after two of its four bytes
-    assert "".join(broken[:-1]) == MULTIBYTE[:MULTIBYTE.index("🙂")] and broken[-1] == "\ufffd"
+    )
+    broken = streamed_text(tokenizer, ids[: ids.index(0xF0) + 2])  # an emoji cut after two of its four bytes
+    assert "".join(broken[:-1]) == MULTIBYTE[: MULTIBYTE.index("🙂")] and broken[-1] == "\ufffd"
 
 
 @pytest.mark.slow
@@ -174,9 +184,16 @@ def test_text_stream_with_the_smollm2_tokenizer():
 
 
 # -- the command line on a tiny run --------------------------------------------------------------
-TINY_RUN_OPTIONS = ("--set", "stages=[{name: matrix_orientation, tokens: 1024, batch_size: 8, seq_len: 64}, "
-                            "{name: knowledge_distillation, tokens: 1024, batch_size: 8, seq_len: 64}]",
-                    "--set", "eval.every_tokens=null", "--set", "eval.tokens=512", "--no-progress")
+TINY_RUN_OPTIONS = (
+    "--set",
+    "stages=[{name: matrix_orientation, tokens: 1024, batch_size: 8, seq_len: 64}, "
+    "{name: knowledge_distillation, tokens: 1024, batch_size: 8, seq_len: 64}]",
+    "--set",
+    "eval.every_tokens=null",
+    "--set",
+    "eval.tokens=512",
+    "--no-progress",
+)
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +210,9 @@ def expected_continuation(checkpoint: Path, prompt: str, count: int) -> str:
 
     tokenizer = ByteTokenizer()
     model, _ = load_student(checkpoint)
-    ids = list(stream_tokens(model, torch.tensor([tokenizer.encode(prompt)]), count,
-                             eos_token_id=tokenizer.eos_token_id))
+    ids = list(
+        stream_tokens(model, torch.tensor([tokenizer.encode(prompt)]), count, eos_token_id=tokenizer.eos_token_id)
+    )
     return tokenizer.decode([t.item() for t in ids], skip_special_tokens=True)
 
 
@@ -206,11 +224,25 @@ def test_generate_command_streams_the_students_continuation(tiny_run):
     continuation = expected_continuation(checkpoint, "The student", 16)
     assert continuation.strip() and continuation in output
 
-    code, output = cli_in_process("generate", str(tiny_run), "--prompt", "The student", "--stage", "1",
-                                  "--max-new-tokens", "8")
+    code, output = cli_in_process(
+        "generate", str(tiny_run), "--prompt", "The student", "--stage", "1", "--max-new-tokens", "8"
+    )
     assert code == 0 and expected_continuation(tiny_run / "stage_1_matrix_orientation", "The student", 8) in output
-    code, output = cli_in_process("generate", str(tiny_run), "--prompt", "The", "--teacher", "--max-new-tokens", "4",
-                                  "--temperature", "0.7", "--top-p", "0.9", "--seed", "1")
+    code, output = cli_in_process(
+        "generate",
+        str(tiny_run),
+        "--prompt",
+        "The",
+        "--teacher",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+    )
     assert code == 0 and "teacher of" in output and "4 tokens in" in output
 
 
@@ -219,11 +251,12 @@ def test_generate_command_errors(tiny_run, tmp_path):
     unfinished.mkdir()
     shutil.copy(tiny_run / "recipe.yaml", unfinished / "recipe.yaml")
     for args, message in (
-            ((str(tmp_path / "missing"), "--prompt", "x"), "no such run directory"),
-            ((str(unfinished), "--prompt", "x"), "no finished stage checkpoint"),
-            ((str(tiny_run), "--prompt", "  "), "--prompt is empty"),
-            ((str(tiny_run), "--prompt", "x", "--stage", "9"), "no finished stage 9 (finished: 1, 2)"),
-            ((str(tiny_run / "stage_1_matrix_orientation"), "--prompt", "x", "--stage", "1"), "checkpoint folder")):
+        ((str(tmp_path / "missing"), "--prompt", "x"), "no such run directory"),
+        ((str(unfinished), "--prompt", "x"), "no finished stage checkpoint"),
+        ((str(tiny_run), "--prompt", "  "), "--prompt is empty"),
+        ((str(tiny_run), "--prompt", "x", "--stage", "9"), "no finished stage 9 (finished: 1, 2)"),
+        ((str(tiny_run / "stage_1_matrix_orientation"), "--prompt", "x", "--stage", "1"), "checkpoint folder"),
+    ):
         code, output = cli_in_process("generate", *args)
         assert code == 2 and message in output and "Traceback" not in output, (args, output)
 
@@ -236,8 +269,11 @@ def test_damaged_checkpoint_is_named_never_silently_replaced(tiny_run, tmp_path)
     weights = run / "stage_2_knowledge_distillation" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     damaged = "stage 2 checkpoint is damaged: model.safetensors sha256 mismatch"
-    for args in (("generate", str(run), "--prompt", "x"), ("generate", str(run), "--prompt", "x", "--stage", "2"),
-                 ("eval", str(run), "--tasks", "austen_cloze")):
+    for args in (
+        ("generate", str(run), "--prompt", "x"),
+        ("generate", str(run), "--prompt", "x", "--stage", "2"),
+        ("eval", str(run), "--tasks", "austen_cloze"),
+    ):
         code, output = cli_in_process(*args)
         output = " ".join(output.split())
         assert code == 2 and damaged in output and "Traceback" not in output, (args, output)
@@ -247,8 +283,9 @@ def test_damaged_checkpoint_is_named_never_silently_replaced(tiny_run, tmp_path)
     assert code == 2 and "is damaged: model.safetensors sha256 mismatch" in output
     code, output = cli_in_process("generate", str(run), "--prompt", "x", "--stage", "1", "--max-new-tokens", "2")
     assert code == 0, output
-    code, output = cli_in_process("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(run), "--resume",
-                                  *TINY_RUN_OPTIONS)
+    code, output = cli_in_process(
+        "run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(run), "--resume", *TINY_RUN_OPTIONS
+    )
     assert code == 2 and damaged in " ".join(output.split()), output
 
 

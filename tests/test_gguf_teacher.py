@@ -36,7 +36,8 @@ def test_missing_file_lists_the_gguf_files_of_the_package(tmp_path, monkeypatch)
     (tmp_path / "fake_teacher" / "tiny.Q8_0.gguf").write_bytes(b"GGUF")
     (tmp_path / "fake_teacher-1.0.dist-info").mkdir()
     (tmp_path / "fake_teacher-1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: fake-teacher\nVersion: 1.0\n")
+        "Metadata-Version: 2.1\nName: fake-teacher\nVersion: 1.0\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert gguf_package_file("fake-teacher", "tiny.Q8_0.gguf").read_bytes() == b"GGUF"
     with pytest.raises(UserError, match=r"'big\.gguf' is not in .*tiny\.Q8_0\.gguf"):
@@ -61,7 +62,7 @@ def test_smollm2_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypa
     with torch.no_grad():
         assert torch.equal(first(ids).logits, cached(ids).logits)
         out = cached.generate(ids, max_new_tokens=20, do_sample=False)
-    text = cached_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    text = cached_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     words = re.findall(r"[A-Za-z]+", text)
     assert len(words) >= 8, text
     assert {"the", "a", "and", "of", "in", "was"} & {w.lower() for w in words}, text

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_stages import batches, context_for
 
 from conftest import tiny_llama
 from mixerdistill.checkpoint import MODEL_FILE, StageProgress
 from mixerdistill.plugins import get_stage
 from mixerdistill.training import NonFiniteLoss, train_stage
-from test_stages import batches, context_for
 
 STEPS = 8
 
@@ -21,8 +21,9 @@ STEPS = 8
 def make_stage(**options):
     context = context_for(tiny_llama())
     stage_cls = get_stage("knowledge_distillation")
-    config = stage_cls.Config.model_validate({"tokens": STEPS * 4 * 48, "batch_size": 4, "seq_len": 48,
-                                              "optimizer": {"lr": 1e-3}, **options})
+    config = stage_cls.Config.model_validate(
+        {"tokens": STEPS * 4 * 48, "batch_size": 4, "seq_len": 48, "optimizer": {"lr": 1e-3}, **options}
+    )
     return stage_cls(config, context), context.student
 
 
@@ -36,6 +37,7 @@ def poisoned_batches(bad_steps: set[int], flag: dict):
 def nan_output_hook(flag: dict):
     def hook(module, inputs, output):
         return output * float("nan") if flag["on"] else output
+
     return hook
 
 
@@ -45,8 +47,16 @@ def test_nonfinite_activation_names_stage_step_and_module(tmp_path):
     student.get_submodule("model.layers.1.self_attn.mixer.in_proj").register_forward_hook(nan_output_hook(flag))
     progress = StageProgress(tmp_path / "progress", every_steps=1)
     with pytest.raises(NonFiniteLoss) as caught:
-        train_stage(stage, "knowledge_distillation", student, poisoned_batches({4, 5, 6}, flag),
-                    tmp_path / "metrics.jsonl", torch.device("cpu"), show_progress=False, progress=progress)
+        train_stage(
+            stage,
+            "knowledge_distillation",
+            student,
+            poisoned_batches({4, 5, 6}, flag),
+            tmp_path / "metrics.jsonl",
+            torch.device("cpu"),
+            show_progress=False,
+            progress=progress,
+        )
     message = str(caught.value)
     assert "stage 'knowledge_distillation', step 4 of 8" in message
     assert "loss is nan" in message
@@ -66,8 +76,15 @@ def test_nonfinite_gradient_names_the_module(tmp_path):
     weight = student.get_submodule("model.layers.0.self_attn.mixer.in_proj").weight
     weight.register_hook(lambda grad: grad * float("nan") if flag["on"] else grad)
     with pytest.raises(NonFiniteLoss) as caught:
-        train_stage(stage, "knowledge_distillation", student, poisoned_batches({2}, flag),
-                    tmp_path / "metrics.jsonl", torch.device("cpu"), show_progress=False)
+        train_stage(
+            stage,
+            "knowledge_distillation",
+            student,
+            poisoned_batches({2}, flag),
+            tmp_path / "metrics.jsonl",
+            torch.device("cpu"),
+            show_progress=False,
+        )
     message = str(caught.value)
     assert "step 2 of 8" in message and "gradient norm is nan" in message
     assert "module 'model.layers.0.self_attn.mixer.in_proj'" in message
@@ -78,8 +95,15 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path):
     stage, student = make_stage(skip_nonfinite=2)
     flag = {"on": False}
     student.get_submodule("model.layers.1.self_attn.mixer.out_proj").register_forward_hook(nan_output_hook(flag))
-    result = train_stage(stage, "knowledge_distillation", student, poisoned_batches({3, 6}, flag),
-                         tmp_path / "metrics.jsonl", torch.device("cpu"), show_progress=False)
+    result = train_stage(
+        stage,
+        "knowledge_distillation",
+        student,
+        poisoned_batches({3, 6}, flag),
+        tmp_path / "metrics.jsonl",
+        torch.device("cpu"),
+        show_progress=False,
+    )
     assert result.steps == STEPS
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "skipped" in r] == [3, 6]
@@ -89,5 +113,12 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path):
     stage, student = make_stage(skip_nonfinite=2)
     student.get_submodule("model.layers.1.self_attn.mixer.out_proj").register_forward_hook(nan_output_hook(flag))
     with pytest.raises(NonFiniteLoss, match=r"step 7 of 8: .*Stopped after 3 non-finite step\(s\)"):
-        train_stage(stage, "knowledge_distillation", student, poisoned_batches({2, 5, 7}, flag),
-                    tmp_path / "metrics2.jsonl", torch.device("cpu"), show_progress=False)
+        train_stage(
+            stage,
+            "knowledge_distillation",
+            student,
+            poisoned_batches({2, 5, 7}, flag),
+            tmp_path / "metrics2.jsonl",
+            torch.device("cpu"),
+            show_progress=False,
+        )

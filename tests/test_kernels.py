@@ -82,24 +82,33 @@ def ssd_case(T: int = 300, H: int = 4, N: int = 16, P: int = 32, per_state: bool
 @needs_cuda
 @pytest.mark.skipif(not has("mamba_ssm"), reason="needs mamba-ssm")
 def test_mamba_ssm_ssd_matches_reference():
-    compare(lambda x, a, B, C, s: ssd(x, a, B, C, 64, s, kernel="cuda", library="mamba_ssm"),
-            lambda x, a, B, C, s: ssd_chunked(x, a, B, C, 64, s), ssd_case())
+    compare(
+        lambda x, a, B, C, s: ssd(x, a, B, C, 64, s, kernel="cuda", library="mamba_ssm"),
+        lambda x, a, B, C, s: ssd_chunked(x, a, B, C, 64, s),
+        ssd_case(),
+    )
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.skipif(not has("fla"), reason="needs flash-linear-attention")
 def test_fla_simple_gla_matches_reference():
-    compare(lambda x, a, B, C, s: ssd(x, a, B, C, 64, s, kernel="cuda", library="fla"),
-            lambda x, a, B, C, s: ssd_chunked(x, a, B, C, 64, s), ssd_case())
+    compare(
+        lambda x, a, B, C, s: ssd(x, a, B, C, 64, s, kernel="cuda", library="fla"),
+        lambda x, a, B, C, s: ssd_chunked(x, a, B, C, 64, s),
+        ssd_case(),
+    )
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.skipif(not has("fla"), reason="needs flash-linear-attention")
 def test_fla_gla_matches_diagonal_reference():
-    compare(lambda x, a, B, C, s: ssd(x, a, B, C, 64, s, kernel="cuda"),
-            lambda x, a, B, C, s: diagonal_chunked(x, a, B, C, 64, s), ssd_case(per_state=True))
+    compare(
+        lambda x, a, B, C, s: ssd(x, a, B, C, 64, s, kernel="cuda"),
+        lambda x, a, B, C, s: diagonal_chunked(x, a, B, C, 64, s),
+        ssd_case(per_state=True),
+    )
 
 
 @pytest.mark.gpu
@@ -108,17 +117,32 @@ def test_fla_gla_matches_diagonal_reference():
 @pytest.mark.parametrize("activation", ["identity", "silu"])
 def test_causal_conv1d_kernel_matches_reference(activation):
     g = torch.Generator(device="cpu").manual_seed(0)
-    x, weight, bias = torch.randn(2, 64, 300, generator=g), torch.randn(64, 1, 4, generator=g), torch.randn(64, generator=g)
-    compare(lambda x, w, b: causal_conv1d(x, w, b, activation=activation, kernel="cuda"),
-            lambda x, w, b: causal_conv1d(x, w, b, activation=activation, kernel="reference"),
-            [t.cuda() for t in (x, weight, bias)], tolerance=1e-4)
+    x, weight, bias = (
+        torch.randn(2, 64, 300, generator=g),
+        torch.randn(64, 1, 4, generator=g),
+        torch.randn(64, generator=g),
+    )
+    compare(
+        lambda x, w, b: causal_conv1d(x, w, b, activation=activation, kernel="cuda"),
+        lambda x, w, b: causal_conv1d(x, w, b, activation=activation, kernel="reference"),
+        [t.cuda() for t in (x, weight, bias)],
+        tolerance=1e-4,
+    )
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.skipif(not (has("mamba_ssm") and has("fla") and has("causal_conv1d")), reason="needs the cuda extra")
-@pytest.mark.parametrize("name, config", [("discrete_mamba2", {}), ("mamba2", {}), ("semiseparable", {}),
-                                          ("linear_attention", {}), ("gated_linear_attention", {"gate": "key_dim"})])
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("discrete_mamba2", {}),
+        ("mamba2", {}),
+        ("semiseparable", {}),
+        ("linear_attention", {}),
+        ("gated_linear_attention", {"gate": "key_dim"}),
+    ],
+)
 def test_mixers_on_kernels_match_reference(name, config):
     from mixerdistill.plugins import get_mixer
 

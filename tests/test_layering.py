@@ -32,13 +32,18 @@ def imported_modules(path: Path) -> set[str]:
 
 def core_graph() -> dict[str, set[str]]:
     modules = {module_name(path): path for path in CORE.rglob("*.py")}
-    return {name: {other for other in imported_modules(path) if other in modules and other != name}
-            for name, path in modules.items()}
+    return {
+        name: {other for other in imported_modules(path) if other in modules and other != name}
+        for name, path in modules.items()
+    }
 
 
 def test_core_never_imports_the_built_in_plugins():
-    offenders = {module_name(path) for path in CORE.rglob("*.py")
-                 if any(name.split(".")[0] == "mixerdistill_plugins" for name in imported_modules(path))}
+    offenders = {
+        module_name(path)
+        for path in CORE.rglob("*.py")
+        if any(name.split(".")[0] == "mixerdistill_plugins" for name in imported_modules(path))
+    }
     assert not offenders, f"core modules importing mixerdistill_plugins: {sorted(offenders)}"
 
 
@@ -50,7 +55,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[name] = "open"
         for other in sorted(graph[name]):
             if state.get(other) == "open":
-                return path[path.index(other):] + [other]
+                return path[path.index(other) :] + [other]
             if other not in state and (cycle := visit(other, path + [other])):
                 return cycle
         state[name] = "done"
@@ -77,14 +82,20 @@ def test_find_cycle_finds_one():
 
 
 def function_lengths(path: Path) -> dict[str, int]:
-    return {f"{path.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
-            for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return {
+        f"{path.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
 
 
 def test_run_driver_functions_are_short():
-    lengths = {name: lines for pattern in DRIVER for path in CORE.glob(pattern)
-               for name, lines in function_lengths(path).items()}
+    lengths = {
+        name: lines
+        for pattern in DRIVER
+        for path in CORE.glob(pattern)
+        for name, lines in function_lengths(path).items()
+    }
     longest = max(lengths, key=lengths.get)
     print(f"longest: {longest}, {lengths[longest]} lines")
     too_long = {name: lines for name, lines in lengths.items() if lines > MAX_FUNCTION_LINES}

@@ -18,8 +18,13 @@ QUICK = ("--no-progress", "--set", "stages=[]", "--set", "eval.tokens=0")  # a r
 def test_second_run_into_a_directory_in_use_is_refused_and_sigterm_stops_the_first(tmp_path):
     recipe = write_recipe(tmp_path, steps=400, every_steps=None, every_tokens=None)
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "mixerdistill", "run", str(recipe), "--output", str(run),
-                              "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mixerdistill", "run", str(recipe), "--output", str(run), "--no-progress"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / "metrics.jsonl").is_file():  # the first run is training
@@ -44,13 +49,15 @@ def test_second_run_into_a_directory_in_use_is_refused_and_sigterm_stops_the_fir
 
 def test_stale_lock_of_a_killed_run_is_explained_and_taken_over(tmp_path):
     run = tmp_path / "run"
-    script = ("import os, signal\n"
-              "from mixerdistill.lock import output_lock\n"
-              "class OneProcess:\n"  # mixerdistill.distributed.SINGLE, without importing torch
-              "    main = True\n"
-              "    def agree(self, flag): return flag\n"
-              f"with output_lock({str(run)!r}, OneProcess()):\n"
-              "    os.kill(os.getpid(), signal.SIGKILL)")
+    script = (
+        "import os, signal\n"
+        "from mixerdistill.lock import output_lock\n"
+        "class OneProcess:\n"  # mixerdistill.distributed.SINGLE, without importing torch
+        "    main = True\n"
+        "    def agree(self, flag): return flag\n"
+        f"with output_lock({str(run)!r}, OneProcess()):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     assert holder.wait(timeout=300) == -signal.SIGKILL
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == holder.pid

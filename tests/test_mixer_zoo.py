@@ -20,8 +20,15 @@ from mixerdistill_plugins.linear_attention import GatedLinearAttention, LinearAt
 from mixerdistill_plugins.mamba2 import Mamba2
 from mixerdistill_plugins.toeplitz import Toeplitz
 
-ZOO = ["attention", "discrete_mamba2", "semiseparable", "mamba2", "linear_attention", "gated_linear_attention",
-       "toeplitz"]
+ZOO = [
+    "attention",
+    "discrete_mamba2",
+    "semiseparable",
+    "mamba2",
+    "linear_attention",
+    "gated_linear_attention",
+    "toeplitz",
+]
 
 VARIANTS = [
     ("attention", {}),
@@ -36,8 +43,10 @@ VARIANTS = [
     ("linear_attention", {"chunk_size": 8, "feature_map": "hedgehog"}),
     ("gated_linear_attention", {"chunk_size": 8}),
     ("gated_linear_attention", {"chunk_size": 8, "gate": "key_dim", "feature_map": "hedgehog"}),
-    ("gated_linear_attention", {"chunk_size": 8, "data_dependent": False, "feature_map": "identity",
-                                "normalize": False}),
+    (
+        "gated_linear_attention",
+        {"chunk_size": 8, "data_dependent": False, "feature_map": "identity", "normalize": False},
+    ),
     ("toeplitz", {"max_len": 12}),  # shorter than the sequence: offsets ≥ 12 weigh 0
     ("toeplitz", {"max_len": 64}),
     ("toeplitz", {"max_len": 1}),
@@ -92,7 +101,7 @@ def test_diagonal_chunked_matrix_and_step_agree(T, chunk):
     x, log_a, B, C = diagonal_inputs(T)
     M = diagonal_materialised_matrix(log_a, B, C, chunk)
     b, h, i, j = 1, 2, T - 1, max(T - 4, 0)
-    expected = (C[b, i, h] * B[b, j, h] * torch.exp(log_a[b, j + 1:i + 1, h].sum(0))).sum()
+    expected = (C[b, i, h] * B[b, j, h] * torch.exp(log_a[b, j + 1 : i + 1, h].sum(0))).sum()
     assert torch.allclose(M[b, h, i, j], expected)
     assert torch.equal(M, M.tril())
     y, final = diagonal_chunked(x, log_a, B, C, chunk)
@@ -124,8 +133,12 @@ GEO = AttentionGeometry(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
 
 def teacher_weights() -> AttentionWeights:
     g = torch.Generator().manual_seed(3)
-    return AttentionWeights(q=torch.randn(32, 32, generator=g), k=torch.randn(16, 32, generator=g),
-                            v=torch.randn(16, 32, generator=g), o=torch.randn(32, 32, generator=g))
+    return AttentionWeights(
+        q=torch.randn(32, 32, generator=g),
+        k=torch.randn(16, 32, generator=g),
+        v=torch.randn(16, 32, generator=g),
+        o=torch.randn(32, 32, generator=g),
+    )
 
 
 def scaled_scores(u: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
@@ -137,8 +150,9 @@ def scaled_scores(u: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
 
 
 def test_identity_linear_attention_transfers_attention_logits():
-    mixer = LinearAttention.from_attention(teacher_weights(), GEO,
-                                           LinearAttention.Config(feature_map="identity", normalize=False))
+    mixer = LinearAttention.from_attention(
+        teacher_weights(), GEO, LinearAttention.Config(feature_map="identity", normalize=False)
+    )
     u = torch.randn(2, 9, 32)
     assert relative_error(mixer.mixing_matrix(u), scaled_scores(u, teacher_weights())) <= 1e-5
 
@@ -184,14 +198,17 @@ def test_mamba2_rejects_transfer_with_shared_groups():
         Mamba2.from_attention(teacher_weights(), GEO, Mamba2.Config(n_groups=1))
 
 
-@pytest.mark.parametrize("cls, bad", [
-    (LinearAttention, {"feature_map": "identity"}),  # normalize defaults to true
-    (LinearAttention, {"feature_map": "relu"}),
-    (GatedLinearAttention, {"gate": "channel"}),
-    (Toeplitz, {"max_len": 0}),
-    (Mamba2, {"A_init_range": (16.0, 1.0)}),
-    (Mamba2, {"kernel": "triton"}),
-])
+@pytest.mark.parametrize(
+    "cls, bad",
+    [
+        (LinearAttention, {"feature_map": "identity"}),  # normalize defaults to true
+        (LinearAttention, {"feature_map": "relu"}),
+        (GatedLinearAttention, {"gate": "channel"}),
+        (Toeplitz, {"max_len": 0}),
+        (Mamba2, {"A_init_range": (16.0, 1.0)}),
+        (Mamba2, {"kernel": "triton"}),
+    ],
+)
 def test_configs_reject_bad_values(cls, bad):
     with pytest.raises(ValidationError):
         cls.Config(**bad)

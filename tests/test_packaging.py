@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILT_IN = {"attention", "discrete_mamba2", "linear_attention", "toeplitz", "semiseparable", "mamba2", "llama",
-            "phi", "stages", "datasets"}
+BUILT_IN = {
+    "attention",
+    "discrete_mamba2",
+    "linear_attention",
+    "toeplitz",
+    "semiseparable",
+    "mamba2",
+    "llama",
+    "phi",
+    "stages",
+    "datasets",
+}
 
 
 def run(*command, cwd: Path) -> str:
@@ -25,8 +35,19 @@ def run(*command, cwd: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.ci
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir",
-        tmp_path / "dist", ROOT, cwd=tmp_path)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--quiet",
+        "--wheel-dir",
+        tmp_path / "dist",
+        ROOT,
+        cwd=tmp_path,
+    )
     wheel = next((tmp_path / "dist").glob("mixerdistill-*.whl"))
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
@@ -34,13 +55,18 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--quiet", wheel, cwd=tmp_path)
     # The dependencies (torch, transformers, …) come from this environment, read-only: a .pth line puts
     # its site-packages after the fresh one, so mixerdistill itself is the wheel's copy.
-    fresh_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                          cwd=tmp_path).strip())
+    fresh_site = Path(
+        run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip()
+    )
     (fresh_site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
-    located = run(python, "-c", "import mixerdistill, mixerdistill.bench, mixerdistill_plugins; "
-                                "print(mixerdistill.__file__, mixerdistill.bench.__file__, mixerdistill_plugins.__file__)",
-                  cwd=tmp_path)
+    located = run(
+        python,
+        "-c",
+        "import mixerdistill, mixerdistill.bench, mixerdistill_plugins; "
+        "print(mixerdistill.__file__, mixerdistill.bench.__file__, mixerdistill_plugins.__file__)",
+        cwd=tmp_path,
+    )
     assert all(line.startswith(str(fresh_site)) for line in located.split()), located
     listed = json.loads(run(venv / "bin" / "mixerdistill", "plugins", "--json", cwd=tmp_path))
     assert BUILT_IN <= {plugin["name"] for plugin in listed["plugins"] if plugin["builtin"]}, listed["plugins"]

@@ -12,8 +12,8 @@ import os
 import warnings
 
 import pytest
-from conftest import cli_in_process, make_distribution, write_recipe
 
+from conftest import cli_in_process, make_distribution, write_recipe
 from mixerdistill import plugins
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.plugins import (
@@ -84,8 +84,11 @@ def twins(site, monkeypatch):
 # -- 1. collisions -----------------------------------------------------------------------------------
 def test_a_name_two_packages_register_is_an_error_naming_both(twins):
     assert {"alpha_mixers", "beta_mixers"} <= set(twins.plugins)  # neither plugin is skipped
-    with pytest.raises(UserError, match=r"'twin' is registered by two plugins, 'alpha_mixers' \(alpha-mixers "
-                                        r"1\.2\.3, .*alpha_mixers\.py\) and 'beta_mixers' \(beta-mixers"):
+    with pytest.raises(
+        UserError,
+        match=r"'twin' is registered by two plugins, 'alpha_mixers' \(alpha-mixers "
+        r"1\.2\.3, .*alpha_mixers\.py\) and 'beta_mixers' \(beta-mixers",
+    ):
         twins.registries["mixers"].get("twin")
     assert twins.registries["mixers"].get("beta-mixers:twin").Config.model_fields.keys() >= {"beta_only"}
     assert twins.registries["mixers"].get("alpha_mixers:twin").Config.model_fields.keys() >= {"alpha_only"}
@@ -95,8 +98,11 @@ def test_a_name_two_packages_register_is_an_error_naming_both(twins):
 def test_validate_and_run_refuse_the_ambiguous_name_and_accept_a_package(twins, tmp_path):
     recipe = write_recipe(tmp_path)
     ambiguous = ["student.mixer={name: twin}"]
-    with pytest.raises(RecipeError, match=r"student\.mixer\.name: mixer 'twin' is registered by two plugins.*"
-                                          r"'alpha-mixers:twin' or 'beta-mixers:twin'"):
+    with pytest.raises(
+        RecipeError,
+        match=r"student\.mixer\.name: mixer 'twin' is registered by two plugins.*"
+        r"'alpha-mixers:twin' or 'beta-mixers:twin'",
+    ):
         load_recipe(recipe, ambiguous)
     chosen = load_recipe(recipe, ["student.mixer={name: 'beta-mixers:twin', beta_only: 3}"])
     assert chosen.student.mixer.config.beta_only == 3
@@ -120,9 +126,12 @@ def test_the_allow_list_picks_one_of_two_packages(site, monkeypatch):
 
 def test_a_builtin_name_cannot_be_taken_by_a_package(site):
     install(site, "hijack-mixers", mixer_module("discrete_mamba2", "extra", "a hijacked mixer"))
-    with pytest.warns(PluginWarning, match=r"plugin 'hijack_mixers' \(hijack-mixers\) failed to register: "
-                                           r".*hijack_mixers\.py:\d+: ValueError: mixer 'discrete_mamba2' belongs "
-                                           r"to the built-in plugin"):
+    with pytest.warns(
+        PluginWarning,
+        match=r"plugin 'hijack_mixers' \(hijack-mixers\) failed to register: "
+        r".*hijack_mixers\.py:\d+: ValueError: mixer 'discrete_mamba2' belongs "
+        r"to the built-in plugin",
+    ):
         manager = loaded()
     assert manager.registries["mixers"].owner("discrete_mamba2").builtin
     assert "hijack_mixers" not in manager.plugins and not manager.registries["mixers"].conflicts()
@@ -137,16 +146,22 @@ def test_a_failed_import_names_file_line_and_error_and_the_unknown_mixer_mention
     messages = " | ".join(str(w.message) for w in caught)
     assert f"{site / 'broken_dep.py'}:3: ModuleNotFoundError: No module named 'mixerdistill_absent_xyz'" in messages
     assert f"{site / 'broken_syntax.py'}:1: SyntaxError" in messages
-    with pytest.raises(UserError, match=r"unknown mixer 'sliding_windo'(.|\n)*note: plugin 'broken_dep' "
-                                        r"\(broken-dep\) failed to load: failed to import: .*broken_dep\.py:3"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown mixer 'sliding_windo'(.|\n)*note: plugin 'broken_dep' "
+        r"\(broken-dep\) failed to load: failed to import: .*broken_dep\.py:3",
+    ):
         manager.registries["mixers"].get("sliding_windo")
 
 
 def test_a_misspelt_allow_list_name_is_an_error(site, monkeypatch):
     install(site, "alpha-mixers", mixer_module("alpha_twin", "alpha_only", "alpha"))
     monkeypatch.setenv(ALLOW_LIST_VARIABLE, "alpha_mixer")
-    with pytest.raises(UserError, match=r"MIXERDISTILL_PLUGINS: no installed plugin is named 'alpha_mixer' "
-                                        r"\(did you mean 'alpha_mixers'\?\)"):
+    with pytest.raises(
+        UserError,
+        match=r"MIXERDISTILL_PLUGINS: no installed plugin is named 'alpha_mixer' "
+        r"\(did you mean 'alpha_mixers'\?\)",
+    ):
         loaded()
     monkeypatch.setattr(plugins, "_manager", None)
     code, output = cli_in_process("plugins")
@@ -158,8 +173,11 @@ def test_a_mixer_left_out_by_the_allow_list_says_so(site, monkeypatch):
     install(site, "beta-mixers", mixer_module("beta_twin", "beta_only", "beta"))
     monkeypatch.setenv(ALLOW_LIST_VARIABLE, "alpha_mixers")
     manager = loaded()
-    with pytest.raises(UserError, match=r"unknown mixer 'beta_twin'(.|\n)*note: MIXERDISTILL_PLUGINS="
-                                        r"'alpha_mixers' leaves out the installed plugin\(s\) 'beta_mixers'"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown mixer 'beta_twin'(.|\n)*note: MIXERDISTILL_PLUGINS="
+        r"'alpha_mixers' leaves out the installed plugin\(s\) 'beta_mixers'",
+    ):
         manager.registries["mixers"].get("beta_twin")
 
 
@@ -189,8 +207,12 @@ def test_piped_listing_keeps_full_names_and_shows_package_and_source(site, monke
     loaded(monkeypatch)
     code, output = cli_in_process("plugins")
     assert code == 0, output
-    for text in (long_mixer, "a-package-with-a-long-distribution-name", "1.2.3",
-                 str(site / "a_package_with_a_long_distribution_name.py")):
+    for text in (
+        long_mixer,
+        "a-package-with-a-long-distribution-name",
+        "1.2.3",
+        str(site / "a_package_with_a_long_distribution_name.py"),
+    ):
         assert text in output
 
 
@@ -199,7 +221,11 @@ def test_details_show_a_third_party_config_as_the_reference_does(twins):
     assert code == 0, output
     [row] = [line for line in output.splitlines() if "beta_only" in line]
     assert [cell.strip() for cell in row.strip("│ ").split("│")] == [
-        "beta_only", "int", "`1`", "a field only beta's twin has"]
+        "beta_only",
+        "int",
+        "`1`",
+        "a field only beta's twin has",
+    ]
     assert "chunk_size" in output and "Discrete Mamba-2 under another name." in output
     code, output = cli_in_process("plugins", "--details", "twin")
     assert code == 2 and "registered by two plugins" in output

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_distribution, run_cli
 
+from conftest import REPO, make_distribution, run_cli
 from mixerdistill.errors import UserError
 from mixerdistill.plugins import PluginInfo, PluginManager, PluginWarning, Registry
 
@@ -44,20 +44,40 @@ def test_third_party_plugin_is_discovered_restricted_and_usable(tmp_path: Path):
     env = {"PYTHONPATH": str(tmp_path)}
     listing = json.loads(run_cli("plugins", "--json", env=env).stdout)
     [plugin] = [p for p in listing["plugins"] if p["name"] == "echo_plugin"]
-    assert plugin == {"name": "echo_plugin", "distribution": "echo-plugin", "version": "1.2.3",
-                      "builtin": False, "source": str(tmp_path / "echo_plugin.py"),
-                      "registers": {"mixers": ["echo_mamba"]}}
+    assert plugin == {
+        "name": "echo_plugin",
+        "distribution": "echo-plugin",
+        "version": "1.2.3",
+        "builtin": False,
+        "source": str(tmp_path / "echo_plugin.py"),
+        "registers": {"mixers": ["echo_mamba"]},
+    }
     # The allow-list keeps third-party plugins out, never the built-ins.
     restricted = json.loads(run_cli("plugins", "--json", env={**env, "MIXERDISTILL_PLUGINS": ""}).stdout)
     assert "echo_mamba" not in restricted["mixers"] and "discrete_mamba2" in restricted["mixers"]
     allowed = json.loads(run_cli("plugins", "--json", env={**env, "MIXERDISTILL_PLUGINS": "echo_plugin"}).stdout)
     assert "echo_mamba" in allowed["mixers"]
     # A recipe can use the plugin's mixer.
-    result = run_cli("run", str(REPO / "recipes" / "tiny.yaml"), "--output", str(tmp_path / "run"),
-                     "--set", "student.mixer.name=echo_mamba", "--set", "teacher.config.num_hidden_layers=1",
-                     "--set", "stages=[{name: matrix_orientation, tokens: 512, batch_size: 2, seq_len: 64}]",
-                     "--set", "eval.tokens=256", "--set", "eval.seq_len=64", "--set", "eval.prompt=null",
-                     "--no-progress", env=env)
+    result = run_cli(
+        "run",
+        str(REPO / "recipes" / "tiny.yaml"),
+        "--output",
+        str(tmp_path / "run"),
+        "--set",
+        "student.mixer.name=echo_mamba",
+        "--set",
+        "teacher.config.num_hidden_layers=1",
+        "--set",
+        "stages=[{name: matrix_orientation, tokens: 512, batch_size: 2, seq_len: 64}]",
+        "--set",
+        "eval.tokens=256",
+        "--set",
+        "eval.seq_len=64",
+        "--set",
+        "eval.prompt=null",
+        "--no-progress",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["student"]["mixers"] == {"echo_mamba": 1}

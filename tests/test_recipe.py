@@ -100,7 +100,8 @@ def test_every_problem_reported_at_once():
     data["data"]["paths"] = ["no/such/file-*.txt"]
     paths = [p for p, _ in problems_of(data)]
     assert paths == ["seed", "data.paths", "stages.0.name"] or sorted(paths) == sorted(
-        ["seed", "data.paths", "stages.0.name"])
+        ["seed", "data.paths", "stages.0.name"]
+    )
 
 
 def test_overrides_set_values_and_list_items():

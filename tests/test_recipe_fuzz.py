@@ -72,6 +72,7 @@ def _mutated(change) -> str:
 def _set(path: tuple, value):
     def change(data):
         _get(data, path[:-1])[path[-1]] = value
+
     return change
 
 
@@ -95,8 +96,19 @@ def wrong_type(draw) -> Mutation:
     return Mutation("wrong type", _dotted(path), _mutated(_set(path, value)))
 
 
-MAPPINGS = [(), ("teacher",), ("student",), ("student", "mixer"), ("data",), ("stages", 0), ("stages", 1),
-            ("stages", 2), ("stages", 0, "optimizer"), ("stages", 2, "optimizer"), ("eval",)]
+MAPPINGS = [
+    (),
+    ("teacher",),
+    ("student",),
+    ("student", "mixer"),
+    ("data",),
+    ("stages", 0),
+    ("stages", 1),
+    ("stages", 2),
+    ("stages", 0, "optimizer"),
+    ("stages", 2, "optimizer"),
+    ("eval",),
+]
 WORDS = st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).map(lambda w: f"{w}_zz")
 
 
@@ -108,9 +120,21 @@ def unknown_key(draw) -> Mutation:
     return Mutation("unknown key", _dotted(node + (key,)), _mutated(_set(node + (key,), value)))
 
 
-REQUIRED = [("name",), ("teacher",), ("teacher", "source"), ("teacher", "model_type"), ("student",),
-            ("student", "mixer"), ("student", "mixer", "name"), ("data",), ("data", "source"), ("data", "paths"),
-            ("stages", 0, "name"), ("stages", 1, "tokens"), ("stages", 2, "tokens")]
+REQUIRED = [
+    ("name",),
+    ("teacher",),
+    ("teacher", "source"),
+    ("teacher", "model_type"),
+    ("student",),
+    ("student", "mixer"),
+    ("student", "mixer", "name"),
+    ("data",),
+    ("data", "source"),
+    ("data", "paths"),
+    ("stages", 0, "name"),
+    ("stages", 1, "tokens"),
+    ("stages", 2, "tokens"),
+]
 
 
 @st.composite
@@ -119,13 +143,14 @@ def missing_field(draw) -> Mutation:
 
     def change(data):
         del _get(data, path[:-1])[path[-1]]
+
     return Mutation("missing field", _dotted(path), _mutated(change))
 
 
 def _below(limit, integer=True, inclusive=True):
     """Numbers under ``limit`` (or equal to it when ``inclusive``)."""
     if integer:
-        return st.integers(max_value=limit if inclusive else limit - 1, min_value=-10**9)
+        return st.integers(max_value=limit if inclusive else limit - 1, min_value=-(10**9))
     return st.floats(max_value=limit, exclude_max=not inclusive, min_value=-1e30, allow_nan=False)
 
 
@@ -138,8 +163,11 @@ OUT_OF_RANGE = [  # (path, strategy of invalid values, location the message name
     (STAGE + ("optimizer", "lr"), _below(0.0, integer=False), None),
     (STAGE + ("optimizer", "eps"), _below(0.0, integer=False), None),
     (STAGE + ("optimizer", "weight_decay"), _below(0.0, integer=False, inclusive=False), None),
-    (STAGE + ("optimizer", "betas"), st.tuples(st.floats(1.0, 10.0), st.floats(0.0, 0.99)).map(list),
-     STAGE + ("optimizer",)),
+    (
+        STAGE + ("optimizer", "betas"),
+        st.tuples(st.floats(1.0, 10.0), st.floats(0.0, 0.99)).map(list),
+        STAGE + ("optimizer",),
+    ),
     (STAGE + ("schedule", "warmup"), st.floats(1.0, 1e6, exclude_min=True), None),
     (STAGE + ("schedule", "decay"), _below(0.0, integer=False, inclusive=False), None),
     (STAGE + ("grad_clip",), _below(0.0, integer=False), None),
@@ -152,8 +180,11 @@ OUT_OF_RANGE = [  # (path, strategy of invalid values, location the message name
     (("data", "heldout_fraction"), st.one_of(_below(0.0, integer=False), st.floats(1.0, 1e6)), None),
     (("student", "mixer", "chunk_size"), _below(0), None),
     (("student", "mixer", "a_init"), st.floats(1.0, 100.0), None),
-    (("student", "keep_attention"), st.lists(_below(-1), min_size=1, max_size=3).map(list),
-     ("student", "keep_attention", 0)),
+    (
+        ("student", "keep_attention"),
+        st.lists(_below(-1), min_size=1, max_size=3).map(list),
+        ("student", "keep_attention", 0),
+    ),
     (("output", "checkpoint", "every_steps"), _below(0), None),
     (("output", "checkpoint", "every_minutes"), _below(0.0, integer=False), None),
 ]
@@ -169,6 +200,7 @@ def out_of_range(draw) -> Mutation:
         for key in path[:-1]:
             node = node[key] if isinstance(node, list) else node.setdefault(key, {})
         node[path[-1]] = value
+
     where = _dotted(location or path)
     if location == ("student", "keep_attention", 0):
         where = "student.keep_attention."  # the first bad index
@@ -181,16 +213,25 @@ def bad_path(draw) -> Mutation:
     missing = f"/nonexistent-{name}/corpus/*.txt"
     choice = draw(st.sampled_from(["paths", "heldout_paths", "teacher"]))
     if choice == "teacher":
+
         def change(data):
             data["teacher"] = {"source": "local", "path": f"/nonexistent-{name}/model"}
+
         return Mutation("bad path", "teacher.path", _mutated(change))
     keep = draw(st.booleans())  # also next to a path that does exist
     value = (BASE["data"]["paths"][:1] if keep else []) + [missing]
     return Mutation("bad path", f"data.{choice}", _mutated(_set(("data", choice), value)))
 
 
-PLUGIN_NAMES = [("student", "mixer", "name"), ("data", "source"), ("stages", 0, "name"), ("stages", 2, "name"),
-                ("teacher", "source"), ("teacher", "adapter"), ("teacher", "model_type")]
+PLUGIN_NAMES = [
+    ("student", "mixer", "name"),
+    ("data", "source"),
+    ("stages", 0, "name"),
+    ("stages", 2, "name"),
+    ("teacher", "source"),
+    ("teacher", "adapter"),
+    ("teacher", "model_type"),
+]
 
 
 @st.composite
@@ -200,8 +241,19 @@ def unknown_plugin(draw) -> Mutation:
     return Mutation("unknown plugin", _dotted(path), _mutated(_set(path, name)))
 
 
-BREAKERS = ["key: [unclosed", "key: {a: 1", "key: 'open", "\tindented: with a tab", "- [", "]",
-            "key: !!python/object/apply:os.system ['true']", "@reserved", "a: b: c", "? [", "*undefined_alias"]
+BREAKERS = [
+    "key: [unclosed",
+    "key: {a: 1",
+    "key: 'open",
+    "\tindented: with a tab",
+    "- [",
+    "]",
+    "key: !!python/object/apply:os.system ['true']",
+    "@reserved",
+    "a: b: c",
+    "? [",
+    "*undefined_alias",
+]
 
 
 @st.composite
@@ -219,13 +271,17 @@ def malformed_yaml(draw) -> Mutation:
     return Mutation("malformed YAML", "", text)
 
 
-MUTATIONS = st.one_of(wrong_type(), unknown_key(), missing_field(), out_of_range(), bad_path(), unknown_plugin(),
-                      malformed_yaml())
+MUTATIONS = st.one_of(
+    wrong_type(), unknown_key(), missing_field(), out_of_range(), bad_path(), unknown_plugin(), malformed_yaml()
+)
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_mutated_recipes_fail_cleanly(tmp_path_factory):
@@ -233,15 +289,19 @@ def test_mutated_recipes_fail_cleanly(tmp_path_factory):
     recipe, output = folder / "recipe.yaml", folder / "out"
     kinds: list[str] = []
 
-    @settings(max_examples=350, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=350, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     @given(mutation=MUTATIONS, command=st.sampled_from(["run", "validate"]))
     def check(mutation: Mutation, command: str):
         kinds.append(mutation.kind)
         recipe.write_text(mutation.text)
         before = _snapshot(folder)
-        args = ["run", str(recipe), "--output", str(output), "--no-progress"] if command == "run" \
+        args = (
+            ["run", str(recipe), "--output", str(output), "--no-progress"]
+            if command == "run"
             else ["validate", str(recipe)]
+        )
         code, text = cli_in_process(*args)
         assert code == 2, (mutation, text)
         assert "Traceback" not in text, text
@@ -250,15 +310,25 @@ def test_mutated_recipes_fail_cleanly(tmp_path_factory):
 
     check()
     assert len(kinds) >= MIN_CASES
-    assert set(kinds) == {"wrong type", "unknown key", "missing field", "out of range", "bad path",
-                          "unknown plugin", "malformed YAML"}
+    assert set(kinds) == {
+        "wrong type",
+        "unknown key",
+        "missing field",
+        "out of range",
+        "bad path",
+        "unknown plugin",
+        "malformed YAML",
+    }
     print(f"{len(kinds)} mutated recipes: " + ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds))))
 
 
-@pytest.mark.parametrize("text, location", [
-    ("name: [unclosed\n", "malformed YAML: line 2"),
-    ("stages:\n  - name: matrix_orientation\n    tokens: -5\n", "stages.0.tokens"),
-])
+@pytest.mark.parametrize(
+    "text, location",
+    [
+        ("name: [unclosed\n", "malformed YAML: line 2"),
+        ("stages:\n  - name: matrix_orientation\n    tokens: -5\n", "stages.0.tokens"),
+    ],
+)
 def test_examples_of_mutations(tmp_path, text, location):
     """Two fixed cases, so a failure of the property test has a simple neighbour to compare with."""
     recipe = tmp_path / "recipe.yaml"

@@ -87,6 +87,7 @@ def crash_at(monkeypatch, stage: int, batches: int) -> None:
                 if drawn == batches:
                     raise Crash(f"stage {stage}, after {batches} batches")
                 yield batch
+
         return crashing()
 
     monkeypatch.setattr(TokenData, "train_batches", train_batches)
@@ -153,9 +154,14 @@ def test_newest_complete_progress_checkpoint_wins(tmp_path, monkeypatch, keep_th
 
 def _start_run(recipe: Path, output: Path, env: dict | None = None) -> subprocess.Popen:
     environment = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "mixerdistill", "run", str(recipe), "--output", str(output),
-                             "--no-progress"], cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mixerdistill", "run", str(recipe), "--output", str(output), "--no-progress"],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +284,8 @@ STOP_POINTS = [(3, "SIGINT", 1, 3), (12, "SIGUSR1", 1, 12), (19, "SIGTERM", 2, 7
 @pytest.mark.slow
 @pytest.mark.parametrize("steps, name, stage, step", STOP_POINTS)
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_identically(
-        tmp_path, monkeypatch, keep_threads, reference, steps, name, stage, step):
+    tmp_path, monkeypatch, keep_threads, reference, steps, name, stage, step
+):
     recipe = load_recipe(write_recipe(tmp_path))
     run = tmp_path / "run"
     monkeypatch.setenv(faults.SEND_SIGNAL, f"0@{steps}:{name}")

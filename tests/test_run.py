@@ -86,8 +86,9 @@ def test_generate_with_cache_equals_without():
     for p in student.parameters():  # move away from the transfer init so every path matters
         p.data.add_(0.02 * torch.randn_like(p))
     prompt = torch.randint(2, 256, (1, 9))
-    common = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                  pad_token_id=0)
+    common = dict(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     with torch.no_grad():
         cached = student.generate(use_cache=True, **common)
         uncached = student.generate(use_cache=False, **common)

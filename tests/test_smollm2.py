@@ -14,12 +14,34 @@ from conftest import REPO, run_cli
 def test_short_smollm2_run_learns(tmp_path):
     output = tmp_path / "run"
     stage = "{name: %s, tokens: 512, batch_size: 2, seq_len: 128, optimizer: {lr: 1.0e-3}%s}"
-    stages = ", ".join([stage % ("matrix_orientation", ""), stage % ("hidden_state_alignment", ", distance: relative"),
-                        stage % ("knowledge_distillation", ", freeze: [mlp, norms, embeddings]")])
-    result = run_cli("run", str(REPO / "recipes" / "smollm2_mamba.yaml"), "--output", str(output), "--no-progress",
-                     "--set", f"stages=[{stages}]", "--set", "eval.tokens=1024", "--set", "eval.seq_len=128",
-                     "--set", "eval.max_new_tokens=8", "--set", "eval.lm_eval.limit=4",
-                     "--set", "data.mix.1.samples=32", "--set", "eval.domain_tokens=512")
+    stages = ", ".join(
+        [
+            stage % ("matrix_orientation", ""),
+            stage % ("hidden_state_alignment", ", distance: relative"),
+            stage % ("knowledge_distillation", ", freeze: [mlp, norms, embeddings]"),
+        ]
+    )
+    result = run_cli(
+        "run",
+        str(REPO / "recipes" / "smollm2_mamba.yaml"),
+        "--output",
+        str(output),
+        "--no-progress",
+        "--set",
+        f"stages=[{stages}]",
+        "--set",
+        "eval.tokens=1024",
+        "--set",
+        "eval.seq_len=128",
+        "--set",
+        "eval.max_new_tokens=8",
+        "--set",
+        "eval.lm_eval.limit=4",
+        "--set",
+        "data.mix.1.samples=32",
+        "--set",
+        "eval.domain_tokens=512",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((output / "report.json").read_text())
     assert report["student"]["mixers"] == {"discrete_mamba2": 30}

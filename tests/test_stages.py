@@ -31,25 +31,36 @@ def batches(seed=0):
         yield torch.stack([base.roll(int(o))[:48] for o in offsets])
 
 
-@pytest.mark.parametrize("name, options", [
-    ("matrix_orientation", {"optimizer": {"lr": 3e-3}}),
-    ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}}),
-    ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "target": "mixer"}),
-    ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "trainable": ["mixer", "mlp", "norms"]}),
-    ("knowledge_distillation", {"optimizer": {"lr": 3e-3}, "ce_weight": 0.5}),
-    ("knowledge_distillation", {"optimizer": {"lr": 3e-3}, "freeze": ["mlp", "norms", "embeddings"]}),
-    ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "distance": "relative"}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("matrix_orientation", {"optimizer": {"lr": 3e-3}}),
+        ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}}),
+        ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "target": "mixer"}),
+        ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "trainable": ["mixer", "mlp", "norms"]}),
+        ("knowledge_distillation", {"optimizer": {"lr": 3e-3}, "ce_weight": 0.5}),
+        ("knowledge_distillation", {"optimizer": {"lr": 3e-3}, "freeze": ["mlp", "norms", "embeddings"]}),
+        ("hidden_state_alignment", {"optimizer": {"lr": 3e-3}, "distance": "relative"}),
+    ],
+)
 def test_stage_loss_falls(tmp_path, name, options):
     teacher = tiny_llama()
     context = context_for(teacher)
     stage_cls = get_stage(name)
-    config = stage_cls.Config.model_validate({"tokens": 30 * 4 * 48, "batch_size": 4, "seq_len": 48,
-                                              "schedule": {"name": "constant", "warmup": 0}, **options})
+    config = stage_cls.Config.model_validate(
+        {
+            "tokens": 30 * 4 * 48,
+            "batch_size": 4,
+            "seq_len": 48,
+            "schedule": {"name": "constant", "warmup": 0},
+            **options,
+        }
+    )
     stage = stage_cls(config, context)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    result = train_stage(stage, name, context.student, batches(), tmp_path / "metrics.jsonl",
-                         torch.device("cpu"), show_progress=False)
+    result = train_stage(
+        stage, name, context.student, batches(), tmp_path / "metrics.jsonl", torch.device("cpu"), show_progress=False
+    )
     assert result.steps == 30
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     losses = [__import__("json").loads(line)["loss"] for line in lines]
@@ -100,16 +111,19 @@ def test_sink_tokens_drop_sink_columns_from_the_stage1_target():
     everything_sink = stage_cls(stage_cls.Config(tokens=1, sink_tokens=ids.shape[1]), context)
     loss, _ = everything_sink.loss(ids)  # the target is all zeros: the loss is the student's own norm
     trace = trace_teacher(teacher, context.adapter, ids, record={"mixer_inputs"})
-    expected = sum(torch.linalg.matrix_norm(m.mixing_matrix(trace.mixer_inputs[i])).mean()
-                   for i, m in context.mixers.items())
+    expected = sum(
+        torch.linalg.matrix_norm(m.mixing_matrix(trace.mixer_inputs[i])).mean() for i, m in context.mixers.items()
+    )
     assert torch.allclose(loss, expected, rtol=1e-5)
     plain, _ = stage_cls(stage_cls.Config(tokens=1), context).loss(ids)
     one_sink, _ = stage_cls(stage_cls.Config(tokens=1, sink_tokens=1), context).loss(ids)
     assert not torch.allclose(plain, one_sink)
 
 
-@pytest.mark.parametrize("mixer_name, options", [
-    ("discrete_mamba2", {"chunk_size": 16}), ("mamba2", {}), ("linear_attention", {"normalize": True})])
+@pytest.mark.parametrize(
+    "mixer_name, options",
+    [("discrete_mamba2", {"chunk_size": 16}), ("mamba2", {}), ("linear_attention", {"normalize": True})],
+)
 @pytest.mark.parametrize("sink_tokens", [0, 2])
 def test_blockwise_matrix_loss_equals_materialised(mixer_name, options, sink_tokens):
     """Same stage-1 loss and gradients whether the matrices are compared whole or in checkpointed row blocks
@@ -124,8 +138,9 @@ def test_blockwise_matrix_loss_equals_materialised(mixer_name, options, sink_tok
     ids = next(batches())  # (4, 48)
     results = []
     for matrix_loss, block_rows in (("materialised", 256), ("blockwise", 16), ("blockwise", 13)):
-        stage = stage_cls(stage_cls.Config(tokens=1, matrix_loss=matrix_loss, block_rows=block_rows,
-                                           sink_tokens=sink_tokens), context)
+        stage = stage_cls(
+            stage_cls.Config(tokens=1, matrix_loss=matrix_loss, block_rows=block_rows, sink_tokens=sink_tokens), context
+        )
         parameters = stage.trainable_parameters()
         loss, metrics = stage.loss(ids)
         gradients = torch.autograd.grad(loss, parameters, allow_unused=True)

@@ -10,18 +10,28 @@ from transformers.models.phi.modeling_phi import PhiAttention
 
 from mixerdistill.student import MixerLayer, build_student, mixer_counts, mixer_layers
 from mixerdistill_plugins.attention import AttentionMixer
-from mixerdistill_plugins.families import LlamaAdapter
-from mixerdistill_plugins.families import PhiAdapter
+from mixerdistill_plugins.families import LlamaAdapter, PhiAdapter
 
-SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-             num_attention_heads=4, attn_implementation="eager", bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    attn_implementation="eager",
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 # family → (teacher builder, adapter, attention class, teacher name of the output projection)
 FAMILIES = {
-    "llama": (lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SMALL)),
-              LlamaAdapter(), LlamaAttention, "o_proj"),
-    "phi": (lambda: PhiForCausalLM(PhiConfig(partial_rotary_factor=0.5, **SMALL)),
-            PhiAdapter(), PhiAttention, "dense"),
+    "llama": (
+        lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SMALL)),
+        LlamaAdapter(),
+        LlamaAttention,
+        "o_proj",
+    ),
+    "phi": (lambda: PhiForCausalLM(PhiConfig(partial_rotary_factor=0.5, **SMALL)), PhiAdapter(), PhiAttention, "dense"),
 }
 KEEP = [1]
 REPLACED = [0, 2]
@@ -46,8 +56,7 @@ def test_surgery(setup):
     for idx in REPLACED:
         module = adapter.attention(adapter.layers(student)[idx])
         assert isinstance(module, MixerLayer) and isinstance(module.mixer, AttentionMixer)
-        for mine, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
-                             ("o_proj", output_name)):
+        for mine, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("o_proj", output_name)):
             for kind in ("weight", "bias"):
                 name = f"model.layers.{idx}.self_attn.mixer.{mine}.{kind}"
                 source = f"model.layers.{idx}.self_attn.{theirs}.{kind}"
@@ -65,8 +74,9 @@ def test_surgery(setup):
                 assert param.data_ptr() != teacher_params[name].data_ptr()  # a copy, not shared
     # everything that is not a replaced attention layer is copied unchanged
     replaced = tuple(f"model.layers.{idx}.self_attn." for idx in REPLACED)
-    assert {n for n in student_params if not n.startswith(replaced)} == \
-           {n for n in teacher_params if not n.startswith(replaced)}
+    assert {n for n in student_params if not n.startswith(replaced)} == {
+        n for n in teacher_params if not n.startswith(replaced)
+    }
     # the teacher is untouched
     assert all(type(adapter.attention(layer)) is attention_cls for layer in adapter.layers(teacher))
     after = teacher.state_dict()

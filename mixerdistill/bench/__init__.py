@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) 
     return statistics.median(times)
 
 
-@lru_cache(maxsize=None)
+@cache
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     """The machine's fp32 matmul throughput (GFLOP/s): best of ``repeats`` square ``size`` matmuls,
     with torch's current thread count. The yardstick every "fraction of peak" figure divides by."""
@@ -58,7 +58,7 @@ class PeakMemory:
     fresh process (``in_subprocess(..., track_memory=True)``).
     """
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         Path("/proc/self/clear_refs").write_text("5")
         self.start = _status_kib("VmRSS")
         return self
@@ -103,9 +103,14 @@ MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 
 def machine() -> dict:
     """What the figures were measured on."""
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "matmul_peak_gflops": round(matmul_peak_gflops(), 1)}
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "matmul_peak_gflops": round(matmul_peak_gflops(), 1),
+    }
 
 
 def _cpu_name() -> str:
@@ -152,12 +157,12 @@ SMOLLM2_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_mamb
 def smollm2(recipe_path: Path = SMOLLM2_RECIPE):
     """(recipe, teacher, adapter, student mixer class) of the SmolLM2 demo recipe: the real offline teacher
     in fp32 and the recipe's mixer, for benchmarks at SmolLM2 shapes."""
+    from transformers.utils import logging
+
     from mixerdistill.plugins import get_mixer
     from mixerdistill.recipe import load_recipe
     from mixerdistill.teacher import find_adapter
     from mixerdistill.teacher_sources import load_teacher
-
-    from transformers.utils import logging
 
     logging.disable_progress_bar()
     recipe = load_recipe(recipe_path)

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from mixerdistill.bench import (RESULTS_DIR, SMOLLM2_RECIPE, PeakMemory, machine, print_table, smollm2,
-                                write_result)
+from mixerdistill.bench import RESULTS_DIR, SMOLLM2_RECIPE, PeakMemory, machine, print_table, smollm2, write_result
 from mixerdistill.generation import next_token_logits
 from mixerdistill.student import cache_tensor_bytes, mixer_cache_layer, mixer_layers
 from mixerdistill.teacher import TeacherAdapter
@@ -84,8 +83,9 @@ def decode_seconds(model: nn.Module, cache: DynamicCache, batch: int, tokens: in
     return times[warmup:]
 
 
-def measure(label: str, model: nn.Module, adapter: TeacherAdapter, batch: int, context: int, tokens: int,
-            warmup: int) -> dict:
+def measure(
+    label: str, model: nn.Module, adapter: TeacherAdapter, batch: int, context: int, tokens: int, warmup: int
+) -> dict:
     """One row: median ms per token, tokens/s, cache bytes (kv and state) and resident-memory growth."""
     gc.collect()
     torch.manual_seed(context)
@@ -93,9 +93,17 @@ def measure(label: str, model: nn.Module, adapter: TeacherAdapter, batch: int, c
         cache = filled_cache(model, adapter, batch, context)
         seconds = statistics.median(decode_seconds(model, cache, batch, tokens, warmup))
     sizes = cache_tensor_bytes(cache)
-    row = {"model": label, "batch": batch, "context": context, "ms_per_token": 1e3 * seconds,
-           "tokens_per_s": batch / seconds, "kv_mib": sizes["kv"] / MIB, "state_mib": sizes["state"] / MIB,
-           "cache_bytes": sizes["kv"] + sizes["state"], "rss_growth_mib": memory.bytes / MIB}
+    row = {
+        "model": label,
+        "batch": batch,
+        "context": context,
+        "ms_per_token": 1e3 * seconds,
+        "tokens_per_s": batch / seconds,
+        "kv_mib": sizes["kv"] / MIB,
+        "state_mib": sizes["state"] / MIB,
+        "cache_bytes": sizes["kv"] + sizes["state"],
+        "rss_growth_mib": memory.bytes / MIB,
+    }
     del cache
     return row
 
@@ -106,8 +114,10 @@ def summarise(rows: list[dict], batches, contexts) -> dict:
     time-per-token ratio at the longest context."""
     summary = {}
     for batch in batches:
-        student, teacher = ({r["context"]: r for r in rows if r["model"] == label and r["batch"] == batch}
-                            for label in ("student", "teacher"))
+        student, teacher = (
+            {r["context"]: r for r in rows if r["model"] == label and r["batch"] == batch}
+            for label in ("student", "teacher")
+        )
         latencies = [student[c]["ms_per_token"] for c in contexts]
         teacher_latencies = [teacher[c]["ms_per_token"] for c in contexts]
         longest = max(contexts)
@@ -118,7 +128,9 @@ def summarise(rows: list[dict], batches, contexts) -> dict:
             prefix + "student_state_bytes_constant": len({student[c]["cache_bytes"] for c in contexts}) == 1,
             prefix + "student_state_mib": round(student[longest]["state_mib"], 2),
             prefix + f"teacher_kv_mib_T{longest}": round(teacher[longest]["kv_mib"], 1),
-            prefix + f"speedup_T{longest}": round(teacher[longest]["ms_per_token"] / student[longest]["ms_per_token"], 2),
+            prefix + f"speedup_T{longest}": round(
+                teacher[longest]["ms_per_token"] / student[longest]["ms_per_token"], 2
+            ),
         }
     return summary
 
@@ -138,13 +150,22 @@ def run(quick: bool = False) -> dict:
         for context in settings["contexts"]:
             for label, model in (("student", student), ("teacher", teacher)):
                 rows.append(measure(label, model, adapter, batch, context, settings["tokens"], settings["warmup"]))
-    return {"benchmark": NAME, "machine": machine(), "quick": quick,
-            "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-                         "dtype": "float32", "teacher_attention": teacher.config._attn_implementation,
-                         "recipe": SMOLLM2_RECIPE.name, "cache_fill": "synthetic"},
-            "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
-            "rows": rows, "summary": summarise(rows, settings["batches"], settings["contexts"]),
-            "targets": TARGETS}
+    return {
+        "benchmark": NAME,
+        "machine": machine(),
+        "quick": quick,
+        "settings": {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+            "dtype": "float32",
+            "teacher_attention": teacher.config._attn_implementation,
+            "recipe": SMOLLM2_RECIPE.name,
+            "cache_fill": "synthetic",
+        },
+        "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
+        "rows": rows,
+        "summary": summarise(rows, settings["batches"], settings["contexts"]),
+        "targets": TARGETS,
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -160,8 +181,10 @@ def plot(result: dict, path: Path) -> None:
             name = f"{label}, batch {batch}"
             latency.plot(contexts, [r["ms_per_token"] for r in rows], style, color=colour, label=name)
             memory.plot(contexts, [r["cache_bytes"] / MIB for r in rows], style, color=colour, label=name)
-    for axes, title, unit in ((latency, "decode time per token", "ms per token"),
-                              (memory, "cache (tensor bytes)", "MiB")):
+    for axes, title, unit in (
+        (latency, "decode time per token", "ms per token"),
+        (memory, "cache (tensor bytes)", "MiB"),
+    ):
         axes.set_xscale("log", base=2)
         axes.set_xlabel("context (tokens in the cache)")
         axes.set_ylabel(unit)
@@ -170,8 +193,9 @@ def plot(result: dict, path: Path) -> None:
         axes.legend(fontsize=8)
     latency.set_ylim(bottom=0)
     memory.set_yscale("log")
-    figure.suptitle("SmolLM2-135M teacher (KV cache) vs discrete Mamba-2 student (recurrent state), fp32 CPU",
-                    fontsize=10)
+    figure.suptitle(
+        "SmolLM2-135M teacher (KV cache) vs discrete Mamba-2 student (recurrent state), fp32 CPU", fontsize=10
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -183,8 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where decode.json/.png go")
     arguments = parser.parse_args(argv)
     result = run(arguments.quick)
-    print_table(result["rows"], ["model", "batch", "context", "ms_per_token", "tokens_per_s", "kv_mib",
-                                 "state_mib", "rss_growth_mib"])
+    print_table(
+        result["rows"],
+        ["model", "batch", "context", "ms_per_token", "tokens_per_s", "kv_mib", "state_mib", "rss_growth_mib"],
+    )
     for key, value in result["summary"].items():
         print(f"{key}: {value}")
     path = write_result(NAME, result, arguments.output_dir)

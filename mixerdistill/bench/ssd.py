@@ -18,8 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mixerdistill.bench import (RESULTS_DIR, PeakMemory, in_subprocess, machine, median_seconds, print_table,
-                                write_result)
+from mixerdistill.bench import (
+    RESULTS_DIR,
+    PeakMemory,
+    in_subprocess,
+    machine,
+    median_seconds,
+    print_table,
+    write_result,
+)
 from mixerdistill.ops.ssd import ssd_chunked, ssd_materialised_matrix, ssd_step
 
 HEADS, STATE, HEAD_DIM = 9, 64, 64
@@ -69,8 +76,10 @@ def timings(path: str, length: int, chunk_size: int | None, repeats: int) -> dic
             t.grad = None
         fn(*tensors, chunk_size=chunk_size).square().sum().backward()
 
-    return {"forward_ms": median_seconds(forward, repeats) * 1e3,
-            "forward_backward_ms": median_seconds(forward_backward, repeats) * 1e3}
+    return {
+        "forward_ms": median_seconds(forward, repeats) * 1e3,
+        "forward_backward_ms": median_seconds(forward_backward, repeats) * 1e3,
+    }
 
 
 def counted_gflop(length: int, chunk_size: int) -> float:
@@ -106,8 +115,9 @@ def peak_memory_mb(path: str, length: int, chunk_size: int | None) -> float:
     return memory.bytes / 2**20
 
 
-def run(quick: bool = False, lengths: list[int] | None = None, chunks: list[int] | None = None,
-        repeats: int = 3) -> dict:
+def run(
+    quick: bool = False, lengths: list[int] | None = None, chunks: list[int] | None = None, repeats: int = 3
+) -> dict:
     lengths = lengths or ([512, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192])
     chunks = chunks or ([64, 128] if quick else [32, 64, 128, 256])
     repeats = 2 if quick else repeats
@@ -122,9 +132,17 @@ def run(quick: bool = False, lengths: list[int] | None = None, chunks: list[int]
             if (path == "materialised" and length > MATERIALISED_MAX) or (quick and path == "sequential"):
                 continue
             chunk_size = best if path == "chunked" else None
-            row = {"T": length, "path": path, "chunk": chunk_size,
-                   **(per_chunk[best] if path == "chunked" else timings(path, length, None, 1 if path == "sequential" else repeats)),
-                   "peak_MB": in_subprocess(peak_memory_mb, path, length, chunk_size, track_memory=True)}
+            row = {
+                "T": length,
+                "path": path,
+                "chunk": chunk_size,
+                **(
+                    per_chunk[best]
+                    if path == "chunked"
+                    else timings(path, length, None, 1 if path == "sequential" else repeats)
+                ),
+                "peak_MB": in_subprocess(peak_memory_mb, path, length, chunk_size, track_memory=True),
+            }
             if path == "chunked":
                 row["matmul_floor_ms"] = matmul_floor_ms(length, best, repeats)
                 row["GFLOP"] = gflop
@@ -139,8 +157,14 @@ def run(quick: bool = False, lengths: list[int] | None = None, chunks: list[int]
             summary[f"speedup_fwd_bwd_T{length}"] = round(slow["forward_backward_ms"] / fast["forward_backward_ms"], 1)
         if fast:
             summary[f"peak_fraction_T{length}"] = fast["peak_fraction"]
-    return {"benchmark": "ssd", "machine": machine(), "shape": {"B": 1, "H": HEADS, "N": STATE, "P": HEAD_DIM},
-            "rows": rows, "chunk_trials": chunk_trials, "summary": summary}
+    return {
+        "benchmark": "ssd",
+        "machine": machine(),
+        "shape": {"B": 1, "H": HEADS, "N": STATE, "P": HEAD_DIM},
+        "rows": rows,
+        "chunk_trials": chunk_trials,
+        "summary": summary,
+    }
 
 
 def plot(result: dict, path) -> None:
@@ -176,10 +200,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; keep benchmarks/results as it is")
     args = parser.parse_args(argv)
     result = run(args.quick, args.lengths, args.chunks, args.repeats)
-    print(f"SSD, B=1 H={HEADS} N=P={STATE}, fp32, {result['machine']['threads']} threads, "
-          f"matmul peak {result['machine']['matmul_peak_gflops']} GFLOP/s")
-    print_table(result["rows"], ["T", "path", "chunk", "forward_ms", "forward_backward_ms", "matmul_floor_ms",
-                                 "peak_MB", "GFLOP/s", "peak_fraction"])
+    print(
+        f"SSD, B=1 H={HEADS} N=P={STATE}, fp32, {result['machine']['threads']} threads, "
+        f"matmul peak {result['machine']['matmul_peak_gflops']} GFLOP/s"
+    )
+    print_table(
+        result["rows"],
+        [
+            "T",
+            "path",
+            "chunk",
+            "forward_ms",
+            "forward_backward_ms",
+            "matmul_floor_ms",
+            "peak_MB",
+            "GFLOP/s",
+            "peak_fraction",
+        ],
+    )
     print("chunk sizes (chunked path):")
     print_table(result["chunk_trials"], ["T", "chunk", "forward_ms", "forward_backward_ms"])
     for key, value in result["summary"].items():

@@ -35,13 +35,16 @@ class AttentionTaps:
         self.inputs, self.outputs, self.rotary = {}, {}, None
         self.handles = [
             context.adapter.attention(context.adapter.layers(context.teacher)[idx]).register_forward_hook(
-                self._keep(idx), with_kwargs=True)
-            for idx in context.mixers]
+                self._keep(idx), with_kwargs=True
+            )
+            for idx in context.mixers
+        ]
 
     def _keep(self, idx):
         def hook(module, args, kwargs, output):
             self.inputs[idx], self.outputs[idx] = kwargs["hidden_states"], output[0]
             self.rotary = kwargs["position_embeddings"]
+
         return hook
 
 
@@ -52,7 +55,7 @@ def bare_matrix_orientation(context, taps, config, ids):
     for idx, mixer in context.mixers.items():
         with torch.no_grad():
             target = context.teacher_attention[idx].mixing_matrix(taps.inputs[idx], taps.rotary)
-            target[..., :config.sink_tokens] = 0
+            target[..., : config.sink_tokens] = 0
         total = total + torch.linalg.matrix_norm(mixer.mixing_matrix(taps.inputs[idx]) - target).mean()
     return total
 
@@ -73,12 +76,19 @@ def bare_knowledge_distillation(context, taps, config, ids):
         teacher_logits = context.teacher(input_ids=ids, use_cache=False).logits
     student_logits = context.student(input_ids=ids, use_cache=False).logits
     vocab = student_logits.shape[-1]
-    return F.kl_div(F.log_softmax(student_logits.view(-1, vocab), -1),
-                    F.log_softmax(teacher_logits.view(-1, vocab), -1), log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student_logits.view(-1, vocab), -1),
+        F.log_softmax(teacher_logits.view(-1, vocab), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
-BARE = {"matrix_orientation": bare_matrix_orientation, "hidden_state_alignment": bare_hidden_state_alignment,
-        "knowledge_distillation": bare_knowledge_distillation}
+BARE = {
+    "matrix_orientation": bare_matrix_orientation,
+    "hidden_state_alignment": bare_hidden_state_alignment,
+    "knowledge_distillation": bare_knowledge_distillation,
+}
 
 
 def counted_gflop(stage, ids: torch.Tensor) -> float:
@@ -110,14 +120,23 @@ def run(quick: bool = False, steps: int = 4) -> dict:
         stage_cls = get_stage(block.name)
         config = block.config
         per_step = config.batch_size * config.seq_len
-        batches = [torch.randint(0, teacher.config.vocab_size, (config.batch_size, config.seq_len),
-                                 generator=generator) for _ in range(steps + 1)]
+        batches = [
+            torch.randint(0, teacher.config.vocab_size, (config.batch_size, config.seq_len), generator=generator)
+            for _ in range(steps + 1)
+        ]
         config = config.model_copy(update={"tokens": len(batches) * per_step})
         stage = stage_cls(config, context)
         gflop = counted_gflop(stage, batches[0])  # also warms up the allocator before either loop is timed
         with tempfile.TemporaryDirectory() as folder:
-            result = train_stage(stage, block.name, student, iter(batches), Path(folder) / "metrics.jsonl",
-                                 torch.device("cpu"), show_progress=False)
+            result = train_stage(
+                stage,
+                block.name,
+                student,
+                iter(batches),
+                Path(folder) / "metrics.jsonl",
+                torch.device("cpu"),
+                show_progress=False,
+            )
         framework = result.tokens / result.seconds  # both timings include one more warm-up step
 
         parameters = stage.trainable_parameters()
@@ -135,14 +154,28 @@ def run(quick: bool = False, steps: int = 4) -> dict:
         for handle in taps.handles:
             handle.remove()
         achieved = gflop * framework / per_step
-        rows.append({"stage": block.name, "batch": f"{config.batch_size}x{config.seq_len}",
-                     "tokens_per_s": round(framework, 1), "bare_tokens_per_s": round(plain, 1),
-                     "ratio": round(framework / plain, 2), "GFLOP_per_step": round(gflop, 1),
-                     "GFLOP/s": round(achieved, 1), "peak_fraction": round(achieved / peak, 3)})
-    return {"benchmark": "training", "machine": machine(), "recipe": recipe.name, "steps": steps,
-            "mixers": f"{len(context.mixers)} x {recipe.student.mixer.name}", "rows": rows,
-            "summary": {f"{row['stage']}_tokens_per_s": row["tokens_per_s"] for row in rows}
-            | {f"{row['stage']}_peak_fraction": row["peak_fraction"] for row in rows}}
+        rows.append(
+            {
+                "stage": block.name,
+                "batch": f"{config.batch_size}x{config.seq_len}",
+                "tokens_per_s": round(framework, 1),
+                "bare_tokens_per_s": round(plain, 1),
+                "ratio": round(framework / plain, 2),
+                "GFLOP_per_step": round(gflop, 1),
+                "GFLOP/s": round(achieved, 1),
+                "peak_fraction": round(achieved / peak, 3),
+            }
+        )
+    return {
+        "benchmark": "training",
+        "machine": machine(),
+        "recipe": recipe.name,
+        "steps": steps,
+        "mixers": f"{len(context.mixers)} x {recipe.student.mixer.name}",
+        "rows": rows,
+        "summary": {f"{row['stage']}_tokens_per_s": row["tokens_per_s"] for row in rows}
+        | {f"{row['stage']}_peak_fraction": row["peak_fraction"] for row in rows},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,10 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; keep benchmarks/results as it is")
     args = parser.parse_args(argv)
     result = run(args.quick, args.steps)
-    print(f"{result['recipe']}: {result['mixers']}, {result['steps']} steps per stage after one warm-up step, "
-          f"{result['machine']['threads']} threads, fp32, matmul peak {result['machine']['matmul_peak_gflops']} "
-          f"GFLOP/s")
-    print_table(result["rows"], ["stage", "batch", "tokens_per_s", "bare_tokens_per_s", "ratio", "GFLOP_per_step",
-                                 "GFLOP/s", "peak_fraction"])
+    print(
+        f"{result['recipe']}: {result['mixers']}, {result['steps']} steps per stage after one warm-up step, "
+        f"{result['machine']['threads']} threads, fp32, matmul peak {result['machine']['matmul_peak_gflops']} "
+        f"GFLOP/s"
+    )
+    print_table(
+        result["rows"],
+        ["stage", "batch", "tokens_per_s", "bare_tokens_per_s", "ratio", "GFLOP_per_step", "GFLOP/s", "peak_fraction"],
+    )
     if not args.no_write:
         print(f"wrote {write_result('training', result)}")

@@ -12,8 +12,12 @@ from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError
 from mixerdistill.interrupt import Interrupted, exit_code
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Distil a pretrained Transformer into subquadratic sequence mixers (MOHAWK).")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Distil a pretrained Transformer into subquadratic sequence mixers (MOHAWK).",
+)
 
 TRACEBACK_VARIABLE = "MIXERDISTILL_TRACEBACK"
 

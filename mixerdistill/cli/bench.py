@@ -13,12 +13,17 @@ BENCHMARKS = ["ssd", "delta", "stage1", "decode", "training"]
 
 
 @app.command("bench")
-def bench_command(only: list[str] = typer.Option([], "--only", help=f"Run only these: {', '.join(BENCHMARKS)}. "
-                                                                    "Repeatable."),
-                  full: bool = typer.Option(False, "--full", help="The full sweeps benchmarks/<name>.py run "
-                                                                  "(long: tens of minutes) instead of the quick ones."),
-                  write: Path = typer.Option(None, "--write", metavar="DIR", help="Also write each benchmark's "
-                                                                                   "result as DIR/<name>.json.")):
+def bench_command(
+    only: list[str] = typer.Option([], "--only", help=f"Run only these: {', '.join(BENCHMARKS)}. Repeatable."),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="The full sweeps benchmarks/<name>.py run (long: tens of minutes) instead of the quick ones.",
+    ),
+    write: Path = typer.Option(
+        None, "--write", metavar="DIR", help="Also write each benchmark's result as DIR/<name>.json."
+    ),
+):
     """Measure SSD speed, stage-1 memory, training throughput and decoding on this machine; print one table.
 
     Figures only: nothing is compared against a threshold. docs/performance.md has the targets and the
@@ -30,8 +35,10 @@ def bench_command(only: list[str] = typer.Option([], "--only", help=f"Run only t
     if unknown:
         raise UserError(f"--only: unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     info = machine()
-    typer.echo(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}, fp32 matmul peak "
-               f"{info['matmul_peak_gflops']} GFLOP/s; {'full' if full else 'quick'} benchmarks")
+    typer.echo(
+        f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}, fp32 matmul peak "
+        f"{info['matmul_peak_gflops']} GFLOP/s; {'full' if full else 'quick'} benchmarks"
+    )
     figures = []
     for name in only or BENCHMARKS:
         typer.echo(f"... {name}", err=True)

@@ -15,27 +15,45 @@ from mixerdistill.console import stderr_console, stdout_console
 
 @app.command("eval")
 def eval_command(
-        target: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOINT",
-                                      help="A run directory (its last stage is used) or a stage checkpoint folder."),
-        tasks: str = typer.Option(None, "--tasks", help="Comma-separated lm-eval tasks or groups, e.g. "
-                                                         "austen_ppl,austen_cloze,austen_choice or arc_easy,piqa."),
-        domains: str = typer.Option(None, "--domains", help="Perplexity of student and teacher on never-trained-on "
-                                                            "text: 'recipe' for the run recipe's eval.domains, or "
-                                                            "names, e.g. heldout,heldout_reflowed,pydoc."),
-        limit: float = typer.Option(None, "--limit", min=0, help="Examples per task (below 1: a fraction)."),
-        with_teacher: bool = typer.Option(False, "--with-teacher", help="Also score the teacher, same settings."),
-        batch_size: int = typer.Option(1, "--batch-size", min=1, help="Requests per forward pass."),
-        num_fewshot: int = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples (task default)."),
-        device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', 'cuda:1', …"),
-        output: Path = typer.Option(None, "--output", "-o", help="Where to write the scores (default: eval.json "
-                                                                 "in the run directory).")):
+    target: Path = typer.Argument(
+        ...,
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="A run directory (its last stage is used) or a stage checkpoint folder.",
+    ),
+    tasks: str = typer.Option(
+        None,
+        "--tasks",
+        help="Comma-separated lm-eval tasks or groups, e.g. austen_ppl,austen_cloze,austen_choice or arc_easy,piqa.",
+    ),
+    domains: str = typer.Option(
+        None,
+        "--domains",
+        help="Perplexity of student and teacher on never-trained-on "
+        "text: 'recipe' for the run recipe's eval.domains, or "
+        "names, e.g. heldout,heldout_reflowed,pydoc.",
+    ),
+    limit: float = typer.Option(None, "--limit", min=0, help="Examples per task (below 1: a fraction)."),
+    with_teacher: bool = typer.Option(False, "--with-teacher", help="Also score the teacher, same settings."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Requests per forward pass."),
+    num_fewshot: int = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples (task default)."),
+    device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', 'cuda:1', …"),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Where to write the scores (default: eval.json in the run directory)."
+    ),
+):
     """Score a student (and its teacher) with lm-eval and/or on unseen domains; prints side-by-side tables,
     writes eval.json."""
     from mixerdistill.checkpoint import load_student, write_text_atomic
-    from mixerdistill.errors import UserError
-    from mixerdistill.harness import (EvalSettings, evaluate_pair, find_checkpoint,
-                                      lm_eval_limit, load_teacher_of, load_tokenizer)
     from mixerdistill.device import pick_device
+    from mixerdistill.errors import UserError
+    from mixerdistill.harness import (
+        EvalSettings,
+        evaluate_pair,
+        find_checkpoint,
+        lm_eval_limit,
+        load_teacher_of,
+        load_tokenizer,
+    )
     from mixerdistill.report import comparison_rows
     from mixerdistill.run_directory import RECIPE_FILE
 
@@ -51,8 +69,7 @@ def eval_command(
     entry = {"checkpoint": str(checkpoint)}
     if names:
         teacher = load_teacher_of(checkpoint).to(torch_device) if with_teacher else None
-        settings = EvalSettings(tasks=names, limit=lm_eval_limit(limit), batch_size=batch_size,
-                                num_fewshot=num_fewshot)
+        settings = EvalSettings(tasks=names, limit=lm_eval_limit(limit), batch_size=batch_size, num_fewshot=num_fewshot)
         entry.update(evaluate_pair(student, teacher, tokenizer, settings))
     if domains:  # issue 21: the unseen-domain table, as in report.md
         chosen = None if domains == "recipe" else [d.strip() for d in domains.split(",") if d.strip()]
@@ -70,12 +87,22 @@ def _scores_table(rows: list[dict], title: str) -> Table:
     from mixerdistill.report import format_number
 
     table = Table(title=title)
-    for column, justify in (("task", "left"), ("metric", "left"), ("teacher", "right"), ("student", "right"),
-                            ("student / teacher", "right")):
+    for column, justify in (
+        ("task", "left"),
+        ("metric", "left"),
+        ("teacher", "right"),
+        ("student", "right"),
+        ("student / teacher", "right"),
+    ):
         table.add_column(column, justify=justify)
     for row in rows:
-        table.add_row(row["task"], row["metric"], format_number(row["teacher"], 4),
-                      format_number(row["student"], 4), format_number(row["ratio"], 3))
+        table.add_row(
+            row["task"],
+            row["metric"],
+            format_number(row["teacher"], 4),
+            format_number(row["student"], 4),
+            format_number(row["ratio"], 3),
+        )
     return table
 
 
@@ -122,8 +149,12 @@ def _domain_table(entry: dict, title: str) -> Table:
     from mixerdistill.report import format_number
 
     table = Table(title=title)
-    for column, justify in (("domain", "left"), ("teacher", "right"), ("student", "right"),
-                            ("student / teacher", "right")):
+    for column, justify in (
+        ("domain", "left"),
+        ("teacher", "right"),
+        ("student", "right"),
+        ("student / teacher", "right"),
+    ):
         table.add_column(column, justify=justify)
     for name, row in entry["domains"].items():
         table.add_row(name, format_number(row["teacher"]), format_number(row["student"]), format_number(row["ratio"]))
@@ -131,8 +162,9 @@ def _domain_table(entry: dict, title: str) -> Table:
     return table
 
 
-@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                          "help_option_names": []})
+@app.command(
+    "lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+)
 def lm_eval_command(context: typer.Context):
     """The full lm-eval command line with the `mixerdistill` model type and the offline tasks.
 
@@ -162,8 +194,10 @@ def lm_eval_command(context: typer.Context):
 
 
 @app.command("compare")
-def compare_command(runs: list[Path] = typer.Argument(..., help="Run directories."),
-                    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
     """One table of perplexity, eval scores, tokens and time across runs (e.g. stage ablations)."""
     from mixerdistill.report import comparison_table, format_number, summarise_run
 
@@ -177,19 +211,20 @@ def compare_command(runs: list[Path] = typer.Argument(..., help="Run directories
     for label in labels:
         table.add_column(label, justify="right")
     for name, values in rows:
-        table.add_row(name, *(format_number(v, 4 if isinstance(v, float) and abs(v) < 10 else 2)
-                              for v in values))
+        table.add_row(name, *(format_number(v, 4 if isinstance(v, float) and abs(v) < 10 else 2) for v in values))
     stdout_console.print(table)
 
 
 @app.command("inspect")
-def inspect_command(run: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOINT"),
-                    layer: int = typer.Option(..., "--layer", min=0, help="Layer index."),
-                    head: int = typer.Option(0, "--head", min=0, help="Head index."),
-                    tokens: int = typer.Option(64, "--tokens", min=2, help="Length of the held-out sequence."),
-                    output: Path = typer.Option(None, "--output", "-o",
-                                                help="PNG to write (default: inspect_layer<L>_head<H>.png "
-                                                     "in the run directory).")):
+def inspect_command(
+    run: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOINT"),
+    layer: int = typer.Option(..., "--layer", min=0, help="Layer index."),
+    head: int = typer.Option(0, "--head", min=0, help="Head index."),
+    tokens: int = typer.Option(64, "--tokens", min=2, help="Length of the held-out sequence."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="PNG to write (default: inspect_layer<L>_head<H>.png in the run directory)."
+    ),
+):
     """Draw the teacher's attention matrix beside the student's mixing matrix for one held-out sequence."""
     from mixerdistill.harness import find_checkpoint
     from mixerdistill.plots import inspect_mixing
@@ -199,6 +234,5 @@ def inspect_command(run: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOI
     run_dir = checkpoint.parent if (checkpoint.parent / RECIPE_FILE).is_file() else checkpoint
     path = output or run_dir / f"inspect_layer{layer}_head{head}.png"
     distance = inspect_mixing(checkpoint, layer, head, tokens, path)
-    stdout_console.print(f"layer {layer}, head {head}: ‖A_teacher − M_student‖_F = {distance:.4f} "
-                         f"over {tokens} tokens")
+    stdout_console.print(f"layer {layer}, head {head}: ‖A_teacher − M_student‖_F = {distance:.4f} over {tokens} tokens")
     stderr_console.print(f"[bold]wrote[/] {path}")

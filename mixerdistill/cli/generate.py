@@ -13,18 +13,22 @@ from mixerdistill.console import stderr_console
 
 @app.command("generate")
 def generate_command(
-        run: Path = typer.Argument(..., metavar="RUN_DIR_OR_CHECKPOINT",
-                                   help="A run directory or a stage checkpoint folder."),
-        prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
-        max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate at most."),
-        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling."),
-        top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0,
-                                    help="Sample only from the most likely tokens holding this much probability."),
-        seed: int = typer.Option(None, "--seed", help="Seed of the sampler (sampling is then reproducible)."),
-        stage: int = typer.Option(None, "--stage", min=1, help="Stage checkpoint of the run (default: the last "
-                                                               "finished one)."),
-        teacher: bool = typer.Option(False, "--teacher", help="Generate with the run's teacher, for comparison."),
-        device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', 'cuda:1', …")):
+    run: Path = typer.Argument(
+        ..., metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory or a stage checkpoint folder."
+    ),
+    prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling."),
+    top_p: float = typer.Option(
+        1.0, "--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens holding this much probability."
+    ),
+    seed: int = typer.Option(None, "--seed", help="Seed of the sampler (sampling is then reproducible)."),
+    stage: int = typer.Option(
+        None, "--stage", min=1, help="Stage checkpoint of the run (default: the last finished one)."
+    ),
+    teacher: bool = typer.Option(False, "--teacher", help="Generate with the run's teacher, for comparison."),
+    device: str = typer.Option("auto", "--device", help="'auto', 'cpu', 'cuda', 'cuda:1', …"),
+):
     """Continue --prompt with the student, printing the text as the tokens come; tokens/s go to stderr.
 
     The student decodes with one constant-size recurrent state per mixer layer.
@@ -32,10 +36,10 @@ def generate_command(
     import torch
 
     from mixerdistill.checkpoint import load_student
+    from mixerdistill.device import pick_device
     from mixerdistill.errors import UserError
     from mixerdistill.generation import Sampling, TextStream, stream_tokens
     from mixerdistill.harness import find_checkpoint, load_teacher_of, load_tokenizer
-    from mixerdistill.device import pick_device
 
     if not prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
@@ -51,8 +55,13 @@ def generate_command(
     stderr_console.print(f"[bold]generate[/]: {who} {checkpoint}", soft_wrap=True)
 
     text = TextStream(tokenizer, context=prompt_ids)
-    tokens = stream_tokens(model, torch.tensor([prompt_ids], device=torch_device), max_new_tokens,
-                           Sampling(temperature, top_p, seed), eos_token_id=tokenizer.eos_token_id)
+    tokens = stream_tokens(
+        model,
+        torch.tensor([prompt_ids], device=torch_device),
+        max_new_tokens,
+        Sampling(temperature, top_p, seed),
+        eos_token_id=tokenizer.eos_token_id,
+    )
     start = time.perf_counter()
     count, first_token_at = 0, start
     for token in tokens:
@@ -63,6 +72,10 @@ def generate_command(
     print(text.flush(), flush=True)
     end = time.perf_counter()
     decode = f", then {(count - 1) / (end - first_token_at):.1f} tokens/s" if count > 1 else ""
-    stderr_console.print(f"{count} tokens in {end - start:.2f} s: {count / (end - start):.1f} tokens/s "
-                         f"(prompt of {len(prompt_ids)} tokens and first token {first_token_at - start:.2f} s"
-                         f"{decode})", highlight=False, soft_wrap=True)
+    stderr_console.print(
+        f"{count} tokens in {end - start:.2f} s: {count / (end - start):.1f} tokens/s "
+        f"(prompt of {len(prompt_ids)} tokens and first token {first_token_at - start:.2f} s"
+        f"{decode})",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -20,10 +20,15 @@ PIPED_WIDTH = 10_000
 
 
 @app.command("plugins")
-def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-                    details: str = typer.Option(None, "--details", metavar="NAME",
-                                                help="Show the Config fields of the mixer, stage or data "
-                                                     "source NAME (PACKAGE:NAME when two plugins claim it).")):
+def plugins_command(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    details: str = typer.Option(
+        None,
+        "--details",
+        metavar="NAME",
+        help="Show the Config fields of the mixer, stage or data source NAME (PACKAGE:NAME when two plugins claim it).",
+    ),
+):
     """List loaded plugins (package, version, source file, what each registers); exits 2 when two plugins
     claim one name."""
     manager = get_manager()
@@ -38,18 +43,30 @@ def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JS
         for column in ("plugin", "package", "version", "source", *KINDS):
             table.add_column(column, overflow="fold")
         for info in manager.plugins.values():
-            table.add_row(info.name + ("" if info.builtin else " (third-party)"), info.distribution, info.version,
-                          info.source, *(", ".join(info.registers.get(kind, [])) for kind in KINDS))
+            table.add_row(
+                info.name + ("" if info.builtin else " (third-party)"),
+                info.distribution,
+                info.version,
+                info.source,
+                *(", ".join(info.registers.get(kind, [])) for kind in KINDS),
+            )
         console.print(table)
         for problem in manager.problems:
             what = problem.message if problem.reason == "failed" else "left out by MIXERDISTILL_PLUGINS"
-            console.print(f"[yellow]not loaded:[/] {escape(problem.name)} ({escape(problem.distribution)}): "
-                          f"{escape(what)}", highlight=False)
-    conflicts = [f"{registry.singular} '{name}' is registered by " + " and ".join(o.label for o in owners)
-                 for registry in manager.registries.values() for name, owners in registry.conflicts().items()]
+            console.print(
+                f"[yellow]not loaded:[/] {escape(problem.name)} ({escape(problem.distribution)}): {escape(what)}",
+                highlight=False,
+            )
+    conflicts = [
+        f"{registry.singular} '{name}' is registered by " + " and ".join(o.label for o in owners)
+        for registry in manager.registries.values()
+        for name, owners in registry.conflicts().items()
+    ]
     if conflicts:
-        raise UserError("\n".join(conflicts) + "\nrecipes must name the package (PACKAGE:NAME), or leave one "
-                                               "plugin out with MIXERDISTILL_PLUGINS")
+        raise UserError(
+            "\n".join(conflicts) + "\nrecipes must name the package (PACKAGE:NAME), or leave one "
+            "plugin out with MIXERDISTILL_PLUGINS"
+        )
 
 
 def _print_details(console: Console, name: str) -> None:
@@ -64,8 +81,7 @@ def _print_details(console: Console, name: str) -> None:
         registry = manager.registries[kind]
         thing, owner = registry.get(name), registry.owner(name)
         doc = (thing.__doc__ or "").strip().splitlines()
-        console.print(f"[bold]{registry.singular} {escape(name)}[/] from plugin {escape(owner.label)}",
-                      highlight=False)
+        console.print(f"[bold]{registry.singular} {escape(name)}[/] from plugin {escape(owner.label)}", highlight=False)
         if doc:
             console.print(escape(doc[0]), highlight=False)
         config_cls = getattr(thing, "Config", None)

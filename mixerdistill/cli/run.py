@@ -16,8 +16,10 @@ SET_HELP = "Override a recipe field: dotted.path=value (YAML value; list items b
 
 
 @app.command("validate")
-def validate_command(recipes: list[Path] = typer.Argument(..., help="Recipe YAML files."),
-                     overrides: list[str] = typer.Option([], "--set", help=SET_HELP)):
+def validate_command(
+    recipes: list[Path] = typer.Argument(..., help="Recipe YAML files."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
     """Check recipes against the schema; every problem is reported as a dotted YAML path."""
     from mixerdistill.errors import RecipeError, UserError
     from mixerdistill.recipe import load_recipe
@@ -34,16 +36,19 @@ def validate_command(recipes: list[Path] = typer.Argument(..., help="Recipe YAML
 
 
 @app.command("run")
-def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
-                output: Path = typer.Option(None, "--output", "-o", help="Run directory (default: output.dir "
-                                                                         "of the recipe, else runs/<name>)."),
-                overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
-                resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT; finished "
-                                                                     "stages are not redone."),
-                overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in OUTPUT."),
-                progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-                nproc: int = typer.Option(1, "--nproc", min=1, help="Run as N processes on this machine (torchrun; "
-                                                                      "see docs/distributed.md).")):
+def run_command(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Run directory (default: output.dir of the recipe, else runs/<name>)."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT; finished stages are not redone."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in OUTPUT."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Run as N processes on this machine (torchrun; see docs/distributed.md)."
+    ),
+):
     """Distil a student as the recipe says: teacher → student → stages → report."""
     from mixerdistill.distributed.launcher import launch
     from mixerdistill.distributed.world import current_world, under_torchrun
@@ -72,9 +77,13 @@ def run_command(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="
         if current_world().main:
             # Under `--nproc`, the launcher's command; under a torchrun of one's own, that command with --resume.
             command = os.environ.get(RESUME_COMMAND_VARIABLE) or shlex.join(resume_command) + (
-                " (under torchrun: your torchrun command with --resume)" if under_torchrun() else "")
-            stderr_console.print(f"[bold yellow]{escape(str(stop))}[/] — continue with: {escape(command)}",
-                                 highlight=False, soft_wrap=True)
+                " (under torchrun: your torchrun command with --resume)" if under_torchrun() else ""
+            )
+            stderr_console.print(
+                f"[bold yellow]{escape(str(stop))}[/] — continue with: {escape(command)}",
+                highlight=False,
+                soft_wrap=True,
+            )
         raise typer.Exit(exit_code(stop.signum)) from None
     if not current_world().main:
         return

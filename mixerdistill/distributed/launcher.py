@@ -20,18 +20,30 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from mixerdistill.interrupt import (RESUME_COMMAND_VARIABLE, STOP_SIGNALS, STOP_TIMEOUT_SECONDS, exit_code,
-                                        stop_exit_codes)
+    from mixerdistill.interrupt import (
+        RESUME_COMMAND_VARIABLE,
+        STOP_SIGNALS,
+        STOP_TIMEOUT_SECONDS,
+        exit_code,
+        stop_exit_codes,
+    )
     from mixerdistill.plugins import get_manager
 
     get_manager().pin_for_child_processes()  # every rank loads the plugins this run started with
     # torchrun forwards a stop signal to every rank (they end their step and write a checkpoint) and
     # waits STOP_TIMEOUT_SECONDS for them; rank 0 prints the resume command, which is this one.
     forwarded = ",".join(dict.fromkeys([s.name for s in STOP_SIGNALS] + ["SIGHUP", "SIGQUIT"]))
-    options = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}",
-                                            f"--signals-to-handle={forwarded}",
-                                            f"--shutdown-timeout={STOP_TIMEOUT_SECONDS}",
-                                            "--module", "mixerdistill", *arguments])
+    options = get_args_parser().parse_args(
+        [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            f"--signals-to-handle={forwarded}",
+            f"--shutdown-timeout={STOP_TIMEOUT_SECONDS}",
+            "--module",
+            "mixerdistill",
+            *arguments,
+        ]
+    )
     os.environ[RESUME_COMMAND_VARIABLE] = shlex.join(resume_command)
     try:
         run(options)
@@ -44,8 +56,11 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
         if failure.exitcode < 0:
             how = f"was killed by {failure.signal_name()}"
         else:
-            how = f"exited with code {failure.exitcode}" + (" (its error is printed above)" if failure.exitcode == 2
-                                                            else "")
-        raise RankFailed(f"rank {rank} of {nproc} {how}; torchrun stopped the other ranks. Checkpoints written "
-                         f"so far are intact: once the cause is fixed, continue with\n  "
-                         f"{shlex.join(resume_command)}") from None
+            how = f"exited with code {failure.exitcode}" + (
+                " (its error is printed above)" if failure.exitcode == 2 else ""
+            )
+        raise RankFailed(
+            f"rank {rank} of {nproc} {how}; torchrun stopped the other ranks. Checkpoints written "
+            f"so far are intact: once the cause is fixed, continue with\n  "
+            f"{shlex.join(resume_command)}"
+        ) from None

@@ -83,11 +83,15 @@ class Plan(Protocol):
 
 def check_batch_sizes(recipe, world: World) -> None:
     """Every data-parallel stage's global batch must split evenly over the ranks."""
-    problems = [(f"stages.{i}.batch_size",
-                 f"{block.config.batch_size} sequences per step do not split evenly over {world.size} processes; "
-                 f"use a multiple of {world.size}")
-                for i, block in enumerate(recipe.stages)
-                if block.config.batch_size % world.size and not uses_layer_parallel(recipe, block)]
+    problems = [
+        (
+            f"stages.{i}.batch_size",
+            f"{block.config.batch_size} sequences per step do not split evenly over {world.size} processes; "
+            f"use a multiple of {world.size}",
+        )
+        for i, block in enumerate(recipe.stages)
+        if block.config.batch_size % world.size and not uses_layer_parallel(recipe, block)
+    ]
     if problems:
         raise RecipeError(problems, f"a run on {world.size} processes")
 
@@ -114,9 +118,12 @@ def plan_for(recipe, block, world: World, device: torch.device) -> Plan:
 def average_over_ranks(world: World, loss: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
     """Data-parallel step figures: the mean over ranks of the loss and of each metric, in one collective
     (float64, so the mean is exact); the loss keeps its dtype."""
-    values = torch.stack([loss.detach().double().reshape(()),
-                          *(torch.as_tensor(v, dtype=torch.float64, device=loss.device).reshape(())
-                            for v in extra.values())])
+    values = torch.stack(
+        [
+            loss.detach().double().reshape(()),
+            *(torch.as_tensor(v, dtype=torch.float64, device=loss.device).reshape(()) for v in extra.values()),
+        ]
+    )
     averaged = world.average(values)
     return averaged[0].to(loss.dtype), dict(zip(extra, averaged[1:]))
 
@@ -124,7 +131,7 @@ def average_over_ranks(world: World, loss: torch.Tensor, extra: dict) -> tuple[t
 def shard_rows(batch: torch.Tensor, world: World) -> torch.Tensor:
     """Rank r's contiguous slice of a (B, T) global batch: rows [r·B/n, (r+1)·B/n)."""
     local = batch.shape[0] // world.size
-    return batch[world.rank * local:(world.rank + 1) * local]
+    return batch[world.rank * local : (world.rank + 1) * local]
 
 
 class SingleProcess:
@@ -157,8 +164,10 @@ class SingleProcess:
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if state.get("layout", self.layout) != self.layout:
-            raise UserError(f"the progress checkpoint holds {state['layout']} optimizer states, this run needs "
-                            f"{self.layout} ones: resume with the distributed settings the run started with")
+            raise UserError(
+                f"the progress checkpoint holds {state['layout']} optimizer states, this run needs "
+                f"{self.layout} ones: resume with the distributed settings the run started with"
+            )
         optimizer.load_state_dict(state)
 
     def sync(self, model: nn.Module) -> None:
@@ -193,8 +202,11 @@ class DataParallel(SingleProcess):
         super().prepare(stage, model, parameters)
         # find_unused_parameters: a plugin stage may name parameters its loss does not always reach.
         self.wrapped = DistributedDataParallel(
-            _StageLoss(stage, model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            forward_sync_buffers=False, find_unused_parameters=True)
+            _StageLoss(stage, model),
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+            find_unused_parameters=True,
+        )
         return self.running
 
     def loss(self, input_ids):
@@ -237,14 +249,19 @@ class LayerParallel(SingleProcess):
     def prepare(self, stage, model, parameters):
         layers = sorted(stage.context.mixers)
         if len(layers) < self.world.size:
-            raise UserError(f"distributed.layer_parallel: {len(layers)} replaced layer(s) cannot be spread over "
-                            f"{self.world.size} processes; use fewer processes or layer_parallel: false")
-        chunks = [layers[r * len(layers) // self.world.size:(r + 1) * len(layers) // self.world.size]
-                  for r in range(self.world.size)]
+            raise UserError(
+                f"distributed.layer_parallel: {len(layers)} replaced layer(s) cannot be spread over "
+                f"{self.world.size} processes; use fewer processes or layer_parallel: false"
+            )
+        chunks = [
+            layers[r * len(layers) // self.world.size : (r + 1) * len(layers) // self.world.size]
+            for r in range(self.world.size)
+        ]
         self.owner = {idx: rank for rank, chunk in enumerate(chunks) for idx in chunk}
         # One stage per layer names that layer's parameters (used to broadcast them from their owner).
-        self.layer_parameters = {idx: list(dict.fromkeys(stage.restrict([idx]).trainable_parameters()))
-                                 for idx in layers}
+        self.layer_parameters = {
+            idx: list(dict.fromkeys(stage.restrict([idx]).trainable_parameters())) for idx in layers
+        }
         own = stage.restrict(chunks[self.world.rank])
         self.running = Running(own, model, list(dict.fromkeys(own.trainable_parameters())))
         return self.running
@@ -270,8 +287,10 @@ class LayerParallel(SingleProcess):
 
     def load_optimizer_state(self, optimizer, state):
         if state.get("layout") != self.layout or len(state["ranks"]) != self.world.size:
-            raise UserError(f"the progress checkpoint was not written by a layer-parallel run on {self.world.size} "
-                            f"processes: resume with the distributed settings and process count it started with")
+            raise UserError(
+                f"the progress checkpoint was not written by a layer-parallel run on {self.world.size} "
+                f"processes: resume with the distributed settings and process count it started with"
+            )
         optimizer.load_state_dict(state["ranks"][self.world.rank])
 
     def sync(self, model):
@@ -308,11 +327,18 @@ class FullyShardedStage(SingleProcess):
         self.plain = {"student": model, "teacher": context.teacher}
         # The copies keep the plain models' requires_grad flags (the stage's trainable parameters).
         sharded = {name: self._shard(module.to("cpu"), context.adapter, mesh) for name, module in self.plain.items()}
-        sharded_stage = stage.on_context(dataclasses.replace(
-            context, teacher=sharded["teacher"], student=sharded["student"],
-            mixers=mixer_layers(sharded["student"], context.adapter), teacher_attention={}))
-        self.running = Running(sharded_stage, sharded["student"],
-                               [p for p in sharded["student"].parameters() if p.requires_grad])
+        sharded_stage = stage.on_context(
+            dataclasses.replace(
+                context,
+                teacher=sharded["teacher"],
+                student=sharded["student"],
+                mixers=mixer_layers(sharded["student"], context.adapter),
+                teacher_attention={},
+            )
+        )
+        self.running = Running(
+            sharded_stage, sharded["student"], [p for p in sharded["student"].parameters() if p.requires_grad]
+        )
         return self.running
 
     def _shard(self, module: nn.Module, adapter, mesh) -> nn.Module:
@@ -320,8 +346,9 @@ class FullyShardedStage(SingleProcess):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         copied = copy.deepcopy(module)
-        policy = MixedPrecisionPolicy(param_dtype=self.precision,
-                                      reduce_dtype=torch.float32 if self.precision is not None else None)
+        policy = MixedPrecisionPolicy(
+            param_dtype=self.precision, reduce_dtype=torch.float32 if self.precision is not None else None
+        )
         for layer in adapter.layers(copied):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(copied, mesh=mesh, mp_policy=policy)
@@ -340,8 +367,9 @@ class FullyShardedStage(SingleProcess):
     def optimizer_state(self, optimizer):
         """The optimizer's state with every sharded tensor gathered whole (collective)."""
         state = optimizer.state_dict()
-        state["state"] = {key: {name: _full(value) for name, value in entry.items()}
-                          for key, entry in state["state"].items()}
+        state["state"] = {
+            key: {name: _full(value) for name, value in entry.items()} for key, entry in state["state"].items()
+        }
         return {"layout": self.layout, "state": state}
 
     def load_optimizer_state(self, optimizer, state):
@@ -354,16 +382,21 @@ class FullyShardedStage(SingleProcess):
         for key, entry in saved["state"].items():
             parameter = parameters[int(key)]
             if isinstance(parameter, DTensor):
-                entry.update({name: distribute_tensor(value.to(parameter.device), parameter.device_mesh,
-                                                      parameter.placements)
-                              for name, value in entry.items() if value.shape == parameter.shape})
+                entry.update(
+                    {
+                        name: distribute_tensor(value.to(parameter.device), parameter.device_mesh, parameter.placements)
+                        for name, value in entry.items()
+                        if value.shape == parameter.shape
+                    }
+                )
         optimizer.load_state_dict(saved)
 
     def sync(self, model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.running.module, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
+        full = get_model_state_dict(
+            self.running.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         # cpu_offload gathers the full tensors on rank 0 only; every rank needs them.
         payload = [full if self.world.main else None]
         dist.broadcast_object_list(payload, src=0, device=torch.device(self.world.collective_device))

@@ -82,13 +82,17 @@ def start(spec, device: torch.device) -> tuple[World, torch.device]:
         return SINGLE, device
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
-        raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start several processes with "
-                        f"torchrun (or `mixerdistill run --nproc N`)")
+        raise UserError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not: start several processes with "
+            f"torchrun (or `mixerdistill run --nproc N`)"
+        )
     rank, size, local_rank = (int(os.environ[name]) for name in TORCHRUN_VARIABLES)
     if device.type == "cuda":
         if device.index not in (None, local_rank):
-            raise UserError(f"device: '{device}' would put every rank on one GPU; use device: cuda or auto "
-                            f"under torchrun (rank r uses cuda:LOCAL_RANK)")
+            raise UserError(
+                f"device: '{device}' would put every rank on one GPU; use device: cuda or auto "
+                f"under torchrun (rank r uses cuda:LOCAL_RANK)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = choose_backend(spec.backend, device)
@@ -103,8 +107,10 @@ def choose_backend(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if requested == "nccl" and device.type != "cuda":
-        raise UserError(f"distributed.backend: nccl needs CUDA devices, but this run computes on '{device}'; "
-                        f"use backend: gloo or auto")
+        raise UserError(
+            f"distributed.backend: nccl needs CUDA devices, but this run computes on '{device}'; "
+            f"use backend: gloo or auto"
+        )
     return requested
 
 

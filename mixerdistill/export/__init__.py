@@ -29,8 +29,10 @@ from mixerdistill.export.source import export_sources, flat_name
 TEMPLATES = Path(__file__).parent
 CONFIGURATION_FILE = "configuration_mixerdistill.py"
 MODELING_FILE = "modeling_mixerdistill.py"
-AUTO_MAP = {"AutoConfig": "configuration_mixerdistill.MixerdistillConfig",
-            "AutoModelForCausalLM": "modeling_mixerdistill.MixerdistillForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_mixerdistill.MixerdistillConfig",
+    "AutoModelForCausalLM": "modeling_mixerdistill.MixerdistillForCausalLM",
+}
 EXPORT_MARK = "# export: "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +45,11 @@ class ExportResult:
     bytes: int
     files: list[str]
     checkpoint: Path
+
+
+def _import_as(name: str, alias: str, module: str = "transformers") -> str:
+    """The import line a template's marked line becomes: ``from MODULE import NAME as ALIAS``."""
+    return f"from {module} import {name} as {alias}"
 
 
 def _fill_template(template: str, replacements: dict[str, str]) -> str:
@@ -76,8 +83,15 @@ def _publish(folder: Path, destination: Path) -> None:
     os.replace(folder, destination)
 
 
-def export_student(run: Path, destination: Path, *, stage: int | None = None, dtype: str = "float32",
-                   overwrite: bool = False, max_shard_size: str = "2GB") -> ExportResult:
+def export_student(
+    run: Path,
+    destination: Path,
+    *,
+    stage: int | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+) -> ExportResult:
     """Write the student of ``run`` (a run directory or stage checkpoint folder) to ``destination``.
 
     Nothing is written to ``destination`` until the folder is complete (it is built beside it and moved).
@@ -98,8 +112,11 @@ def export_student(run: Path, destination: Path, *, stage: int | None = None, dt
     student.to(DTYPES[dtype])
     mixer_cls = get_mixer(spec.mixer)
     options = mixer_cls.Config.model_validate(spec.mixer_config).model_dump(mode="json")
-    mixer_layers = {path: asdict(module.mixer.geometry) for path, module in student.named_modules()
-                    if isinstance(module, MixerLayer)}
+    mixer_layers = {
+        path: asdict(module.mixer.geometry)
+        for path, module in student.named_modules()
+        if isinstance(module, MixerLayer)
+    }
     licence = teacher_licence(spec.teacher)
 
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -107,27 +124,54 @@ def export_student(run: Path, destination: Path, *, stage: int | None = None, dt
     try:
         student.save_pretrained(folder, max_shard_size=max_shard_size)
         config = json.loads((folder / "config.json").read_text())
-        config.update(model_type="mixerdistill", architectures=["MixerdistillForCausalLM"], auto_map=AUTO_MAP,
-                      mixer=spec.mixer, mixer_options=options, mixer_layers=mixer_layers,
-                      teacher_model_type=student.config.model_type)
+        config.update(
+            model_type="mixerdistill",
+            architectures=["MixerdistillForCausalLM"],
+            auto_map=AUTO_MAP,
+            mixer=spec.mixer,
+            mixer_options=options,
+            mixer_layers=mixer_layers,
+            teacher_model_type=student.config.model_type,
+        )
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, source in export_sources(["mixerdistill.mixer_layer", mixer_cls.__module__]).items():
             (folder / name).write_text(source)
-        (folder / CONFIGURATION_FILE).write_text(_fill_template("configuration_template.py", {
-            "the teacher's configuration class":
-                f"from transformers import {type(student.config).__name__} as TeacherConfig"}))
-        (folder / MODELING_FILE).write_text(_fill_template("modeling_template.py", {
-            "the teacher's model class": f"from transformers import {type(student).__name__} as TeacherForCausalLM",
-            "the student's mixer class":
-                f"from .{flat_name(mixer_cls.__module__)} import {mixer_cls.__name__} as Mixer"}))
+        (folder / CONFIGURATION_FILE).write_text(
+            _fill_template(
+                "configuration_template.py",
+                {"the teacher's configuration class": _import_as(type(student.config).__name__, "TeacherConfig")},
+            )
+        )
+        (folder / MODELING_FILE).write_text(
+            _fill_template(
+                "modeling_template.py",
+                {
+                    "the teacher's model class": _import_as(type(student).__name__, "TeacherForCausalLM"),
+                    "the student's mixer class": _import_as(
+                        mixer_cls.__name__, "Mixer", f".{flat_name(mixer_cls.__module__)}"
+                    ),
+                },
+            )
+        )
         load_tokenizer(checkpoint).save_pretrained(folder)
         report = read_run_report(run_dir)
         name = report.get("recipe") or (run_dir.name if run_dir else checkpoint.name)
-        (folder / "README.md").write_text(model_card(
-            name=f"{name} ({spec.mixer} student)", spec_teacher=spec.teacher, mixer=spec.mixer, options=options,
-            mixer_layers=mixer_layers, num_layers=student.config.num_hidden_layers,
-            parameters=sum(p.numel() for p in student.parameters()), dtype=dtype,
-            stage_folder=checkpoint.name, licence=licence, report=report, run_dir=run_dir))
+        (folder / "README.md").write_text(
+            model_card(
+                name=f"{name} ({spec.mixer} student)",
+                spec_teacher=spec.teacher,
+                mixer=spec.mixer,
+                options=options,
+                mixer_layers=mixer_layers,
+                num_layers=student.config.num_hidden_layers,
+                parameters=sum(p.numel() for p in student.parameters()),
+                dtype=dtype,
+                stage_folder=checkpoint.name,
+                licence=licence,
+                report=report,
+                run_dir=run_dir,
+            )
+        )
         if licence.text:
             (folder / "LICENSE").write_text(licence.text)
         _publish(folder, destination)

@@ -96,9 +96,11 @@ def _mixer_summary(mixer: str, options: dict, mixer_layers: dict, num_layers: in
     replaced = sorted(geometry["layer_idx"] for geometry in mixer_layers.values())
     kept = [i for i in range(num_layers) if i not in replaced]
     shown = {k: v for k, v in options.items() if v is not None}
-    return [f"| mixer | `{mixer}` in {len(replaced)} of {num_layers} layers |",
-            f"| kept attention layers | {', '.join(map(str, kept)) if kept else 'none (no attention left)'} |",
-            f"| mixer options | {', '.join(f'{k}={v}' for k, v in shown.items())} |"]
+    return [
+        f"| mixer | `{mixer}` in {len(replaced)} of {num_layers} layers |",
+        f"| kept attention layers | {', '.join(map(str, kept)) if kept else 'none (no attention left)'} |",
+        f"| mixer options | {', '.join(f'{k}={v}' for k, v in shown.items())} |",
+    ]
 
 
 def _perplexity_lines(report: dict) -> list[str]:
@@ -106,8 +108,14 @@ def _perplexity_lines(report: dict) -> list[str]:
     if teacher.get("perplexity") is None and student.get("perplexity") is None:
         return []
     reference = teacher.get("perplexity")
-    lines = ["## Perplexity", "", "Held-out text of the training domain (windows never trained on):", "",
-             "| model | perplexity | × teacher |", "|---|---:|---:|"]
+    lines = [
+        "## Perplexity",
+        "",
+        "Held-out text of the training domain (windows never trained on):",
+        "",
+        "| model | perplexity | × teacher |",
+        "|---|---:|---:|",
+    ]
 
     def row(label, value):
         ratio = value / reference if value is not None and reference else None
@@ -120,14 +128,21 @@ def _perplexity_lines(report: dict) -> list[str]:
     row("**student (exported)**", student.get("perplexity"))
     domains = student.get("domains") or {}
     if domains:
-        lines += ["", "Domains never trained on:", "", "| domain | teacher | student | student / teacher |",
-                  "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "Domains never trained on:",
+            "",
+            "| domain | teacher | student | student / teacher |",
+            "|---|---:|---:|---:|",
+        ]
         teacher_domains = teacher.get("domains") or {}
         for name, value in domains.items():
             pair = value if isinstance(value, dict) else {"student": value, "teacher": teacher_domains.get(name)}
             ratio = pair["student"] / pair["teacher"] if pair.get("student") and pair.get("teacher") else None
-            lines.append(f"| {name} | {format_number(pair.get('teacher'))} | {format_number(pair.get('student'))} "
-                         f"| {format_number(ratio)} |")
+            lines.append(
+                f"| {name} | {format_number(pair.get('teacher'))} | {format_number(pair.get('student'))} "
+                f"| {format_number(ratio)} |"
+            )
     return lines + [""]
 
 
@@ -138,52 +153,104 @@ def _lm_eval_lines(report: dict, run_dir: Path | None) -> list[str]:
     from mixerdistill.report import comparison_markdown
 
     limit = f", limit {entry['limit']} examples per task" if entry.get("limit") is not None else ""
-    return ["## lm-eval", "", f"Tasks {', '.join(entry.get('tasks', []))}{limit}.", "",
-            *comparison_markdown(entry), ""]
+    return ["## lm-eval", "", f"Tasks {', '.join(entry.get('tasks', []))}{limit}.", "", *comparison_markdown(entry), ""]
 
 
-def model_card(*, name: str, spec_teacher: dict, mixer: str, options: dict, mixer_layers: dict, num_layers: int,
-               parameters: int, dtype: str, stage_folder: str, licence: Licence, report: dict,
-               run_dir: Path | None) -> str:
+def model_card(
+    *,
+    name: str,
+    spec_teacher: dict,
+    mixer: str,
+    options: dict,
+    mixer_layers: dict,
+    num_layers: int,
+    parameters: int,
+    dtype: str,
+    stage_folder: str,
+    licence: Licence,
+    report: dict,
+    run_dir: Path | None,
+) -> str:
     """README.md of an exported student (Markdown with Hugging Face front matter)."""
     teacher_name = teacher_display_name(spec_teacher)
-    front = {"library_name": "transformers", "license": licence.identifier,
-             "tags": ["mixerdistill", "distillation", "mohawk", mixer]}
+    front = {
+        "library_name": "transformers",
+        "license": licence.identifier,
+        "tags": ["mixerdistill", "distillation", "mohawk", mixer],
+    }
     if spec_teacher.get("source") == "hub":
         front["base_model"] = spec_teacher["name"]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {name}", "",
-             f"A subquadratic student distilled from **{teacher_name}** by "
-             f"mixerdistill with the MOHAWK method (matrix orientation, hidden-state "
-             f"alignment, knowledge distillation). Exported from `{stage_folder}`.", "",
-             "## Model", "", "| | |", "|---|---|",
-             f"| teacher | {teacher_name} (source: {spec_teacher.get('source')}) |",
-             *_mixer_summary(mixer, options, mixer_layers, num_layers),
-             f"| parameters | {parameters:,} |", f"| weights | {dtype} safetensors |", "",
-             "## Use", "", "```python", "import torch",
-             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-             'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True, dtype=torch.float32)',
-             'ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt")',
-             "print(tokenizer.decode(model.generate(**ids, max_new_tokens=32)[0]))", "```", "",
-             "The modelling code (`modeling_mixerdistill.py` and the `mixerdistill_*.py` files beside it) needs "
-             "only torch and transformers: the mixers run their PyTorch reference paths, and fused CUDA kernels "
-             "when mamba-ssm, flash-linear-attention or causal-conv1d are installed and the model is on a GPU. "
-             "`generate()` keeps one constant-size recurrent state per mixer layer.", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A subquadratic student distilled from **{teacher_name}** by "
+        f"mixerdistill with the MOHAWK method (matrix orientation, hidden-state "
+        f"alignment, knowledge distillation). Exported from `{stage_folder}`.",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| teacher | {teacher_name} (source: {spec_teacher.get('source')}) |",
+        *_mixer_summary(mixer, options, mixer_layers, num_layers),
+        f"| parameters | {parameters:,} |",
+        f"| weights | {dtype} safetensors |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True, dtype=torch.float32)',
+        'ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**ids, max_new_tokens=32)[0]))",
+        "```",
+        "",
+        "The modelling code (`modeling_mixerdistill.py` and the `mixerdistill_*.py` files beside it) needs "
+        "only torch and transformers: the mixers run their PyTorch reference paths, and fused CUDA kernels "
+        "when mamba-ssm, flash-linear-attention or causal-conv1d are installed and the model is on a GPU. "
+        "`generate()` keeps one constant-size recurrent state per mixer layer.",
+        "",
+    ]
     stages = report.get("stages", [])
     if stages:
-        lines += ["## Training", "", "| # | stage | tokens | steps | seconds | loss first | loss last |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {s['index']} | {s['name']} | {format_number(s.get('tokens'))} | {format_number(s.get('steps'))} "
-                  f"| {format_number(s.get('seconds'), 1)} | {format_number(s.get('loss_first'), 4)} "
-                  f"| {format_number(s.get('loss_last'), 4)} |" for s in stages]
+        lines += [
+            "## Training",
+            "",
+            "| # | stage | tokens | steps | seconds | loss first | loss last |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {s['index']} | {s['name']} | {format_number(s.get('tokens'))} | {format_number(s.get('steps'))} "
+            f"| {format_number(s.get('seconds'), 1)} | {format_number(s.get('loss_first'), 4)} "
+            f"| {format_number(s.get('loss_last'), 4)} |"
+            for s in stages
+        ]
         lines += ["", f"{format_number(sum(s.get('tokens') or 0 for s in stages))} training tokens in all.", ""]
     lines += _perplexity_lines(report)
     lines += _lm_eval_lines(report, run_dir)
     recipe = (run_dir / "recipe.yaml") if run_dir else None
     if recipe is not None and recipe.is_file():
-        lines += ["## Recipe", "", "`mixerdistill run` with this resolved recipe:", "", "```yaml",
-                  recipe.read_text().rstrip(), "```", ""]
-    lines += ["## Licence", "", f"Teacher licence: {licence.summary}."
-              + (" Its text is in `LICENSE`." if licence.text else ""), ""]
+        lines += [
+            "## Recipe",
+            "",
+            "`mixerdistill run` with this resolved recipe:",
+            "",
+            "```yaml",
+            recipe.read_text().rstrip(),
+            "```",
+            "",
+        ]
+    lines += [
+        "## Licence",
+        "",
+        f"Teacher licence: {licence.summary}." + (" Its text is in `LICENSE`." if licence.text else ""),
+        "",
+    ]
     return "\n".join(lines)

@@ -60,8 +60,9 @@ def _is_config_class(node: ast.AST) -> bool:
 
 
 def _is_hookimpl(node: ast.AST) -> bool:
-    return isinstance(node, ast.FunctionDef) and any(ast.unparse(d).split(".")[-1] == "hookimpl"
-                                                     for d in node.decorator_list)
+    return isinstance(node, ast.FunctionDef) and any(
+        ast.unparse(d).split(".")[-1] == "hookimpl" for d in node.decorator_list
+    )
 
 
 def _first_line(node: ast.stmt) -> int:
@@ -82,8 +83,11 @@ def _dropped_statements(tree: ast.Module) -> list[ast.stmt]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef)):
             for child in node.body:
-                config_declaration = (isinstance(child, ast.AnnAssign) and isinstance(child.target, ast.Name)
-                                      and child.target.id == "Config")
+                config_declaration = (
+                    isinstance(child, ast.AnnAssign)
+                    and isinstance(child.target, ast.Name)
+                    and child.target.id == "Config"
+                )
                 if _is_config_class(child) or _is_hookimpl(child) or config_declaration:
                     dropped.append(child)
     return dropped
@@ -118,8 +122,10 @@ def rewrite_module(module: str, packages: tuple[str, ...] = PACKAGES) -> tuple[s
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if _ours(alias.name, packages) or alias.name.split(".")[0] not in ALLOWED_TOP_LEVEL:
-                    raise ExportError(f"{path}:{node.lineno}: `import {alias.name}` cannot be exported; use "
-                                      f"`from {alias.name} import …` for mixerdistill modules")
+                    raise ExportError(
+                        f"{path}:{node.lineno}: `import {alias.name}` cannot be exported; use "
+                        f"`from {alias.name} import …` for mixerdistill modules"
+                    )
         elif node.level:
             raise ExportError(f"{path}:{node.lineno}: relative imports are not supported in exported modules")
         elif _dropped(node.module):
@@ -131,8 +137,10 @@ def rewrite_module(module: str, packages: tuple[str, ...] = PACKAGES) -> tuple[s
             relative = ast.ImportFrom(module=flat_name(node.module), names=names, level=1)
             edits[node.lineno] = (node.end_lineno, indent + ast.unparse(relative) if names else None)
         elif node.module.split(".")[0] not in ALLOWED_TOP_LEVEL:
-            raise ExportError(f"{path}:{node.lineno}: imports {node.module}; an exported model has only "
-                              f"torch and transformers (import GPU packages through mixerdistill.ops.kernels)")
+            raise ExportError(
+                f"{path}:{node.lineno}: imports {node.module}; an exported model has only "
+                f"torch and transformers (import GPU packages through mixerdistill.ops.kernels)"
+            )
 
     kept: list[str] = [f"# Exported from {module} by `mixerdistill export`; framework-only parts removed."]
     number = 1

@@ -20,9 +20,14 @@ def _activate(y: torch.Tensor, activation: Activation) -> torch.Tensor:
     return F.silu(y) if activation == "silu" else y
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None = None,
-                  activation: Activation = "identity", kernel: KernelChoice = "auto"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    state: torch.Tensor | None = None,
+    activation: Activation = "identity",
+    kernel: KernelChoice = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, C, T), weight (C, 1, K) as ``nn.Conv1d(groups=C)`` holds it, bias (C,) or None,
     state (B, C, K − 1) or None (zeros) → activation(conv) (B, C, T) and the new state (B, C, K − 1).
 
@@ -36,7 +41,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         module = None
     seen = torch.cat([state, x], dim=-1)  # (B, C, K − 1 + T)
-    new_state = seen[..., seen.shape[-1] - keep:]
+    new_state = seen[..., seen.shape[-1] - keep :]
     if module is not None:
         y = module.causal_conv1d_fn(x, weight.squeeze(1), bias, activation=None if activation == "identity" else "silu")
         return y, new_state
@@ -44,8 +49,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _activate(y, activation), new_state
 
 
-def causal_conv1d_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
-                       activation: Activation = "identity") -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d_step(
+    x_t: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    state: torch.Tensor,
+    activation: Activation = "identity",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: x_t (B, C), state (B, C, K − 1) → output (B, C), new state (B, C, K − 1)."""
     window = torch.cat([state, x_t.unsqueeze(-1)], dim=-1)  # (B, C, K)
     y = (window * weight.squeeze(1)).sum(-1)

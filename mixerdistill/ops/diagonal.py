@@ -47,8 +47,9 @@ def _pieces(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: i
     return cum, intra, C_in, B_out, cum[..., -1, :]
 
 
-def diagonal_materialised_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                                 chunk_size: int = 64) -> torch.Tensor:
+def diagonal_materialised_matrix(
+    log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int = 64
+) -> torch.Tensor:
     """M (B, H, T, T), lower-triangular, of the diagonal-decay SSM.
 
     log_a: (B, T, H, N) ≤ 0    B, C: (B, T, H, N).  ``chunk_size`` only bounds memory (B·H·T·Q·N floats).
@@ -66,8 +67,14 @@ def diagonal_materialised_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.
     return M.reshape(batch, -1, n_chunks * size, n_chunks * size)[:, :, :length, :length]
 
 
-def diagonal_chunked(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-                     initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def diagonal_chunked(
+    x: torch.Tensor,
+    log_a: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked diagonal-decay SSM.
 
     x: (B, T, H, P)   log_a: (B, T, H, N)   B, C: (B, T, H, N)   initial_state: (B, H, N, P) or None

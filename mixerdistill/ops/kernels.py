@@ -28,8 +28,10 @@ import torch
 from mixerdistill.errors import UserError
 
 KernelChoice = Literal["auto", "reference", "cuda"]
-KERNEL_HELP = ("auto: the fused CUDA kernel when the tensors are on CUDA and its package is installed (extra "
-               "'cuda'), else the PyTorch reference path; reference: always the reference; cuda: the kernel or an error")
+KERNEL_HELP = (
+    "auto: the fused CUDA kernel when the tensors are on CUDA and its package is installed (extra "
+    "'cuda'), else the PyTorch reference path; reference: always the reference; cuda: the kernel or an error"
+)
 
 PACKAGES = {"mamba_ssm": "mamba-ssm", "fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
 _imported: dict[str, object | None] = {}

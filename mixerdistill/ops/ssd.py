@@ -24,8 +24,9 @@ from mixerdistill.ops.kernels import KernelChoice, kernel_module
 from mixerdistill.ops.segsum import segsum
 
 
-def ssd_materialised_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                            chunk_size: int = 64) -> torch.Tensor:
+def ssd_materialised_matrix(
+    log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int = 64
+) -> torch.Tensor:
     """The SSD mixing matrix M = L ∘ (C Bᵀ), L[i, j] = exp(Σ_{k=j+1..i} log_a_k) (lower-triangular).
 
     log_a: (B, T, H) ≤ 0    B, C: (B, T, H, N)    →    M: (B, H, T, T), dtype of C.
@@ -59,8 +60,14 @@ def ssd_matrix_rows(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk
     return rows
 
 
-def ssd_chunked(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-                initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_chunked(
+    x: torch.Tensor,
+    log_a: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD: quadratic inside chunks of Q = ``chunk_size`` tokens, state passing between chunks.
 
     x: (B, T, H, P)   log_a: (B, T, H)   B, C: (B, T, H, N)   initial_state: (B, H, N, P) or None (zeros)
@@ -169,8 +176,9 @@ def _scan(initial: torch.Tensor, decay: torch.Tensor, inputs: torch.Tensor, reve
     return states.movedim(0, 2)
 
 
-def ssd_step(x_t: torch.Tensor, log_a_t: torch.Tensor, B_t: torch.Tensor, C_t: torch.Tensor,
-             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_step(
+    x_t: torch.Tensor, log_a_t: torch.Tensor, B_t: torch.Tensor, C_t: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence: S ← a S + B xᵀ, y = Cᵀ S.
 
     x_t: (B, H, P)   log_a_t: (B, H), or (B, H, N) for a decay per state dimension
@@ -183,9 +191,16 @@ def ssd_step(x_t: torch.Tensor, log_a_t: torch.Tensor, B_t: torch.Tensor, C_t: t
     return y_t, state
 
 
-def ssd(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-        initial_state: torch.Tensor | None = None, kernel: KernelChoice = "auto",
-        library: Literal["mamba_ssm", "fla"] = "mamba_ssm") -> tuple[torch.Tensor, torch.Tensor]:
+def ssd(
+    x: torch.Tensor,
+    log_a: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+    kernel: KernelChoice = "auto",
+    library: Literal["mamba_ssm", "fla"] = "mamba_ssm",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fast path mixers call: same arguments and results as ``ssd_chunked``.
 
     ``log_a`` (B, T, H) is a scalar decay per head; (B, T, H, N) a decay per state dimension, computed by
@@ -204,16 +219,22 @@ def ssd(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, 
     if library == "fla":
         fla_simple = kernel_module(kernel, "fla.ops.simple_gla", "SSD", x)
         if fla_simple is not None:
-            return fla_simple.chunk_simple_gla(C, B, x, g=log_a, scale=1.0, initial_state=initial_state,
-                                               output_final_state=True)
+            return fla_simple.chunk_simple_gla(
+                C, B, x, g=log_a, scale=1.0, initial_state=initial_state, output_final_state=True
+            )
         return ssd_chunked(x, log_a, B, C, chunk_size, initial_state)
     mamba = kernel_module(kernel, "mamba_ssm.ops.triton.ssd_combined", "SSD", x)
     if mamba is None:
         return ssd_chunked(x, log_a, B, C, chunk_size, initial_state)
     dt = (-log_a).clamp(min=1e-6)  # (B, T, H): decay exp(dt · A) with A = −1; the kernel's input is dt · x
     y, final_state = mamba.mamba_chunk_scan_combined(
-        x / dt.unsqueeze(-1).to(x.dtype), dt, -torch.ones(x.shape[2], device=x.device, dtype=torch.float32),
-        B, C, chunk_size,
+        x / dt.unsqueeze(-1).to(x.dtype),
+        dt,
+        -torch.ones(x.shape[2], device=x.device, dtype=torch.float32),
+        B,
+        C,
+        chunk_size,
         initial_states=None if initial_state is None else initial_state.transpose(-1, -2).contiguous(),
-        return_final_states=True)
+        return_final_states=True,
+    )
     return y, final_state.transpose(-1, -2)  # the kernel's states are (B, H, P, N)
