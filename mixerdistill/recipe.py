@@ -193,7 +193,7 @@ class StageBlock(PluginBlock):
 
 
 # -- the recipe --------------------------------------------------------------------------------
-class StudentSpec(Strict):
+class StudentBlock(Strict):
     mixer: MixerBlock = Field(description="The mixer that replaces attention, with its Config fields.")
     keep_attention: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="Layer indices that keep the teacher's attention (hybrids)."
@@ -314,7 +314,7 @@ class Recipe(Strict):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     teacher: TeacherSpec
-    student: StudentSpec
+    student: StudentBlock
     data: DataBlock
     stages: list[StageBlock] = Field(default_factory=list, description="Stages, run in order.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation after the stages.")

@@ -103,7 +103,7 @@ def render_recipe_reference() -> str:
         tag = typing.get_args(source.model_fields["source"].annotation)[0]
         lines += ["", f"### `source: {tag}`", "", (source.__doc__ or "").strip(), ""]
         lines += _table(source, "teacher.", skip=("source",))
-    lines += ["", "## `student`", ""] + _table(schema.StudentSpec, "student.")
+    lines += ["", "## `student`", ""] + _table(schema.StudentBlock, "student.")
     sections = [
         ("student.mixer", "mixers", "name", "### mixer"),
         ("data", "datasets", "source", "### data source"),
