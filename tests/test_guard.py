@@ -13,7 +13,7 @@ from test_stages import batches, context_for
 from conftest import tiny_llama
 from mixerdistill.checkpoint import MODEL_FILE, StageProgress
 from mixerdistill.plugins import get_stage
-from mixerdistill.training import NonFiniteLoss, train_stage
+from mixerdistill.training import Checkpointing, NonFiniteLoss, Placement, Reporting, train_stage
 
 STEPS = 8
 
@@ -52,10 +52,9 @@ def test_nonfinite_activation_names_stage_step_and_module(tmp_path):
             "knowledge_distillation",
             student,
             poisoned_batches({4, 5, 6}, flag),
-            tmp_path / "metrics.jsonl",
-            torch.device("cpu"),
-            show_progress=False,
-            progress=progress,
+            Placement(torch.device("cpu")),
+            Reporting(tmp_path / "metrics.jsonl", show_progress=False),
+            Checkpointing(progress),
         )
     message = str(caught.value)
     assert "stage 'knowledge_distillation', step 4 of 8" in message
@@ -81,9 +80,8 @@ def test_nonfinite_gradient_names_the_module(tmp_path):
             "knowledge_distillation",
             student,
             poisoned_batches({2}, flag),
-            tmp_path / "metrics.jsonl",
-            torch.device("cpu"),
-            show_progress=False,
+            Placement(torch.device("cpu")),
+            Reporting(tmp_path / "metrics.jsonl", show_progress=False),
         )
     message = str(caught.value)
     assert "step 2 of 8" in message and "gradient norm is nan" in message
@@ -100,9 +98,8 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path):
         "knowledge_distillation",
         student,
         poisoned_batches({3, 6}, flag),
-        tmp_path / "metrics.jsonl",
-        torch.device("cpu"),
-        show_progress=False,
+        Placement(torch.device("cpu")),
+        Reporting(tmp_path / "metrics.jsonl", show_progress=False),
     )
     assert result.steps == STEPS
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -118,7 +115,6 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path):
             "knowledge_distillation",
             student,
             poisoned_batches({2, 5, 7}, flag),
-            tmp_path / "metrics2.jsonl",
-            torch.device("cpu"),
-            show_progress=False,
+            Placement(torch.device("cpu")),
+            Reporting(tmp_path / "metrics2.jsonl", show_progress=False),
         )

@@ -10,7 +10,7 @@ from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.stages import ScheduleConfig, StageContext
 from mixerdistill.student import build_student, mixer_layers
 from mixerdistill.teacher import trace_teacher
-from mixerdistill.training import train_stage
+from mixerdistill.training import Placement, Reporting, train_stage
 from mixerdistill_plugins.families import LlamaAdapter
 
 
@@ -59,7 +59,12 @@ def test_stage_loss_falls(tmp_path, name, options):
     stage = stage_cls(config, context)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     result = train_stage(
-        stage, name, context.student, batches(), tmp_path / "metrics.jsonl", torch.device("cpu"), show_progress=False
+        stage,
+        name,
+        context.student,
+        batches(),
+        Placement(torch.device("cpu")),
+        Reporting(tmp_path / "metrics.jsonl", show_progress=False),
     )
     assert result.steps == 30
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -25,7 +25,7 @@ from mixerdistill.bench import machine, print_table, smollm2, write_result
 from mixerdistill.plugins import get_stage
 from mixerdistill.stages import StageContext
 from mixerdistill.student import build_student, mixer_layers
-from mixerdistill.training import build_optimizer, train_only, train_stage
+from mixerdistill.training import Placement, Reporting, build_optimizer, train_only, train_stage
 
 
 class AttentionTaps:
@@ -133,9 +133,8 @@ def run(quick: bool = False, steps: int = 4) -> dict:
                 block.name,
                 student,
                 iter(batches),
-                Path(folder) / "metrics.jsonl",
-                torch.device("cpu"),
-                show_progress=False,
+                Placement(torch.device("cpu")),
+                Reporting(Path(folder) / "metrics.jsonl", show_progress=False),
             )
         framework = result.tokens / result.seconds  # both timings include one more warm-up step
 
