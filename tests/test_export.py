@@ -23,7 +23,7 @@ from mixerdistill.export.source import ExportError, export_sources, rewrite_modu
 from mixerdistill.generation import stream_tokens
 from mixerdistill.plugins import get_mixer, registry
 from mixerdistill.student import StudentSpec, build_student
-from mixerdistill_plugins.llama import LlamaAdapter
+from mixerdistill_plugins.families import LlamaAdapter
 
 CHECK_SCRIPT = Path(__file__).with_name("export_check.py")
 NEW_TOKENS = 8
