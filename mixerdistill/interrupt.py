@@ -14,6 +14,7 @@ known optimizer step; tests use it to stop a run at a known step.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -68,11 +69,18 @@ class StopSignals:
 
     def __init__(self, main: bool):
         self.main = main  # whether this process prints (rank 0)
+        self.pid = os.getpid()  # the process the handlers are for (forked children inherit them)
         self.requested: int | None = None  # the first signal received while a stage trained
         self.stage: _Stage | None = None
         self.steps_done = 0  # over all stages, for the test hook
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self.pid:
+            # A forked child (a multiprocessing pool's worker, e.g. lm-eval's bootstrap) inherited this handler:
+            # it ends as it would by default, or the pool that terminates it waits for ever.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.stage is None or self.requested is not None:
             raise Interrupted(
                 self.requested or signum,

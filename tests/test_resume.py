@@ -350,3 +350,19 @@ def test_signal_outside_a_stage_stops_at_once_and_leaves_nothing(tmp_path, monke
     code, text = cli_in_process("run", str(write_recipe(tmp_path)), "--output", str(tmp_path / "run"), "--no-progress")
     assert code == 143 and "interrupted by SIGTERM outside a stage" in text, text
     assert not (tmp_path / "run").exists()
+
+
+def test_a_forked_child_ends_on_sigterm_as_by_default():
+    """A forked child (a multiprocessing pool's worker: lm-eval's bootstrap) inherits the run's handlers; a
+    SIGTERM must end it as by default, or the pool terminating it at the end of the evaluation waits for ever."""
+    import multiprocessing
+
+    from mixerdistill.interrupt import stop_signals
+
+    with stop_signals():
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        time.sleep(0.5)
+        child.terminate()  # SIGTERM, as Pool.terminate sends its workers
+        child.join(timeout=20)
+    assert child.exitcode == -signal.SIGTERM
