@@ -19,8 +19,9 @@ BUILT_IN = {
     "toeplitz",
     "semiseparable",
     "mamba2",
-    "llama",
-    "phi",
+    "delta_net",
+    "mlstm",
+    "families",
     "stages",
     "datasets",
 }

@@ -192,6 +192,8 @@ def test_ranks_load_the_plugin_set_the_run_started_with(site, monkeypatch):
     launch(2, ["run", "recipe.yaml"], resume_command=["mixerdistill", "run", "--resume"])
     third_party = {name for name, info in parent.plugins.items() if not info.builtin}
     assert "alpha_mixers" in third_party and set(seen[PLUGIN_SET_VARIABLE].split(",")) == third_party
+    assert PLUGIN_SET_VARIABLE not in os.environ  # set for the ranks only, not left behind in this process
+    monkeypatch.setenv(PLUGIN_SET_VARIABLE, seen[PLUGIN_SET_VARIABLE])  # what a rank process starts with
     install(site, "late-plugin", "raise ImportError('installed half-way through the run')\n")
     with warnings.catch_warnings():
         warnings.simplefilter("error", PluginWarning)

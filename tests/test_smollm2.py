@@ -38,6 +38,8 @@ def test_short_smollm2_run_learns(tmp_path):
         "--set",
         "eval.lm_eval.limit=4",
         "--set",
+        "eval.after_each_stage=true",
+        "--set",
         "data.mix.1.samples=32",
         "--set",
         "eval.domain_tokens=512",

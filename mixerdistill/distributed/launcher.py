@@ -29,6 +29,7 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
     )
     from mixerdistill.plugins import get_manager
 
+    saved_environment = dict(os.environ)  # the variables set below are for the ranks, not for this process after
     get_manager().pin_for_child_processes()  # every rank loads the plugins this run started with
     # torchrun forwards a stop signal to every rank (they end their step and write a checkpoint) and
     # waits STOP_TIMEOUT_SECONDS for them; rank 0 prints the resume command, which is this one.
@@ -64,3 +65,6 @@ def launch(nproc: int, arguments: list[str], resume_command: list[str]) -> None:
             f"so far are intact: once the cause is fixed, continue with\n  "
             f"{shlex.join(resume_command)}"
         ) from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environment)

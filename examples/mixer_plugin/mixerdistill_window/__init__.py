@@ -14,16 +14,8 @@ from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
-from mixerdistill.mixer import (
-    AttentionGeometry,
-    AttentionWeights,
-    MixerConfig,
-    RotaryEmbedding,
-    SequenceMixer,
-    State,
-    copy_projection,
-    repeat_kv_rows,
-)
+from mixerdistill.mixer import (AttentionGeometry, AttentionWeights, MixerConfig, RotaryEmbedding, SequenceMixer,
+                                State, copy_projection, repeat_kv_rows)
 
 
 def rotate(x: torch.Tensor, rotary: RotaryEmbedding, rotary_dim: int) -> torch.Tensor:
@@ -84,9 +76,8 @@ class SlidingWindowAttention(SequenceMixer):
         scores = scores.masked_fill(~valid.unsqueeze(-2), float("-inf"))
         return torch.einsum("bthw,btwhd->bthd", torch.softmax(scores, dim=-1), values)
 
-    def forward(
-        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
-    ) -> tuple[torch.Tensor, State]:
+    def forward(self, hidden_states: torch.Tensor, state: State | None = None,
+                rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
         """(B, T, D) → (B, T, D) and {"k", "v", "seen"}: the last W − 1 keys and values."""
         batch, length, _ = hidden_states.shape
         q, k, v = self._qkv(hidden_states, rotary)
@@ -94,52 +85,37 @@ class SlidingWindowAttention(SequenceMixer):
         keys, values = torch.cat([state["k"], k], dim=1), torch.cat([state["v"], v], dim=1)  # (B, W−1+T, H, d)
         windows = [t.unfold(1, self.config.window, 1).permute(0, 1, 4, 2, 3) for t in (keys, values)]  # (B,T,W,H,d)
         # Window slot w of token t holds position t − (W − 1) + w; slots before the first token are empty.
-        position = (
-            state["seen"][:, None, None]
-            + torch.arange(length, device=q.device)[None, :, None]
-            - (self.config.window - 1)
-            + torch.arange(self.config.window, device=q.device)[None, None, :]
-        )
+        position = state["seen"][:, None, None] + torch.arange(length, device=q.device)[None, :, None] \
+            - (self.config.window - 1) + torch.arange(self.config.window, device=q.device)[None, None, :]
         y = self._attend(q, *windows, position >= 0)
         keep = self.config.window - 1
-        new_state = {
-            "k": keys[:, keys.shape[1] - keep :],
-            "v": values[:, values.shape[1] - keep :],
-            "seen": state["seen"] + length,
-        }
+        new_state = {"k": keys[:, keys.shape[1] - keep:], "v": values[:, values.shape[1] - keep:],
+                     "seen": state["seen"] + length}
         return self.o_proj(y.flatten(-2)), new_state
 
-    def init_state(
-        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> State:
+    def init_state(self, batch_size: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> State:
         """{"k", "v": (B, W − 1, H, d) zeros, "seen": (B,) tokens seen so far}."""
         g, reference = self.geometry, self.q_proj.weight
         device, dtype = device or reference.device, dtype or reference.dtype
         empty = torch.zeros(batch_size, self.config.window - 1, g.num_heads, g.head_dim, device=device, dtype=dtype)
         return {"k": empty, "v": empty.clone(), "seen": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
-    def step(
-        self, hidden_state: torch.Tensor, state: State, rotary: RotaryEmbedding = None
-    ) -> tuple[torch.Tensor, State]:
+    def step(self, hidden_state: torch.Tensor, state: State,
+             rotary: RotaryEmbedding = None) -> tuple[torch.Tensor, State]:
         """One token (B, D), rotary (cos, sin) each (B, rotary_dim) → (B, D): forward on a length-1 sequence."""
         rotary = None if rotary is None else tuple(t.unsqueeze(1) for t in rotary)
         output, state = self(hidden_state.unsqueeze(1), state=state, rotary=rotary)
         return output.squeeze(1), state
 
     @classmethod
-    def from_attention(
-        cls, weights: AttentionWeights, geometry: AttentionGeometry, config: Config | None = None
-    ) -> SlidingWindowAttention:
+    def from_attention(cls, weights: AttentionWeights, geometry: AttentionGeometry,
+                       config: Config | None = None) -> "SlidingWindowAttention":
         """q, k, v, o and their biases from the teacher (k and v repeated over grouped-query heads)."""
         mixer = cls(geometry, config)
         copy_projection(mixer.q_proj, weights.q, weights.q_bias)
-        for linear, weight, bias in (
-            (mixer.k_proj, weights.k, weights.k_bias),
-            (mixer.v_proj, weights.v, weights.v_bias),
-        ):
-            copy_projection(
-                linear, repeat_kv_rows(geometry, weight), None if bias is None else repeat_kv_rows(geometry, bias)
-            )
+        for linear, weight, bias in ((mixer.k_proj, weights.k, weights.k_bias), (mixer.v_proj, weights.v, weights.v_bias)):
+            copy_projection(linear, repeat_kv_rows(geometry, weight), None if bias is None else repeat_kv_rows(geometry, bias))
         copy_projection(mixer.o_proj, weights.o, weights.o_bias)
         return mixer
 

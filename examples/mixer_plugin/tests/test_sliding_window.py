@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from mixerdistill_window import SlidingWindowAttention
 
 from mixerdistill.plugins import get_mixer
 from mixerdistill.testing import check_mixer, random_attention_weights, rotary_for
+from mixerdistill_window import SlidingWindowAttention
 
 
 @pytest.mark.parametrize("window", [2, 4, 64])
