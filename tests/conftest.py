@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import subprocess
@@ -16,6 +17,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("matrix_orientation", "hidden_state_alignment", "knowledge_distillation")
+# A recipe's teacher block: a 2-layer random Llama built from its config (GQA: 4 heads, 2 kv heads).
+TINY_TEACHER = {
+    "source": "config",
+    "model_type": "llama",
+    "config": {
+        "vocab_size": 256,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "bos_token_id": 1,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+    },
+}
 
 
 def write_recipe(
@@ -25,22 +43,7 @@ def write_recipe(
     recipe = {
         "name": "resume-test",
         "seed": 0,
-        "teacher": {
-            "source": "config",
-            "model_type": "llama",
-            "config": {
-                "vocab_size": 256,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 128,
-                "bos_token_id": 1,
-                "eos_token_id": 0,
-                "pad_token_id": 0,
-            },
-        },
+        "teacher": copy.deepcopy(TINY_TEACHER),
         "student": {"mixer": {"name": "discrete_mamba2", "chunk_size": 16}},
         "data": {"source": "text", "paths": [str(REPO / "README.md"), str(REPO / "docs" / "*.md")]},
         "stages": [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, TINY_TEACHER, run_cli
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.recipe import load_recipe
 
@@ -16,22 +16,7 @@ TINY = {
     "name": "tiny_ablation",
     "seed": 0,
     "threads": 1,
-    "teacher": {
-        "source": "config",
-        "model_type": "llama",
-        "config": {
-            "vocab_size": 256,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 128,
-            "bos_token_id": 1,
-            "eos_token_id": 0,
-            "pad_token_id": 0,
-        },
-    },
+    "teacher": TINY_TEACHER,
     "student": {"mixer": {"name": "discrete_mamba2"}, "keep_attention": [0]},
     "data": {"source": "text", "paths": [str(REPO / "README.md")], "heldout_fraction": 0.2},
     "stages": [
