@@ -219,6 +219,16 @@ class SequenceMixer(nn.Module):
         """A mixer initialised from a teacher attention layer. Default: a fresh mixer (no transfer)."""
         return cls(geometry, config)
 
+    def require_teacher_shapes(self, **sizes: tuple[int, int]) -> None:
+        """For ``from_attention``: raise one ValueError naming every ``name=(value, needed)`` that differs,
+        e.g. ``require_teacher_shapes(d_state=(self.d_state, geometry.head_dim))``."""
+        wrong = [f"{name}={value} (needs {needed})" for name, (value, needed) in sizes.items() if value != needed]
+        if wrong:
+            raise ValueError(
+                f"{type(self).__name__}.from_attention copies the teacher's projections, which fixes "
+                f"{', '.join(sizes)}; got {', '.join(wrong)} (leave them unset to take the teacher's)"
+            )
+
     def extra_repr(self) -> str:
         fields: dict[str, Any] = self.config.model_dump()
         return ", ".join(f"{k}={v}" for k, v in fields.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -358,11 +359,37 @@ PLUGIN_BLOCKS = {
 }
 
 
+def builtin_recipes() -> dict[str, Path]:
+    """{name: path} of the recipes shipped with the package (the repository's ``recipes/`` folder)."""
+    folder = resources.files("mixerdistill.recipes")
+    recipes = (entry for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+    return {entry.name.removesuffix(".yaml"): Path(str(entry)) for entry in recipes}
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """``path`` if it is a file, else the built-in recipe of that name (``smollm2_mamba`` or
+    ``smollm2_mamba.yaml``), so an installed package runs its recipes from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    builtin = builtin_recipes()
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name in builtin:
+        return builtin[name]
+    raise RecipeError(
+        [
+            (
+                "",
+                f"recipe file not found: {path}{suggest(name, list(builtin))}; "
+                f"built-in recipes: {', '.join(sorted(builtin))}",
+            )
+        ]
+    )
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; raises RecipeError listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError([("", f"recipe file not found: {path}")])
+    path = resolve_recipe_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

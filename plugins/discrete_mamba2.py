@@ -228,20 +228,9 @@ class DiscreteMamba2(SequenceMixer):
         weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
-        wrong = [
-            f"{name}={value} (teacher: {want})"
-            for name, value, want in (
-                ("d_state", mixer.d_state, d),
-                ("head_dim", mixer.head_dim, d),
-                ("num_heads", mixer.num_heads, geometry.num_heads),
-            )
-            if value != want
-        ]
-        if wrong:
-            raise ValueError(
-                f"from_attention needs d_state = head_dim = the teacher's head_dim and num_heads = "
-                f"the teacher's num_heads; got {', '.join(wrong)}"
-            )
+        mixer.require_teacher_shapes(
+            d_state=(mixer.d_state, d), head_dim=(mixer.head_dim, d), num_heads=(mixer.num_heads, geometry.num_heads)
+        )
         with torch.no_grad():
             mixer._rows("x").copy_(repeat_kv_rows(geometry, weights.v))
             if mixer.config.bc_transfer == "attention":

@@ -214,21 +214,12 @@ class Mamba2(SequenceMixer):
         weights = fold_qk_norm(weights, geometry)
         mixer = cls(geometry, config)
         d = geometry.head_dim
-        wrong = [
-            f"{name}={value} (needs {want})"
-            for name, value, want in (
-                ("d_state", mixer.d_state, d),
-                ("head_dim", mixer.head_dim, d),
-                ("num_heads", mixer.num_heads, geometry.num_heads),
-                ("n_groups", mixer.n_groups, geometry.num_heads),
-            )
-            if value != want
-        ]
-        if wrong:
-            raise ValueError(
-                f"mamba2 from_attention needs d_state = head_dim = the teacher's head_dim and "
-                f"num_heads = n_groups = the teacher's num_heads; got {', '.join(wrong)}"
-            )
+        mixer.require_teacher_shapes(
+            d_state=(mixer.d_state, d),
+            head_dim=(mixer.head_dim, d),
+            num_heads=(mixer.num_heads, geometry.num_heads),
+            n_groups=(mixer.n_groups, geometry.num_heads),
+        )
         with torch.no_grad():
             mixer._rows("x").copy_(repeat_kv_rows(geometry, weights.v))
             mixer._rows("B").copy_(repeat_kv_rows(geometry, weights.k))

@@ -73,6 +73,10 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert BUILT_IN <= {plugin["name"] for plugin in listed["plugins"] if plugin["builtin"]}, listed["plugins"]
     assert {"discrete_mamba2", "attention"} <= set(listed["mixers"])
     assert "--write" in run(venv / "bin" / "mixerdistill", "bench", "--help", cwd=tmp_path)
+    # The recipes ship in the wheel: found by name from any folder, the benchmarks' one included.
+    assert "ok smollm2_mamba" in run(venv / "bin" / "mixerdistill", "validate", "smollm2_mamba", cwd=tmp_path)
+    recipe = run(python, "-c", "from mixerdistill.bench import SMOLLM2_RECIPE; print(SMOLLM2_RECIPE)", cwd=tmp_path)
+    assert recipe.startswith(str(fresh_site)) and recipe.strip().endswith("smollm2_mamba.yaml"), recipe
 
 
 def test_public_api_is_importable_from_the_package():

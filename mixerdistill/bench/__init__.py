@@ -19,7 +19,16 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+from mixerdistill.recipe import resolve_recipe_path
+
+
+def _results_dir() -> Path:
+    """``benchmarks/results`` of the source checkout this package runs from, else of the working directory."""
+    checkout = Path(__file__).resolve().parents[2]
+    return (checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()) / "benchmarks" / "results"
+
+
+RESULTS_DIR = _results_dir()
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -151,7 +160,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-SMOLLM2_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_mamba.yaml"
+SMOLLM2_RECIPE = resolve_recipe_path("smollm2_mamba")
 
 
 def smollm2(recipe_path: Path = SMOLLM2_RECIPE):

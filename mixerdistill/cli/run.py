@@ -17,7 +17,7 @@ SET_HELP = "Override a recipe field: dotted.path=value (YAML value; list items b
 
 @app.command("validate")
 def validate_command(
-    recipes: list[Path] = typer.Argument(..., help="Recipe YAML files."),
+    recipes: list[Path] = typer.Argument(..., help="Recipe YAML files or built-in recipe names."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Check recipes against the schema; every problem is reported as a dotted YAML path."""
@@ -37,7 +37,9 @@ def validate_command(
 
 @app.command("run")
 def run_command(
-    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+    recipe_path: Path = typer.Argument(
+        ..., metavar="RECIPE", help="Recipe YAML file, or a built-in recipe's name (e.g. smollm2_mamba)."
+    ),
     output: Path = typer.Option(
         None, "--output", "-o", help="Run directory (default: output.dir of the recipe, else runs/<name>)."
     ),
