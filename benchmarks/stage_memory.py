@@ -1,10 +1,13 @@
 """Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
 
-    python benchmarks/stage_memory.py {stage2_plain,stage2_recompute,stage3_whole,stage3_chunked}
+    python benchmarks/stage_memory.py {stage2_plain,stage2_recompute,stage3_whole,stage3_chunked,
+                                       stage3_recompute,stage3_frozen_embeddings}
 
 One variant per process (peak RSS only grows): load the cached teacher, build the 30-layer discrete
 Mamba-2 student, run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage3_whole``
-is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``.
+is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``;
+``stage3_chunked`` the chunked loss keeping every block's activations; ``stage3_recompute`` the default (blocks
+recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``.
 """
 
 import argparse
@@ -20,7 +23,14 @@ from mixerdistill.stages import StageContext
 from mixerdistill.student import build_student, mixer_layers
 from mixerdistill.teacher import find_adapter
 
-VARIANTS = ("stage2_plain", "stage2_recompute", "stage3_whole", "stage3_chunked")
+VARIANTS = (
+    "stage2_plain",
+    "stage2_recompute",
+    "stage3_whole",
+    "stage3_chunked",
+    "stage3_recompute",
+    "stage3_frozen_embeddings",
+)
 
 
 def peak_gb() -> float:
@@ -59,7 +69,11 @@ def main() -> None:
         )
     else:
         stage_cls = get_stage("knowledge_distillation")
-        config = stage_cls.Config(tokens=1024)
+        config = stage_cls.Config(
+            tokens=1024,
+            recompute=variant in ("stage3_recompute", "stage3_frozen_embeddings"),
+            freeze=["embeddings"] if variant == "stage3_frozen_embeddings" else [],
+        )
     stage = stage_cls(config, context)
     parameters = stage.trainable_parameters()
     student.requires_grad_(False)

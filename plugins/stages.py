@@ -10,10 +10,12 @@ losses are summed and one backward trains all layers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mixerdistill.hookspecs import hookimpl
@@ -201,6 +203,13 @@ class KnowledgeDistillation(Stage):
             description="Parameter groups kept at the teacher's weights: MLPs, norms, embeddings (with a "
             "tied LM head) and kept attention layers. Freezing saves their weight gradients.",
         )
+        recompute: bool = Field(
+            True,
+            description="Recompute each student block's forward in the backward pass (transformers' "
+            "activation checkpointing): the backward holds the blocks' inputs instead of all their "
+            "activations (SmolLM2's 30 blocks at 4 × 256 tokens: ≈ 2 GB fewer at the peak) for one "
+            "more forward of the student.",
+        )
 
     def trainable_parameters(self):
         context = self.context
@@ -229,13 +238,29 @@ class KnowledgeDistillation(Stage):
         """KL of the student's next-token distribution from the teacher's (× temperature²), plus the weighted
         cross-entropy on the text; the vocabulary is handled a chunk of tokens at a time (mixerdistill.logits)."""
         context = self.context
-        kl, ce = chunked_distillation_loss(context.student, context.teacher, input_ids, self.config.temperature)
+        with block_recompute(context.student, self.config.recompute):
+            kl, ce = chunked_distillation_loss(context.student, context.teacher, input_ids, self.config.temperature)
         metrics = {"kl": kl.detach()}
         total = self.config.kd_weight * kl
         if self.config.ce_weight > 0:
             metrics["ce"] = ce.detach()
             total = total + self.config.ce_weight * ce
         return total, metrics
+
+
+@contextmanager
+def block_recompute(model: nn.Module, enabled: bool):
+    """Within the block, ``model``'s forward saves only each decoder block's inputs for the backward, which
+    recomputes the block (transformers' activation checkpointing; families without it run as they are).
+    The backward may run after the block: the recompute is recorded in the autograd graph."""
+    if not enabled or not getattr(model, "supports_gradient_checkpointing", False):
+        yield
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
 
 
 @hookimpl
