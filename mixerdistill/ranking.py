@@ -442,6 +442,7 @@ def plot_ranking(result: dict, path: Path) -> None:
     for axis, measure in zip(axes if len(measures) > 1 else [axes], measures):
         axis.bar(layers, [result["layers"][str(layer)][measure] for layer in layers])
         axis.set_ylabel(measure)
+        axis.set_xticks(layers)
         axis.set_title(DESCRIPTIONS[measure], fontsize="small")
     axes_list = axes if len(measures) > 1 else [axes]
     axes_list[-1].set_xlabel("layer replaced")

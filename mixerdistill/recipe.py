@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -229,6 +230,18 @@ class StudentBlock(Strict):
         "the K layers whose replacement costs most by a layer ranking (run, or read from the cache); "
         "the run's recipe.yaml records the list chosen.",
     )
+
+    @field_validator("keep_attention", mode="before")
+    @classmethod
+    def _list_or_auto(cls, value: Any) -> Any:
+        """Validate as the one form the value has, so errors name its own fields (not both union members)."""
+        if isinstance(value, dict):
+            return KeepAttentionAuto.model_validate(value)
+        if isinstance(value, list):
+            return TypeAdapter(list[Annotated[int, Field(ge=0)]]).validate_python(value)
+        if isinstance(value, KeepAttentionAuto):
+            return value
+        raise ValueError("give a list of layer indices, or {auto: K, by: MEASURE}")
     init: Literal["transfer", "random"] = Field(
         "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not."
     )

@@ -30,6 +30,8 @@ class TeacherFigures(_Figures):
 
 class StudentFigures(_Figures):
     mixers: dict[str, int]  # {mixer name: layers}
+    keep_attention: list[int] = []  # layers that kept the teacher's attention
+    keep_attention_by: str | None = None  # the ranking measure that chose them (keep_attention: {auto: K, by})
     parameters: int
     perplexity_after_transfer: float | None = None
     perplexity: float | None = None  # after the last stage
