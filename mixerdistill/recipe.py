@@ -242,6 +242,7 @@ class StudentBlock(Strict):
         if isinstance(value, KeepAttentionAuto):
             return value
         raise ValueError("give a list of layer indices, or {auto: K, by: MEASURE}")
+
     init: Literal["transfer", "random"] = Field(
         "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not."
     )

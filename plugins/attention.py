@@ -228,8 +228,9 @@ class AttentionMixer(SequenceMixer):
 
 
 class WindowAttention(AttentionMixer):
-    """The teacher's softmax attention over the last ``window`` tokens only (query i sees keys j with
-    i − j < W), so decoding keeps a constant-size state: the last W − 1 keys (after RoPE) and values and a
+    """The teacher's softmax attention over the last W tokens only, with a constant-size decoding state.
+
+    Query i sees keys j with i − j < W. The state is the last W − 1 keys (after RoPE) and values and a
     count of the tokens seen, {"k", "v": (B, W − 1, H_kv, d), "seen": (B,)}. ``from_attention`` copies the
     teacher's projections, so up to W tokens it computes exactly the teacher's attention. A teacher layer
     that already has a narrower window keeps it."""

@@ -78,7 +78,7 @@ def _part_class(part: Any) -> tuple[str, type[SequenceMixer]]:
 
 
 class SumMixer(SequenceMixer):
-    """Registered mixers added together, each output weighted by a learned scale (see the module docstring)."""
+    """Registered mixers added together, each weighted by a learned scale starting at (1, 0, …) (docs/hybrids.md)."""
 
     class Config(MixerConfig):
         parts: list[dict[str, Any]] = Field(
