@@ -240,7 +240,7 @@ class Distillation:
             ),
             student=StudentFigures(
                 mixers=self.counts,
-                keep_attention=sorted(self.recipe.student.keep_attention),
+                keep_attention=sorted(self.recipe.student.keep_attention) or None,
                 keep_attention_by=self.keep_attention_by,
                 parameters=sum(p.numel() for p in self.student.parameters()),
                 perplexity_after_transfer=previous.student.perplexity_after_transfer if previous else None,
