@@ -38,7 +38,7 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunk_kd(
+def chunk_kd(
     student: nn.Module,
     teacher: nn.Module,
     student_hidden: torch.Tensor,
@@ -76,7 +76,7 @@ def chunked_distillation_loss(
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         chunk_kl, chunk_ce = checkpoint(
-            _chunk_kd,
+            chunk_kd,
             student,
             teacher,
             student_hidden[piece],

@@ -145,6 +145,8 @@ class SequenceMixer(nn.Module):
     Config: ClassVar[type[MixerConfig]] = MixerConfig
     state_grows: ClassVar[bool] = False
     """True for mixers whose state grows with the tokens seen (softmax attention's KV cache)."""
+    export_refusal: ClassVar[str] = ""
+    """Why ``mixerdistill export`` cannot ship this mixer; empty when it can."""
 
     def __init__(self, geometry: AttentionGeometry, config: MixerConfig | None = None):
         super().__init__()

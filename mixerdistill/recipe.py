@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -194,11 +195,55 @@ class StageBlock(PluginBlock):
 
 
 # -- the recipe --------------------------------------------------------------------------------
+RANKING_MEASURES = ("kl", "ppl", "stage1", "stage2")
+"""What ``rank-layers`` measures per layer (docs/hybrids.md); each ranks the layers, largest cost first."""
+
+
+class KeepAttentionAuto(Strict):
+    """Keep attention in the K layers whose replacement costs most, by a measured ranking (rank-layers)."""
+
+    auto: int = Field(ge=1, description="K, how many layers keep the teacher's attention.")
+    by: Literal[RANKING_MEASURES] = Field(
+        "stage2",
+        description="The measure that ranks the layers: kl (KL(teacher ‖ student) with only that layer "
+        "replaced), ppl (that student's perplexity), stage1 or stage2 (the layer's held-out "
+        "distances after a short stage 2; cheapest).",
+    )
+
+
+class RankingSpec(Strict):
+    """How `mixerdistill rank-layers` (and keep_attention: {auto: K}) measures each layer's replacement."""
+
+    tokens: int = Field(16384, gt=0, description="Training tokens of the short layer-local stage 2 (every layer).")
+    batch_size: int = Field(4, ge=1, description="Sequences per alignment step and per scored batch.")
+    seq_len: int = Field(256, ge=2, description="Tokens per sequence, in alignment and scoring.")
+    lr: float = Field(1e-3, gt=0, description="Constant AdamW learning rate of the alignment (no clipping).")
+    heldout_tokens: int = Field(2048, ge=2, description="Held-out tokens every measure is taken on.")
+    target: Literal["block", "mixer"] = Field("mixer", description="Stage-2 target of the alignment and measure.")
+    distance: Literal["l2", "relative"] = Field("relative", description="Stage-2 per-token distance.")
+
+
 class StudentBlock(Strict):
     mixer: MixerBlock = Field(description="The mixer that replaces attention, with its Config fields.")
-    keep_attention: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=list, description="Layer indices that keep the teacher's attention (hybrids)."
+    keep_attention: list[Annotated[int, Field(ge=0)]] | KeepAttentionAuto = Field(
+        default_factory=list,
+        description="Layer indices that keep the teacher's attention (hybrids), or {auto: K, by: MEASURE}: "
+        "the K layers whose replacement costs most by a layer ranking (run, or read from the cache); "
+        "the run's recipe.yaml records the list chosen.",
     )
+
+    @field_validator("keep_attention", mode="before")
+    @classmethod
+    def _list_or_auto(cls, value: Any) -> Any:
+        """Validate as the one form the value has, so errors name its own fields (not both union members)."""
+        if isinstance(value, dict):
+            return KeepAttentionAuto.model_validate(value)
+        if isinstance(value, list):
+            return TypeAdapter(list[Annotated[int, Field(ge=0)]]).validate_python(value)
+        if isinstance(value, KeepAttentionAuto):
+            return value
+        raise ValueError("give a list of layer indices, or {auto: K, by: MEASURE}")
+
     init: Literal["transfer", "random"] = Field(
         "transfer", description="'transfer' builds mixers from the teacher's q/k/v/o; 'random' does not."
     )
@@ -323,12 +368,25 @@ class Recipe(Strict):
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Several processes under torchrun (ignored in one process)."
     )
+    ranking: RankingSpec = Field(
+        default_factory=RankingSpec, description="Layer ranking settings (rank-layers, keep_attention: {auto: K})."
+    )
     ablation: list[MixerBlock] = Field(
         default_factory=list,
         description="Mixer families that `mixerdistill ablate` compares: each one replaces "
         "student.mixer in turn, on the same teacher, data and stages. "
         "`mixerdistill run` ignores it.",
     )
+
+    def kept_layers(self) -> list[int]:
+        """``student.keep_attention`` as a list; a UserError while it is still {auto: K} (run resolves it)."""
+        kept = self.student.keep_attention
+        if isinstance(kept, KeepAttentionAuto):
+            raise UserError(
+                "student.keep_attention: {auto: K} is resolved by `mixerdistill run` (from a layer ranking); "
+                "give a list of layers here"
+            )
+        return list(kept)
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in, plugin blocks included (what `recipe.yaml` records)."""

@@ -33,6 +33,11 @@ def render_report(report: RunReport) -> str:
         f"teacher: {teacher.adapter} ({format_number(teacher.parameters)} parameters).",
         "",
     ]
+    if student.keep_attention:
+        chosen = (
+            f", the layers costliest to replace by {student.keep_attention_by}" if student.keep_attention_by else ""
+        )
+        lines += [f"Attention kept in layers {', '.join(map(str, student.keep_attention))}{chosen}.", ""]
     lines += _perplexity_table(report)
     if student.domains:
         lines += [

@@ -38,13 +38,13 @@ from mixerdistill.device import pick_device
 from mixerdistill.distributed import plans
 from mixerdistill.distributed import world as worlds
 from mixerdistill.domains import DomainEvaluation, domain_table
-from mixerdistill.errors import writing
+from mixerdistill.errors import UserError, writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
 from mixerdistill.lock import output_lock
 from mixerdistill.mixture import MixedData, build_data
 from mixerdistill.plots import write_run_plots
 from mixerdistill.plugins import get_mixer, get_stage
-from mixerdistill.recipe import Recipe
+from mixerdistill.recipe import KeepAttentionAuto, Recipe
 from mixerdistill.report import write_report
 from mixerdistill.run_directory import METRICS_FILE, check_output, check_same_recipe, prepare_output, stage_directory
 from mixerdistill.run_report import (
@@ -128,6 +128,7 @@ class Distillation:
         self.started = time.perf_counter()
         self._load_teacher()
         self._load_data()
+        self._resolve_keep_attention()
         self._build_student()
         self.recipe = self._resolve_stages()
         if self.resume and (self.output / "recipe.yaml").is_file():
@@ -164,6 +165,36 @@ class Distillation:
         self.eval_windows = (
             self.data.heldout_windows(recipe.eval.seq_len, recipe.eval.tokens) if recipe.eval.tokens else None
         )
+
+    def _resolve_keep_attention(self) -> None:
+        """``keep_attention: {auto: K, by}`` → the K layers whose replacement costs most by a layer ranking
+        (mixerdistill.ranking), read from the cache or measured now; the recipe from here on holds the list."""
+        auto = self.recipe.student.keep_attention
+        self.keep_attention_by = None
+        if not isinstance(auto, KeepAttentionAuto):
+            return
+        from mixerdistill.ranking import Models, most_costly, rank_layers
+
+        count = len(self.adapter.layers(self.teacher))
+        if auto.auto >= count:
+            raise UserError(
+                f"student.keep_attention.auto: {auto.auto} layers would keep attention but the teacher has "
+                f"{count}; choose K from 1 to {count - 1}"
+            )
+        spec = self.recipe.ranking
+        windows = self.data.heldout_windows(spec.seq_len, spec.heldout_tokens)
+        models = Models(self.teacher, self.adapter, windows, self.device, self.data)
+        self.log(f"[bold]keep_attention[/]: ranking the layers by {auto.by} (cached after the first run)")
+        if not self.world.main:
+            self.world.barrier()  # rank 0 ranks first; the others then read its cached results
+        result = rank_layers(self.recipe, models, [auto.by], show_progress=self.show_progress and self.world.main)
+        if self.world.main:
+            self.world.barrier()
+        kept = most_costly(result, auto.by, auto.auto)
+        self.log(f"[bold]keep_attention[/]: layers {kept} (by {auto.by}; ranking in {result['cache']})")
+        student = self.recipe.student.model_copy(update={"keep_attention": kept})
+        self.recipe = self.recipe.model_copy(update={"student": student})
+        self.keep_attention_by = auto.by
 
     def _build_student(self) -> None:
         recipe, adapter = self.recipe, self.adapter
@@ -209,6 +240,8 @@ class Distillation:
             ),
             student=StudentFigures(
                 mixers=self.counts,
+                keep_attention=sorted(self.recipe.student.keep_attention) or None,
+                keep_attention_by=self.keep_attention_by,
                 parameters=sum(p.numel() for p in self.student.parameters()),
                 perplexity_after_transfer=previous.student.perplexity_after_transfer if previous else None,
             ),

@@ -14,6 +14,7 @@ REPORT_FILE = "report.json"
 OPTIONAL = ("samples", "eval", "plots", "seconds")  # keys report.json holds only once they are known
 # Figures of the unseen-domain evaluation (eval.domains): report.json holds them only when measured.
 DOMAIN_KEYS = ("domains", "domain_ratio_geomean", "domains_after_transfer", "domains_after", "mix")
+HYBRID_KEYS = ("keep_attention", "keep_attention_by")  # absent from reports of runs that kept no attention
 
 
 class _Figures(BaseModel):
@@ -30,6 +31,8 @@ class TeacherFigures(_Figures):
 
 class StudentFigures(_Figures):
     mixers: dict[str, int]  # {mixer name: layers}
+    keep_attention: list[int] | None = None  # layers that kept the teacher's attention (None: none)
+    keep_attention_by: str | None = None  # the ranking measure that chose them (keep_attention: {auto: K, by})
     parameters: int
     perplexity_after_transfer: float | None = None
     perplexity: float | None = None  # after the last stage
@@ -113,12 +116,12 @@ class RunReport(_Figures):
 
 
 def _drop_unmeasured_domains(value):
-    """``value`` (report.json's content) without the domain keys of DOMAIN_KEYS that hold None."""
+    """``value`` (report.json's content) without the keys of DOMAIN_KEYS and HYBRID_KEYS that hold None."""
     if isinstance(value, dict):
         return {
             key: _drop_unmeasured_domains(item)
             for key, item in value.items()
-            if not (key in DOMAIN_KEYS and item is None)
+            if not (key in DOMAIN_KEYS + HYBRID_KEYS and item is None)
         }
     if isinstance(value, list):
         return [_drop_unmeasured_domains(item) for item in value]

@@ -6,12 +6,18 @@ interleaved RoPE or none, any softmax scale, logit soft-capping, sliding windows
 ``AttentionGeometry`` describes, so the teacher's attention matrices come from q/k without an
 eager-attention copy of the whole model. The recurrent state is the KV cache: {"k", "v"} each
 (B, T_seen, H_kv, d), keys stored after RoPE.
+
+``window_attention`` is the same attention restricted to the last W tokens, with a constant-size state: the
+last W − 1 keys and values (for hybrids and the ``sum`` mixer's local part).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from mixerdistill.hookspecs import hookimpl
@@ -221,6 +227,66 @@ class AttentionMixer(SequenceMixer):
         return mixer
 
 
+class WindowAttention(AttentionMixer):
+    """The teacher's softmax attention over the last W tokens only, with a constant-size decoding state.
+
+    Query i sees keys j with i − j < W. The state is the last W − 1 keys (after RoPE) and values and a
+    count of the tokens seen, {"k", "v": (B, W − 1, H_kv, d), "seen": (B,)}. ``from_attention`` copies the
+    teacher's projections, so up to W tokens it computes exactly the teacher's attention. A teacher layer
+    that already has a narrower window keeps it."""
+
+    class Config(MixerConfig):
+        window: int = Field(64, ge=1, description="W, tokens each token attends to, itself included")
+
+    state_grows = False
+
+    def __init__(self, geometry: AttentionGeometry, config: MixerConfig | None = None):
+        config = config if config is not None else self.Config()
+        window = min(config.window, geometry.sliding_window or config.window)
+        super().__init__(replace(geometry, sliding_window=window), config)
+        self.window = window
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """q (B, Tq, H, d), k and v (B, Tk, H_kv, d), allowed (B, 1, Tq, Tk) → (B, Tq, H, d)."""
+        g = self.geometry
+        k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+        if g.logit_softcap is None:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=g.scale
+            )
+            return y.transpose(1, 2)
+        scores = torch.tanh(torch.einsum("bqhd,bkhd->bhqk", q, k) * g.scale / g.logit_softcap) * g.logit_softcap
+        probabilities = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32)
+        return torch.einsum("bhqk,bkhd->bqhd", probabilities.to(q.dtype), v)
+
+    def forward(
+        self, hidden_states: torch.Tensor, state: State | None = None, rotary: RotaryEmbedding = None
+    ) -> tuple[torch.Tensor, State]:
+        """(B, T, D) → (B, T, D) and the state; the tokens also attend to the state's W − 1 keys."""
+        batch, length, _ = hidden_states.shape
+        q, k, v = self._qkv(hidden_states, rotary)
+        state = state if state is not None else self.init_state(batch, q.device, q.dtype)
+        keys, values = torch.cat((state["k"], k), dim=1), torch.cat((state["v"], v), dim=1)  # (B, W−1+T, H_kv, d)
+        kept = self.window - 1
+        # Slot s < W − 1 holds the token W − 1 − s places before this call's first one: empty until seen.
+        filled = torch.arange(kept, device=q.device)[None, :] >= kept - state["seen"][:, None]  # (B, W−1)
+        filled = torch.cat((filled, filled.new_ones(batch, length)), dim=1)  # (B, W−1+T)
+        allowed = causal_mask(length, kept + length, q.device, self.window) & filled[:, None, None, :]
+        y = self._attend(q, keys, values, allowed)
+        new_state = {"k": keys[:, length:], "v": values[:, length:], "seen": state["seen"] + length}
+        return self.o_proj(y.reshape(batch, length, -1)), new_state
+
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> State:
+        """No tokens seen: k and v (B, W − 1, H_kv, d) zeros, seen (B,) 0."""
+        g, reference = self.geometry, self.k_proj.weight
+        device, dtype = device or reference.device, dtype or reference.dtype
+        empty = torch.zeros(batch_size, self.window - 1, g.num_kv_heads, g.head_dim, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone(), "seen": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+
 @hookimpl
 def register_mixers(register):
     register("attention", AttentionMixer)
+    register("window_attention", WindowAttention)

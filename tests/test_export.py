@@ -33,9 +33,11 @@ FRESH_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers")
 
 
 def builtin_families() -> list[str]:
-    """Every mixer registered by mixerdistill's own plugins."""
+    """Every mixer registered by mixerdistill's own plugins that export can ship (``sum`` says it cannot)."""
     return [
-        name for name in registry("mixers").names() if get_mixer(name).__module__.startswith("mixerdistill_plugins.")
+        name
+        for name in registry("mixers").names()
+        if get_mixer(name).__module__.startswith("mixerdistill_plugins.") and not get_mixer(name).export_refusal
     ]
 
 

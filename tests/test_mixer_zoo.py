@@ -28,6 +28,8 @@ ZOO = [
     "linear_attention",
     "gated_linear_attention",
     "toeplitz",
+    "window_attention",
+    "sum",
 ]
 
 VARIANTS = [
@@ -50,6 +52,16 @@ VARIANTS = [
     ("toeplitz", {"max_len": 12}),  # shorter than the sequence: offsets ≥ 12 weigh 0
     ("toeplitz", {"max_len": 64}),
     ("toeplitz", {"max_len": 1}),
+    ("window_attention", {"window": 2}),
+    ("window_attention", {"window": 64}),
+    ("sum", {"parts": [{"name": "window_attention", "window": 4}, {"name": "discrete_mamba2", "chunk_size": 8}]}),
+    (
+        "sum",
+        {
+            "parts": [{"name": "discrete_mamba2", "chunk_size": 8}, {"name": "linear_attention", "chunk_size": 8}],
+            "scales": [0.5, 0.5],
+        },
+    ),
 ]
 
 

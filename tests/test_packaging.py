@@ -19,6 +19,7 @@ BUILT_IN = {
     "toeplitz",
     "semiseparable",
     "mamba2",
+    "composite",
     "delta_net",
     "mlstm",
     "families",

@@ -49,7 +49,7 @@ def smollm2_pair() -> tuple[nn.Module, nn.Module, TeacherAdapter]:
 
     recipe, teacher, adapter, mixer_cls = smollm2()
     torch.manual_seed(recipe.seed)
-    student = build_student(teacher, adapter, mixer_cls, recipe.student.mixer.config, recipe.student.keep_attention)
+    student = build_student(teacher, adapter, mixer_cls, recipe.student.mixer.config, recipe.kept_layers())
     return teacher, student.eval(), adapter
 
 

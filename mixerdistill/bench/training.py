@@ -112,7 +112,7 @@ def run(quick: bool = False, steps: int = 4) -> dict:
     recipe, teacher, adapter, mixer_cls = smollm2()
     torch.set_num_threads(recipe.threads or torch.get_num_threads())
     peak = machine()["matmul_peak_gflops"]
-    student = build_student(teacher, adapter, mixer_cls, recipe.student.mixer.config, recipe.student.keep_attention)
+    student = build_student(teacher, adapter, mixer_cls, recipe.student.mixer.config, recipe.kept_layers())
     context = StageContext(teacher, student, adapter, mixer_layers(student, adapter))
     generator = torch.Generator().manual_seed(0)
     rows = []

@@ -30,7 +30,7 @@ def _options(traceback: bool = typer.Option(False, "--traceback", help="Show ful
 
 def _register_commands() -> None:
     # each module adds its commands to `app`
-    from mixerdistill.cli import ablate, bench, evaluate, export, generate, plugins, run  # noqa: F401
+    from mixerdistill.cli import ablate, bench, evaluate, export, generate, plugins, rank, run  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

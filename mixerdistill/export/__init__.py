@@ -111,6 +111,8 @@ def export_student(
     student, spec = load_student(checkpoint)
     student.to(DTYPES[dtype])
     mixer_cls = get_mixer(spec.mixer)
+    if mixer_cls.export_refusal:
+        raise UserError(f"the '{spec.mixer}' mixer cannot be exported: {mixer_cls.export_refusal}")
     options = mixer_cls.Config.model_validate(spec.mixer_config).model_dump(mode="json")
     mixer_layers = {
         path: asdict(module.mixer.geometry)
