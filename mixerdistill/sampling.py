@@ -116,7 +116,8 @@ class PrefixSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data: DataSourceBlock = Field(
         description="The data source the prompts are cut from: a data block, e.g. `{source: austen}` or "
-        "`{source: text, paths: [...]}`. Only its training split is read, never its held-out text."
+        "`{source: text, paths: [...]}`. Only its training split is read, never its held-out text; a run "
+        "is refused when the text of an `eval.domains` entry is in that split."
     )
     tokens: int = Field(32, ge=1, description="Length of each prompt in tokens (the teacher's tokenizer).")
     count: int = Field(
@@ -504,7 +505,7 @@ def _batch_file(index: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: ranks sharing a node-local cache may race
     tmp.write_text(text)
     os.replace(tmp, path)
 
