@@ -209,14 +209,14 @@ class SampleSettings(DataSourceConfig):
             raise ValueError("builtin_prompts is false but no prompts are given (prompts, prompts_file or prefixes)")
         return self
 
-    def prompt_list(self, prefix_prompts: list[str] = ()) -> list[str]:
+    def prompt_list(self, prefix_texts: Iterable[str] = ()) -> list[str]:
         """The prompt pool: the built-in set (see ``builtin_prompts``), ``prompts``, the lines of
-        ``prompts_file`` and ``prefix_prompts`` (those cut by ``prefix_prompts()``), in that order."""
+        ``prompts_file`` and ``prefix_texts`` (the prompts ``prefix_prompts`` cut), in that order."""
         given = list(self.prompts or [])
         if self.prompts_file:
             lines = Path(self.prompts_file).read_text(encoding="utf-8").splitlines()
             given += [line.replace("\\n", "\n") for line in lines if line.strip()]
-        given += prefix_prompts
+        given += prefix_texts
         builtin = self.builtin_prompts if self.builtin_prompts is not None else not given
         return (list(BUILTIN_PROMPTS) if builtin else []) + given
 

@@ -12,6 +12,7 @@ from mixerdistill.data import ByteTokenizer, TokenData
 from mixerdistill.domains import Domain, check_no_leak
 from mixerdistill.errors import UserError
 from mixerdistill.sampling import (
+    BUILTIN_PROMPTS,
     SampleSettings,
     TeacherSamples,
     cache_key,
@@ -146,6 +147,8 @@ def test_prefix_prompts_are_first_tokens_of_training_documents_seeded_and_cached
     source = TeacherSamples(settings)
     source.bind(model, tokenizer, IDENTITY, show_progress=False)
     assert prompt_pool(settings, tokenizer)[0] == ["Alpha text", "Bravo word"]  # c held out, short too short
+    with_builtin = settings.model_copy(update={"builtin_prompts": True})
+    assert prompt_pool(with_builtin, tokenizer)[0] == [*BUILTIN_PROMPTS, "Alpha text", "Bravo word"]
     assert {r["prompt"] for r in source.records} == {"Alpha text", "Bravo word"}
     again, counting = TeacherSamples(settings), CountingTeacher(model)
     again.bind(counting, tokenizer, IDENTITY, show_progress=False)
