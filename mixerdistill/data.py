@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from mixerdistill.errors import RecipeError, UserError
 
@@ -44,6 +55,65 @@ class DataSource:
     def documents(self, split: str) -> Iterable[str] | None:
         """Documents of ``split`` ('train' or 'heldout'); None for 'heldout' means: split it off the stream."""
         raise NotImplementedError
+
+
+class DataSourceBlock(BaseModel):
+    """A data block inside another source's settings: ``source`` names a data source plugin, the other
+    keys are that source's fields (validated here, so errors name their place in the recipe)."""
+
+    model_config = ConfigDict(extra="allow")
+    source: str = Field(description="Registered data source name; that source's fields go beside it.")
+    _config: DataSourceConfig | None = PrivateAttr(None)
+
+    @field_validator("source")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from mixerdistill.plugins import get_dataset
+
+        try:
+            get_dataset(name)
+        except UserError as error:
+            raise ValueError(str(error)) from None
+        return name
+
+    @model_validator(mode="after")
+    def _source_fields(self, info: ValidationInfo):
+        from mixerdistill.plugins import get_dataset
+
+        config_cls = get_dataset(self.source).Config
+        try:
+            self._config = config_cls.model_validate(self.model_extra or {}, context=info.context)
+        except ValidationError as error:
+            raise ValidationError.from_exception_data(
+                error.title, [_named_unknown_field(e, config_cls) for e in error.errors()]
+            ) from None
+        return self
+
+    @model_serializer
+    def _with_defaults(self, info) -> dict:
+        return {"source": self.source, **self.config.model_dump(mode=info.mode)}
+
+    @property
+    def config(self) -> DataSourceConfig:
+        return self._config
+
+    def build(self) -> DataSource:
+        from mixerdistill.plugins import get_dataset
+
+        return get_dataset(self.source)(self.config)
+
+
+def _named_unknown_field(error: dict, config_cls: type[BaseModel]) -> dict:
+    """A pydantic error of a nested source's fields, re-raised as is, except that an unknown key lists the
+    source's fields (the recipe's error report cannot look them up from the nested place)."""
+    from mixerdistill.plugins import suggest
+
+    details = {"type": error["type"], "loc": error["loc"], "input": error["input"], "ctx": error.get("ctx")}
+    if error["type"] == "extra_forbidden":
+        key, fields = str(error["loc"][-1]), list(config_cls.model_fields)
+        message = f"unknown field '{key}'{suggest(key, fields)}; allowed: source, {', '.join(fields)}"
+        details["type"] = PydanticCustomError("unknown_field", message)
+    return {k: v for k, v in details.items() if v is not None}
 
 
 class PathsConfig(DataSourceConfig):
@@ -160,7 +230,7 @@ class ByteTokenizer:
 
 def tokenize_documents(tokenizer, documents: Iterable[str]) -> torch.Tensor:
     """One (N,) int64 stream: each document's tokens followed by EOS."""
-    eos = _eos(tokenizer)
+    eos = eos_id(tokenizer)
     pieces: list[list[int]] = []
     for document in documents:
         for piece in _split_at_lines(document, TOKENIZE_PIECE_CHARS):
@@ -171,7 +241,7 @@ def tokenize_documents(tokenizer, documents: Iterable[str]) -> torch.Tensor:
     return torch.tensor([t for piece in pieces for t in piece], dtype=torch.long)
 
 
-def _eos(tokenizer) -> int:
+def eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
@@ -206,7 +276,7 @@ class TokenData:
             self.heldout = tokenize_documents(tokenizer, heldout_documents)
             return
         train = tokenize_documents(tokenizer, source.documents("train"))
-        if not (train != _eos(tokenizer)).any():
+        if not (train != eos_id(tokenizer)).any():
             raise UserError(
                 "data: the source gave no training text (no documents, or only empty ones): "
                 "check data.paths (or the source's settings)"

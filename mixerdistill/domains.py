@@ -10,8 +10,9 @@ Built-in domains (``eval.domains`` names):
   ``teacher_samples`` source, else made with that source's defaults).
 
 A recipe adds local files as ``{name: ..., path: ...}`` (text, or JSON lines with a ``text`` field).
-``check_no_leak`` fails the run when the text of a domain appears in the training stream; the figure
-that sums a student up is the geometric mean of its student/teacher perplexity ratios.
+``check_no_leak`` fails the run when the text of a domain appears in the training stream, or in the
+training split that teacher_samples cuts prompts from; the figure that sums a student up is the
+geometric mean of its student/teacher perplexity ratios.
 """
 
 from __future__ import annotations
@@ -186,9 +187,16 @@ def probes(text: str, count: int = 16) -> list[str]:
 
 
 def training_texts(data, tokenizer) -> dict[str, str]:
-    """Source name → the whitespace-normalised text of the training stream it feeds (decoded tokens)."""
+    """Source name → the whitespace-normalised text of the training stream it feeds (decoded tokens). A
+    source whose prompts are cut from another source's training split (teacher_samples' ``prefixes``) adds
+    that whole split: a prompt may come from anywhere in it."""
     parts = getattr(data, "parts", None)
-    streams = {p.name: p.data.train for p in parts} if parts else {"data": data.train}
+    feeds = {p.name: p.data for p in parts} if parts else {"data": data}  # name → its TokenData
+    streams = {name: feed.train for name, feed in feeds.items()}
+    for name, feed in feeds.items():
+        prefixes = getattr(feed.source, "prefix_train", None)
+        if prefixes is not None:
+            streams[f"{name}, whose prompt prefixes come from '{feed.source.config.prefixes.data.source}'"] = prefixes
     return {
         name: normalise(tokenizer.decode(stream.tolist())) for name, stream in streams.items() if stream is not None
     }

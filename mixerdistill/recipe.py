@@ -566,7 +566,7 @@ def _describe(model: type[BaseModel], error: dict, prefix: str = "") -> tuple[st
             tag, expected = context.get("tag", ""), context.get("expected_tags", "")
             options = [t.strip(" '") for t in str(expected).split(",")]
             message = f"unknown {discriminator} '{tag}'{suggest(str(tag), options)}; expected one of {expected}"
-    elif "input" in error and error["type"] not in ("missing",):
+    elif "input" in error and error["type"] not in ("missing", "unknown_field"):  # unknown_field: in a DataSourceBlock
         message = f"{message} (got {error['input']!r})"
     return path, message
 

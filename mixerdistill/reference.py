@@ -70,17 +70,20 @@ def _table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> l
         lines.append(f"| `{prefix}{name}` | {type_name} | {default} | {description} |")
     nested = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if (
-            name not in skip
-            and isinstance(annotation, type)
-            and issubclass(annotation, BaseModel)
-            and not issubclass(annotation, schema.PluginBlock)
-        ):
+        annotation = _model_or_none(field.annotation)
+        if name not in skip and annotation is not None and not issubclass(annotation, schema.PluginBlock):
             nested.append((f"{prefix}{name}", annotation))
     for path, sub in nested:
         lines += ["", f"#### `{path}`", ""] + _table(sub, f"{path}.")
     return lines
+
+
+def _model_or_none(annotation):
+    """The model class of a field typed ``Model`` or ``Model | None``, else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def _defaults_note(config_cls) -> list[str]:

@@ -7,6 +7,10 @@ Each finished batch is a file under ``$MIXERDISTILL_CACHE/teacher_samples/<key>/
 the teacher and every setting that changes the text (not the sample count): an interrupted run keeps
 its finished batches, a re-run reads them, a run asking for more samples adds only the missing ones.
 
+Prompts come from a built-in set, from the recipe, from a file, and from ``prefixes``: the first tokens
+of documents (or seeded windows) of another source's training split. Under torchrun rank 0 makes the
+batches while the other ranks wait, then every rank reads them.
+
 On reading, degenerate samples (repetition loops, see ``repeated_ngram_share``), too-short ones and
 exact duplicates are dropped.
 """
@@ -19,9 +23,10 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import (
     BarColumn,
     Progress,
@@ -33,7 +38,15 @@ from torch import nn
 
 from mixerdistill.cache import cache_dir
 from mixerdistill.console import stderr_console
-from mixerdistill.data import DataSource, DataSourceConfig, resolve_input_path
+from mixerdistill.data import (
+    DataSource,
+    DataSourceBlock,
+    DataSourceConfig,
+    TokenData,
+    eos_id,
+    resolve_input_path,
+)
+from mixerdistill.distributed.world import current_world
 from mixerdistill.errors import UserError
 
 SAMPLER_VERSION = 1  # part of the cache key: bump when the sampling loop changes its output
@@ -97,6 +110,39 @@ BUILTIN_PROMPTS = [
 ]
 
 
+class PrefixSettings(BaseModel):
+    """Prompts cut from the training split of another data source (``teacher_samples.prefixes``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: DataSourceBlock = Field(
+        description="The data source the prompts are cut from: a data block, e.g. `{source: austen}` or "
+        "`{source: text, paths: [...]}`. Only its training split is read, never its held-out text; a run "
+        "is refused when the text of an `eval.domains` entry is in that split."
+    )
+    tokens: int = Field(32, ge=1, description="Length of each prompt in tokens (the teacher's tokenizer).")
+    count: int = Field(
+        256, ge=1, description="How many prompts to cut (fewer when the source has fewer documents or windows)."
+    )
+    position: Literal["start", "random"] = Field(
+        "start",
+        description="`start`: the first `tokens` tokens of documents (seeded choice among those long "
+        "enough); `random`: windows at seeded random places. A prompt never spans two documents.",
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _finite_text_source(cls, block: DataSourceBlock) -> DataSourceBlock:
+        from mixerdistill.plugins import get_dataset
+
+        source_cls = get_dataset(block.source)
+        if getattr(source_cls, "needs_teacher", False) or source_cls.streaming:
+            raise ValueError(
+                f"'{block.source}' cannot give prompt prefixes: it is streamed or made by the teacher; "
+                f"use a finite source (austen, text, jsonl, ...)"
+            )
+        return block
+
+
 class SampleSettings(DataSourceConfig):
     """The ``teacher_samples`` data source: text the teacher writes itself (made once, then cached)."""
 
@@ -109,17 +155,29 @@ class SampleSettings(DataSourceConfig):
         0.95, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens whose probability reaches top_p."
     )
     batch_size: int = Field(32, ge=1, description="Samples generated together (KV cache, left-padded prompts).")
-    seed: int = Field(0, description="Seed of prompt order and sampling; batch b is seeded by (seed, b).")
+    seed: int = Field(
+        0, description="Seed of prompt order, prefix choice and sampling; batch b is seeded by (seed, b)."
+    )
     prompts: list[str] | None = Field(
         None,
-        description="Prompts; default: a built-in set of ~50 openings of "
-        "stories, dialogue, instructions, code, science, news, "
-        "letters and lists.",
+        description="Prompts. All prompt kinds given (`prompts`, `prompts_file`, `prefixes`, the built-in "
+        "set) are pooled, and samples cycle through the pool in a seeded order: each kind's share of "
+        "the samples is its share of the pool.",
     )
     prompts_file: str | None = Field(
         None,
-        description="A text file with one prompt per line (used in addition "
-        "to `prompts`; `\\n` in a line stands for a line break).",
+        description="A text file with one prompt per line (pooled with the other prompts; `\\n` in a "
+        "line stands for a line break).",
+    )
+    prefixes: PrefixSettings | None = Field(
+        None,
+        description="Prompts cut from the training split of another data source (pooled with the other prompts).",
+    )
+    builtin_prompts: bool | None = Field(
+        None,
+        description="The built-in set of ~50 openings of stories, dialogue, instructions, code, "
+        "science, news, letters and lists. null: used when no other prompts are given; true: pooled "
+        "with them; false: never.",
     )
     chat_template: bool = Field(
         False,
@@ -145,29 +203,43 @@ class SampleSettings(DataSourceConfig):
             raise ValueError(f"no such file: {path}")
         return path
 
-    def prompt_list(self) -> list[str]:
-        prompts = list(self.prompts or [])
+    @model_validator(mode="after")
+    def _some_prompts(self):
+        if self.builtin_prompts is False and not (self.prompts or self.prompts_file or self.prefixes):
+            raise ValueError("builtin_prompts is false but no prompts are given (prompts, prompts_file or prefixes)")
+        return self
+
+    def prompt_list(self, prefix_texts: Iterable[str] = ()) -> list[str]:
+        """The prompt pool: the built-in set (see ``builtin_prompts``), ``prompts``, the lines of
+        ``prompts_file`` and ``prefix_texts`` (the prompts ``prefix_prompts`` cut), in that order."""
+        given = list(self.prompts or [])
         if self.prompts_file:
             lines = Path(self.prompts_file).read_text(encoding="utf-8").splitlines()
-            prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
-        return prompts or list(BUILTIN_PROMPTS)
+            given += [line.replace("\\n", "\n") for line in lines if line.strip()]
+        given += prefix_texts
+        builtin = self.builtin_prompts if self.builtin_prompts is not None else not given
+        return (list(BUILTIN_PROMPTS) if builtin else []) + given
 
-    def generation_key(self) -> dict:
-        """The settings that change the generated text (the filters and the split are applied on reading)."""
-        return {
+    def generation_key(self, prompts: list[str]) -> dict:
+        """The settings that change the generated text (the filters and the split are applied on reading);
+        ``prompts``: the prompt pool."""
+        key = {
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "batch_size": self.batch_size,
             "seed": self.seed,
-            "prompts": self.prompt_list(),
+            "prompts": prompts,
             "chat_template": self.chat_template,
             "sampler": SAMPLER_VERSION,
         }
+        if self.prefixes is not None:  # only then: the keys of samples cached before prefixes existed hold
+            key["prefixes"] = self.prefixes.model_dump(mode="json")
+        return key
 
 
-def cache_key(teacher_identity: dict, settings: SampleSettings) -> str:
-    text = json.dumps({"teacher": teacher_identity, **settings.generation_key()}, sort_keys=True)
+def cache_key(teacher_identity: dict, settings: SampleSettings, prompts: list[str]) -> str:
+    text = json.dumps({"teacher": teacher_identity, **settings.generation_key(prompts)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -260,19 +332,103 @@ def forward_tokens_per_second(model: nn.Module, batch_size: int, seq_len: int) -
     return batch_size * seq_len / (time.perf_counter() - begin)
 
 
+# -- prompts cut from another source ------------------------------------------------------------
+def prefix_prompts(train: torch.Tensor, prefixes: PrefixSettings, tokenizer, seed: int) -> list[str]:
+    """Up to ``prefixes.count`` prompts of ``prefixes.tokens`` tokens cut from ``train``, a (N,) token
+    stream of documents each ended by EOS: documents' first tokens, or windows at random places
+    (``prefixes.position``); seeded by ``seed``, in stream order, none spanning two documents."""
+    eos, length = eos_id(tokenizer), prefixes.tokens
+    is_eos = train == eos  # (N,)
+    if prefixes.position == "start":
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), is_eos.nonzero().squeeze(-1) + 1])  # document starts
+    else:
+        starts = torch.arange(len(train))
+    starts = starts[starts + length <= len(train)]
+    eos_before = torch.cat([torch.zeros(1, dtype=torch.long), is_eos.long().cumsum(0)])  # (N + 1,) EOS in train[:i]
+    starts = starts[eos_before[starts + length] == eos_before[starts]]  # no EOS inside the window
+    if len(starts) == 0:
+        raise UserError(
+            f"data: prefixes.data ('{prefixes.data.source}') has no document of {length} training tokens "
+            f"or more; lower prefixes.tokens"
+        )
+    chosen = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed))[: prefixes.count]
+    return [tokenizer.decode(train[s : s + length].tolist()) for s in starts[chosen.sort().values].tolist()]
+
+
+def prompt_pool(settings: SampleSettings, tokenizer) -> tuple[list[str], torch.Tensor | None]:
+    """(the prompt pool, the (N,) training stream of ``prefixes.data`` the prefixes were cut from, or
+    None without prefixes). Only the source's training split is read: its held-out text is never a prompt."""
+    if settings.prefixes is None:
+        return settings.prompt_list(), None
+    train = TokenData(settings.prefixes.data.build(), tokenizer).train
+    return settings.prompt_list(prefix_prompts(train, settings.prefixes, tokenizer, settings.seed)), train
+
+
+# -- the cached batches ------------------------------------------------------------------------
 def generate_samples(
-    model: nn.Module, tokenizer, settings: SampleSettings, teacher_identity: dict, show_progress: bool = True
+    model: nn.Module,
+    tokenizer,
+    settings: SampleSettings,
+    teacher_identity: dict,
+    show_progress: bool = True,
+    prompts: list[str] | None = None,
 ) -> tuple[list[dict], dict]:
     """(the kept samples, figures of the sampling) for these settings; the batches missing from the cache
-    are made first. Each record: prompt, continuation, new_tokens, repeated_ngrams."""
-    key = cache_key(teacher_identity, settings)
+    are made first. Each record: prompt, continuation, new_tokens, repeated_ngrams. ``prompts``: the pool
+    (default: ``prompt_pool``'s). Under torchrun rank 0 makes the batches while the others wait, then
+    they read them from the cache."""
+    prompts = prompt_pool(settings, tokenizer)[0] if prompts is None else prompts
+    key = cache_key(teacher_identity, settings, prompts)
     entry = cache_dir("teacher_samples", key)
-    prompts = settings.prompt_list()
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(settings.seed)).tolist()
     batches = -(-settings.samples // settings.batch_size)
+    world = current_world()
+    if not world.main:
+        world.barrier()  # rank 0 samples first; the others then find its batches in the cache
+    begin = time.perf_counter()
+    made_tokens = make_batches(model, tokenizer, settings, prompts, entry, batches, show_progress and world.main)
+    seconds = time.perf_counter() - begin
+    if world.main:
+        world.barrier()
+    records = [json.loads(line) for b in range(batches) for line in (entry / _batch_file(b)).read_text().splitlines()]
+    records = records[: settings.samples]
+    kept, dropped = filter_samples(records, settings)
+    meta = {
+        "key": key,
+        "generated": len(records),
+        "kept": len(kept),
+        "dropped": dropped,
+        "new_tokens": sum(r["new_tokens"] for r in records),
+        "kept_tokens": sum(r["new_tokens"] for r in kept),
+    }
+    if made_tokens:
+        forward = forward_tokens_per_second(model, settings.batch_size, settings.max_new_tokens)
+        meta.update(
+            made_tokens=made_tokens,
+            seconds=round(seconds, 2),
+            tokens_per_second=round(made_tokens / seconds, 1),
+            teacher_forward_tokens_per_second=round(forward, 1),
+        )
+        _write_atomic(entry / META_FILE, json.dumps(meta, indent=2) + "\n")
+    if world.main:
+        _print_figures(meta, settings)
+    return kept, meta
+
+
+def make_batches(
+    model: nn.Module,
+    tokenizer,
+    settings: SampleSettings,
+    prompts: list[str],
+    entry: Path,
+    batches: int,
+    show_progress: bool,
+) -> int:
+    """Sample the batches of ``range(batches)`` that ``entry`` (the cache folder) lacks, each written as
+    its file once made; returns the new tokens made."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(settings.seed)).tolist()
     missing = [b for b in range(batches) if not (entry / _batch_file(b)).is_file()]
-    eos_id = tokenizer.eos_token_id
-    pad_id = eos_id if eos_id is not None else 0
+    eos = tokenizer.eos_token_id
+    pad_id = eos if eos is not None else 0
     made_tokens, begin = 0, time.perf_counter()
     bar = Progress(
         TextColumn("[bold]teacher samples"),
@@ -292,7 +448,7 @@ def generate_samples(
             ]
             prompt_ids = [encode_prompt(tokenizer, text, settings.chat_template) for text in texts]
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + b)
-            continuations = sample_batch(model.eval(), prompt_ids, settings, eos_id, pad_id, generator)
+            continuations = sample_batch(model.eval(), prompt_ids, settings, eos, pad_id, generator)
             records = [
                 {
                     "prompt": tokenizer.decode(p, skip_special_tokens=False),
@@ -306,39 +462,22 @@ def generate_samples(
             made_tokens += sum(r["new_tokens"] for r in records)
             bar.advance(task)
             bar.update(task, speed=f"{made_tokens / (time.perf_counter() - begin):.0f}")
-    records = [json.loads(line) for b in range(batches) for line in (entry / _batch_file(b)).read_text().splitlines()][
-        : settings.samples
-    ]
-    kept, dropped = filter_samples(records, settings)
-    meta = {
-        "key": key,
-        "generated": len(records),
-        "kept": len(kept),
-        "dropped": dropped,
-        "new_tokens": sum(r["new_tokens"] for r in records),
-        "kept_tokens": sum(r["new_tokens"] for r in kept),
-    }
-    if made_tokens:
-        seconds = time.perf_counter() - begin
-        forward = forward_tokens_per_second(model, settings.batch_size, settings.max_new_tokens)
-        meta.update(
-            made_tokens=made_tokens,
-            seconds=round(seconds, 2),
-            tokens_per_second=round(made_tokens / seconds, 1),
-            teacher_forward_tokens_per_second=round(forward, 1),
-        )
-        _write_atomic(entry / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return made_tokens
+
+
+def _print_figures(meta: dict, settings: SampleSettings) -> None:
+    if "made_tokens" in meta:
         stderr_console.print(
-            f"[bold]teacher samples[/]: {made_tokens:,} new tokens at {made_tokens / seconds:,.0f} "
-            f"tok/s (the teacher's plain forward: {forward:,.0f} tok/s at {settings.batch_size} × "
-            f"{settings.max_new_tokens} tokens)"
+            f"[bold]teacher samples[/]: {meta['made_tokens']:,} new tokens at {meta['tokens_per_second']:,.0f} "
+            f"tok/s (the teacher's plain forward: {meta['teacher_forward_tokens_per_second']:,.0f} tok/s at "
+            f"{settings.batch_size} × {settings.max_new_tokens} tokens)"
         )
+    dropped = meta["dropped"]
     stderr_console.print(
-        f"[bold]teacher samples[/]: kept {len(kept)} of {len(records)} ({meta['kept_tokens']:,} "
+        f"[bold]teacher samples[/]: kept {meta['kept']} of {meta['generated']} ({meta['kept_tokens']:,} "
         f"new tokens; dropped {dropped['degenerate']} repetition loops, {dropped['short']} short, "
         f"{dropped['duplicate']} duplicates)"
     )
-    return kept, meta
 
 
 def filter_samples(records: list[dict], settings: SampleSettings) -> tuple[list[dict], dict[str, int]]:
@@ -366,7 +505,7 @@ def _batch_file(index: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: ranks sharing a node-local cache may race
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -382,9 +521,13 @@ class TeacherSamples(DataSource):
         super().__init__(config)
         self.records: list[dict] | None = None
         self.meta: dict = {}
+        self.prefix_train: torch.Tensor | None = None  # (N,) the stream prompt prefixes are cut from
 
     def bind(self, model: nn.Module, tokenizer, teacher_identity: dict, show_progress: bool = True) -> None:
-        self.records, self.meta = generate_samples(model, tokenizer, self.config, teacher_identity, show_progress)
+        prompts, self.prefix_train = prompt_pool(self.config, tokenizer)
+        self.records, self.meta = generate_samples(
+            model, tokenizer, self.config, teacher_identity, show_progress, prompts
+        )
 
     def documents(self, split: str) -> Iterable[str]:
         if self.records is None:

@@ -7,22 +7,29 @@ the reference is the same recipe run in one process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sampling import IDENTITY, SETTINGS
 
-from conftest import STAGES, cli_in_process, run_cli, write_recipe
+from conftest import REPO, STAGES, cli_in_process, run_cli, tiny_llama, write_recipe
 from mixerdistill import faults, interrupt
 from mixerdistill.checkpoint import StageProgress
+from mixerdistill.data import ByteTokenizer
 from mixerdistill.distributed.plans import check_batch_sizes, shard_rows
 from mixerdistill.distributed.world import SINGLE, World, choose_backend, start
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.faults import KILL_RANK
 from mixerdistill.recipe import DistributedSpec, load_recipe
 from mixerdistill.run import execute
+from mixerdistill.sampling import SampleSettings, generate_samples
 
 STEPS = 4  # per stage: few, since Adam's normalisation amplifies rounding in parameters with tiny gradients
 LAYER_PARALLEL_FSDP = ("--set", "distributed.layer_parallel=true", "--set", "distributed.strategy=fsdp")
@@ -193,3 +200,42 @@ def test_distributed_block_is_validated(single):
     with pytest.raises(RecipeError) as caught:
         load_recipe(single[0], ["distributed.strategy=zero3"])
     assert caught.value.problems[0][0] == "distributed.strategy"
+
+
+SAMPLING_RANK = """
+    import json, sys
+    from pathlib import Path
+
+    import torch
+    from conftest import tiny_llama
+    from test_sampling import IDENTITY, SETTINGS, CountingTeacher
+    from mixerdistill.data import ByteTokenizer
+    from mixerdistill.distributed.world import start, stop
+    from mixerdistill.recipe import DistributedSpec
+    from mixerdistill.sampling import SampleSettings, generate_samples
+
+    world, _ = start(DistributedSpec(), torch.device("cpu"))
+    teacher = CountingTeacher(tiny_llama())
+    samples, _ = generate_samples(teacher, ByteTokenizer(), SampleSettings(**SETTINGS), IDENTITY, show_progress=False)
+    Path(sys.argv[1], f"rank_{world.rank}.json").write_text(json.dumps({"calls": teacher.calls, "samples": samples}))
+    stop(world)
+"""
+
+
+def test_rank_zero_alone_samples_the_teacher(tmp_path, monkeypatch):
+    """Two gloo ranks ask for the same teacher samples: rank 0 makes them, rank 1 reads them from the cache."""
+    script = tmp_path / "sampling_rank.py"
+    script.write_text(textwrap.dedent(SAMPLING_RANK))
+    environment = {**os.environ, **CHILD_ENV, "MIXERDISTILL_CACHE": str(tmp_path / "cache")}
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), environment.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    result = subprocess.run(
+        [*command, str(script), str(tmp_path)], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("teacher samples: kept") == 1  # rank 0 alone reports
+    ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["calls"] == 2 * SETTINGS["max_new_tokens"] + 1 and ranks[1]["calls"] == 0  # +1: throughput
+    monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "one_process"))
+    alone, _ = generate_samples(tiny_llama(), ByteTokenizer(), SampleSettings(**SETTINGS), IDENTITY, False)
+    assert ranks[0]["samples"] == ranks[1]["samples"] == alone

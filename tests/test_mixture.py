@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -65,3 +67,26 @@ def test_recipe_mix_validates_every_entry():
     assert "did you mean 'teacher_samples'" in problems["data.mix.1.source"]
     with pytest.raises(RecipeError, match="either `source` or `mix`"):
         load_recipe(REPO / "recipes" / "tiny.yaml", ["data={mix: [{source: austen}], source: austen}"])
+
+
+def recipe_with_data(data: dict):
+    return load_recipe(REPO / "recipes" / "tiny.yaml", [f"data={json.dumps(data)}"])
+
+
+def test_prefix_source_is_a_data_block_validated_in_place():
+    samples = {"source": "teacher_samples", "prefixes": {"data": {"source": "austen", "heldout": "Emma"}}}
+    recipe = recipe_with_data({"mix": [{"source": "austen"}, samples]})
+    resolved = recipe.resolved()["data"]["mix"][1]["prefixes"]
+    assert resolved["data"] == {"source": "austen", "heldout": "Emma", "train": None, "heldout_fraction": 0.05}
+    assert resolved["tokens"] == 32 and recipe.data.mix[1].config.prefixes.data.config.heldout == "Emma"
+    misspelt = [
+        {"source": "teacher_samples", "prefixes": {"data": {"source": "austn"}}},
+        {"source": "teacher_samples", "prefixes": {"data": {"source": "austen", "heldot": "Emma"}}},
+    ]
+    with pytest.raises(RecipeError) as error:
+        recipe_with_data({"mix": misspelt})
+    problems = dict(error.value.problems)
+    assert "did you mean 'austen'" in problems["data.mix.0.prefixes.data.source"]
+    assert "did you mean 'heldout'" in problems["data.mix.1.prefixes.data.heldot"]
+    with pytest.raises(RecipeError, match="cannot give prompt prefixes"):
+        recipe_with_data({"source": "teacher_samples", "prefixes": {"data": {"source": "teacher_samples"}}})

@@ -8,12 +8,17 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from mixerdistill.data import ByteTokenizer
+from mixerdistill.data import ByteTokenizer, TokenData
+from mixerdistill.domains import Domain, check_no_leak
+from mixerdistill.errors import UserError
 from mixerdistill.sampling import (
+    BUILTIN_PROMPTS,
     SampleSettings,
     TeacherSamples,
+    cache_key,
     filter_samples,
     generate_samples,
+    prompt_pool,
     repeated_ngram_share,
     sample_batch,
 )
@@ -124,3 +129,51 @@ def test_teacher_samples_source_splits_off_heldout_samples(cache):
     kept = source.meta["kept"]
     assert len(heldout) == round(kept * 0.25) and len(train) + len(heldout) == kept
     assert not set(train) & set(heldout)
+
+
+def prefix_settings(folder, **prefixes) -> SampleSettings:
+    """Samples prompted by 10-token prefixes of the text files a, b, c, short in ``folder``; c is held out."""
+    documents = {"a": "Alpha text " * 30, "b": "Bravo words " * 30, "c": "Charlie held out " * 30, "short": "tiny"}
+    for name, text in documents.items():
+        (folder / f"{name}.txt").write_text(text)
+    source = {"source": "text", "paths": [str(folder / "*.txt")], "heldout_paths": [str(folder / "c.txt")]}
+    settings = {key: value for key, value in SETTINGS.items() if key != "prompts"}
+    return SampleSettings.model_validate({**settings, "prefixes": {"data": source, "tokens": 10, **prefixes}})
+
+
+def test_prefix_prompts_are_first_tokens_of_training_documents_seeded_and_cached(cache, tmp_path):
+    model, tokenizer = tiny_llama(), ByteTokenizer()
+    settings = prefix_settings(tmp_path)
+    source = TeacherSamples(settings)
+    source.bind(model, tokenizer, IDENTITY, show_progress=False)
+    assert prompt_pool(settings, tokenizer)[0] == ["Alpha text", "Bravo word"]  # c held out, short too short
+    with_builtin = settings.model_copy(update={"builtin_prompts": True})
+    assert prompt_pool(with_builtin, tokenizer)[0] == [*BUILTIN_PROMPTS, "Alpha text", "Bravo word"]
+    assert {r["prompt"] for r in source.records} == {"Alpha text", "Bravo word"}
+    again, counting = TeacherSamples(settings), CountingTeacher(model)
+    again.bind(counting, tokenizer, IDENTITY, show_progress=False)
+    assert again.records == source.records and counting.calls == 0  # read from the cache
+    explicit = SampleSettings(**{**SETTINGS, "prompts": ["Alpha text", "Bravo word"]})
+    pool = prompt_pool(settings, tokenizer)[0]
+    assert cache_key(IDENTITY, settings, pool) != cache_key(IDENTITY, explicit, pool)  # the key has the prefixes
+    windows = [prompt_pool(prefix_settings(tmp_path, position="random", count=6), tokenizer)[0] for _ in range(2)]
+    reseeded = prefix_settings(tmp_path, position="random", count=6).model_copy(update={"seed": 1})
+    assert windows[0] == windows[1] != prompt_pool(reseeded, tokenizer)[0]
+    trained = [(tmp_path / f"{name}.txt").read_text() for name in ("a", "b")]
+    assert len(windows[0]) == 6 and all(any(p in text for text in trained) for p in windows[0])  # never from c
+    with pytest.raises(UserError, match="no document of 400 training tokens"):
+        prompt_pool(prefix_settings(tmp_path, tokens=400), tokenizer)
+
+
+def test_a_prefix_source_holding_an_evaluation_domain_is_refused(cache, tmp_path):
+    """A document that is an evaluation domain cannot become a prompt: the leak check reads the whole
+    training split that prefixes are cut from."""
+    tokenizer = ByteTokenizer()
+    source = TeacherSamples(prefix_settings(tmp_path))
+    source.bind(tiny_llama(), tokenizer, IDENTITY, show_progress=False)
+    data = TokenData(source, tokenizer)
+    heldout_text = (tmp_path / "c.txt").read_text()
+    check_no_leak([Domain("held", torch.zeros(1, 8, dtype=torch.long), heldout_text)], data, tokenizer)
+    trained_text = (tmp_path / "b.txt").read_text()
+    with pytest.raises(UserError, match="whose prompt prefixes come from 'text'"):
+        check_no_leak([Domain("mine", torch.zeros(1, 8, dtype=torch.long), trained_text)], data, tokenizer)
