@@ -6,7 +6,7 @@ REQUEST: {"folders": {name: exported folder}, "ids": (B, T) token ids, "new_toke
           "padded": [[ids of a short prompt], [ids of a long prompt]], "pad_token_id": id,
           "padding": [names], "round_trip": [names], "dtype_check": [names]}
 RESULTS: {name: {"logits", "greedy", "state_bytes", "padded_batch", "padded_alone", "round_trip_diff",
-          "bf16_dtypes", "load_seconds"}, "__mixerdistill_importable__": bool}
+          "bf16_dtypes", "device_map_diff", "load_seconds"}, "__mixerdistill_importable__": bool}
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def check(name: str, folder: str, request: dict) -> dict:
         half = load(folder, dtype=torch.bfloat16)
         result["bf16_dtypes"] = sorted({str(p.dtype) for p in half.parameters()})
         result["bf16_finite"] = bool(half(input_ids=ids[:, :4]).logits.isfinite().all())
+        placed = load(folder, device_map="cpu")
+        result["device_map_diff"] = (placed(input_ids=ids).logits - result["logits"]).abs().max().item()
     return result
 
 

@@ -116,7 +116,7 @@ def test_a_mixture_run_reports_every_domain(tmp_path, monkeypatch):
         {"name": "notes", "path": str(tmp_path / "notes.txt")},
     ]
     recipe = validate_recipe(tiny_mix_recipe(tmp_path, domains))
-    report = execute(recipe, tmp_path / "run", show_progress=False)
+    report = execute(recipe, tmp_path / "run", show_progress=False).to_json()
     names = ["heldout", "heldout_reflowed", "pydoc", "teacher_samples", "notes"]
     assert list(report["student"]["domains"]) == names
     for row in report["student"]["domains"].values():

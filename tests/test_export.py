@@ -247,6 +247,7 @@ def test_every_family_exports_and_matches_mixerdistill_in_a_fresh_venv(tmp_path,
                 assert torch.equal(got["padded_batch"][row], got["padded_alone"][row]), (name, row)
     assert all(results[name]["round_trip_diff"] == 0 for name in ("discrete_mamba2", "hybrid_discrete_mamba2"))
     assert results["tiny_run"]["bf16_dtypes"] == ["torch.bfloat16"] and results["tiny_run"]["bf16_finite"]
+    assert results["tiny_run"]["device_map_diff"] == 0.0  # device_map="cpu" loads the same model
     card = (folders["tiny_run"] / "README.md").read_text()
     assert "## Training" in card and "## Perplexity" in card and "## Recipe" in card and "random" in card
 
@@ -323,6 +324,8 @@ def test_smollm2_student_exports_and_matches_in_a_fresh_venv(tmp_path):
         "eval.every_tokens=null",
         "--set",
         "eval.lm_eval.tasks=[]",
+        "--set",
+        "eval.domains=[]",
     )
     assert done.returncode == 0, done.stderr
     folder = export_student(run, tmp_path / "export").folder
@@ -332,7 +335,7 @@ def test_smollm2_student_exports_and_matches_in_a_fresh_venv(tmp_path):
         {"smollm2": folder},
         padding=["smollm2"],
         round_trip=[],
-        dtype_check=[],
+        dtype_check=["smollm2"],
         pad_token_id=json.loads((folder / "config.json").read_text())["eos_token_id"],
     )["smollm2"]
     logits, tokens = reference_outputs(sorted(run.glob("stage_*"))[-1])
@@ -340,3 +343,4 @@ def test_smollm2_student_exports_and_matches_in_a_fresh_venv(tmp_path):
     assert torch.equal(got["greedy"], tokens)
     for row in range(2):
         assert torch.equal(got["padded_batch"][row], got["padded_alone"][row]), row
+    assert got["device_map_diff"] == 0.0 and got["bf16_finite"]
