@@ -124,8 +124,9 @@ def timings(cell: str, path: str, length: int, repeats: int) -> dict:
 def peak_memories_mb(cell: str, jobs: list[tuple[str, int]]) -> list[float]:
     """Peak memory growth (MiB) of one forward+backward per (path, T) in ``jobs``, inputs excluded.
 
-    Runs in one fresh process per cell (``in_subprocess(track_memory=True)``: large buffers go back to the
-    system when freed, so the high-water mark, reset before each job, follows that job's live tensors).
+    Call it with one job per fresh process (``in_subprocess(track_memory=True)``): large buffers go back to
+    the system when freed, and the small ones (a chunk's (B, H, Q, d) tensors are under the mmap threshold)
+    find no heap left over by an earlier, larger job, so the high-water mark follows this job's tensors.
     """
     peaks = []
     for path, length in jobs:
@@ -166,7 +167,7 @@ def run(
             for path in PATHS
             if length <= LIMITS.get(path, length) and not (quick and path == "recurrent")
         ]
-        peaks = in_subprocess(peak_memories_mb, cell, jobs, track_memory=True) if peak else [None] * len(jobs)
+        peaks = [in_subprocess(peak_memories_mb, cell, [job], track_memory=True)[0] if peak else None for job in jobs]
         for (path, length), peak_mb in zip(jobs, peaks):
             row = {
                 "cell": cell,
