@@ -81,14 +81,15 @@ def tiny_checkpoint(root: Path, mixer_name: str, keep: list[int]) -> Path:
 
 
 def fresh_venv() -> Path:
-    """A virtualenv with only torch, transformers, safetensors and tokenizers (the versions of this one), built
-    once per version set under the mixerdistill cache. Its python."""
+    """A virtualenv with only torch, transformers, safetensors and tokenizers (the versions of this one), and
+    accelerate, which transformers needs for ``device_map=``; built once per version set under the
+    mixerdistill cache. Its python."""
     versions = "-".join(f"{name}{version(name)}" for name in FRESH_PACKAGES).replace("+", "_")
-    final = cache_dir("test-venvs") / f"export-{versions}"
+    final = cache_dir("test-venvs") / f"export-{versions}-accelerate"
     if not (final / "ready").is_file():
         with publish_dir(final) as folder:  # built aside, then renamed: `python -m pip` still works there
             subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-            pins = [f"{name}=={version(name)}" for name in FRESH_PACKAGES]
+            pins = [f"{name}=={version(name)}" for name in FRESH_PACKAGES] + ["accelerate"]
             subprocess.run(
                 [str(folder / "bin" / "python"), "-m", "pip", "install", "-q", *pins], check=True, capture_output=True
             )
