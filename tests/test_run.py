@@ -36,7 +36,9 @@ def test_tiny_recipe_report(tiny_run: Path):
     for stage in report["stages"]:
         assert stage["tokens"] > 0 and stage["seconds"] > 0 and stage["tokens_per_second"] > 0
         assert stage["loss_last"] < stage["loss_first"], stage
+        assert 0.1 < stage["peak_rss_gb"] <= report["peak_rss_gb"]  # the process's peak, GNU time's maximum RSS
     assert "| teacher |" in (tiny_run / "report.md").read_text()
+    assert f"peak resident memory {report['peak_rss_gb']:.2f} GB" in (tiny_run / "report.md").read_text()
     curve = report["curve"]  # eval.every_tokens: 16384 in tiny.yaml, 65536 training tokens in all
     assert [p["tokens"] for p in curve] == [0, 16384, 32768, 49152, 65536]
     assert curve[-1]["perplexity"] == report["student"]["perplexity"]

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mixerdistill.bench import machine, print_table, smollm2, write_result
+from mixerdistill.optimizers import build_optimizer
 from mixerdistill.plugins import get_stage
 from mixerdistill.stages import StageContext
 from mixerdistill.student import build_student, mixer_layers
-from mixerdistill.training import Placement, Reporting, build_optimizer, train_only, train_stage
+from mixerdistill.training import Placement, Reporting, train_only, train_stage
 
 
 class AttentionTaps:

@@ -11,6 +11,7 @@ from rich.markup import escape
 from mixerdistill.console import stderr_console
 from mixerdistill.errors import UserError
 from mixerdistill.interrupt import Interrupted, exit_code
+from mixerdistill.memory import return_freed_memory
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -35,6 +36,7 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    return_freed_memory()
     _register_commands()
     try:
         app(args=argv, prog_name="mixerdistill", standalone_mode=True)

@@ -1,0 +1,36 @@
+"""mixerdistill.memory: glibc's fixed mmap threshold (set by the CLI) and the peak resident set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mixerdistill.memory import ENV_VARIABLE, peak_rss_gb
+
+PROBE = """
+from mixerdistill.memory import return_freed_memory
+print(return_freed_memory())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_the_threshold_is_set_unless_switched_off():
+    def probe(**env: str) -> str:
+        environment = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+        result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment | env)
+        return result.stdout.strip()
+
+    assert probe() == "True"
+    assert probe(**{ENV_VARIABLE: "0"}) == "False"
+    assert probe(MALLOC_MMAP_THRESHOLD_="131072") == "False"  # the user's own setting is kept
+
+
+def test_peak_rss_covers_what_was_allocated():
+    before = peak_rss_gb()
+    block = torch.ones(64 << 20)  # 256 MB, touched
+    assert peak_rss_gb() >= max(before, 0.25)
+    del block
