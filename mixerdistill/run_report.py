@@ -45,7 +45,7 @@ class DataFigures(_Figures):
     train_tokens: int | None  # None for a streaming source
     heldout_tokens: int
     eval_tokens: int
-    mix: dict[str, Any] | None = None  # each source's share of the training windows (a mixture)
+    mix: list[dict[str, Any]] | None = None  # per source of a mixture: weight, tokens and share of the training windows
 
 
 class StageFigures(_Figures):

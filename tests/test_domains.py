@@ -128,6 +128,7 @@ def test_a_mixture_run_reports_every_domain(tmp_path, monkeypatch):
     assert [m["source"] for m in mix] == ["text", "teacher_samples"]
     assert sum(m["drawn_tokens"] for m in mix) == sum(s["tokens"] for s in report["stages"])
     written = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert RunReport.read(tmp_path / "run").data.mix == mix  # a mixture's report reads back (compare, eval)
     assert written["student"]["domain_ratio_geomean"] == report["student"]["domain_ratio_geomean"]
     assert "| pydoc |" in (tmp_path / "run" / "report.md").read_text()
     evaluated = run_cli(
