@@ -57,7 +57,7 @@ def plot(groups: dict[str, list[dict[str, float]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 3.2))
-    for position, (label, runs) in enumerate(groups.items()):
+    for position, runs in enumerate(groups.values()):
         values = [run["geomean"] for run in runs]
         axis.bar(position, statistics.fmean(values), color="tab:blue", alpha=0.5)
         axis.scatter([position] * len(values), values, color="black", s=12, zorder=3)

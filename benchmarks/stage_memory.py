@@ -1,24 +1,25 @@
 """Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
 
-    python benchmarks/stage_memory.py [--teacher gemma3] [--glibc-default] VARIANT
+    python benchmarks/stage_memory.py [--teacher gemma3] [--return-freed-memory] VARIANT
 
 One variant per process (peak RSS only grows): load the cached teacher, build the 30-layer discrete
 Mamba-2 student, run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage3_whole``
 is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``;
 ``stage3_chunked`` the chunked loss keeping every block's activations; ``stage3_recompute`` the default (blocks
 recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``;
-``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings). Like the CLI, the
-script fixes glibc's mmap threshold (mixerdistill.memory) unless ``--glibc-default``.
+``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings).
+``--return-freed-memory`` fixes glibc's mmap threshold as ``MIXERDISTILL_RETURN_FREED_MEMORY=1`` does.
 """
 
 import argparse
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 from mixerdistill.gguf_teacher import load_gguf_package_teacher
-from mixerdistill.memory import peak_rss_gb, return_freed_memory
+from mixerdistill.memory import ENV_VARIABLE, peak_rss_gb, return_freed_memory
 from mixerdistill.optimizers import build_optimizer
 from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.stages import StageContext
@@ -60,12 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", choices=VARIANTS)
     parser.add_argument(
-        "--glibc-default", action="store_true", help="leave glibc's mmap threshold as it is (the CLI fixes it)"
+        "--return-freed-memory", action="store_true", help="fix glibc's mmap threshold at 1 MiB (mixerdistill.memory)"
     )
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2", help="the demo's or Gemma 3's")
     args = parser.parse_args()
     variant = args.variant
-    if not args.glibc_default:
+    if args.return_freed_memory:
+        os.environ[ENV_VARIABLE] = "1"
         return_freed_memory()
     torch.set_num_threads(2)
     teacher, _ = load_gguf_package_teacher(*TEACHERS[args.teacher])

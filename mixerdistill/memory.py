@@ -1,11 +1,12 @@
-"""Process memory: the peak resident set the report records, and glibc told to give freed tensors back.
+"""Process memory: the peak resident set the report records, and (opt-in) glibc told to give freed tensors back.
 
 glibc serves a large allocation with its own ``mmap`` only above a threshold that grows, by default, to the
 size of the largest block freed so far (up to 32 MiB). A training step frees and reallocates many tensors
 below that size; they land in the heap, which fragments and is rarely returned to the system, so the
-process keeps gigabytes it no longer uses (measured on the SmolLM2 stage 3: 0.6 GB of a 4.3 GB peak,
-docs/performance.md). A fixed threshold makes every tensor above it a mapping of its own that is unmapped
-when freed.
+process keeps memory it no longer uses. ``MIXERDISTILL_RETURN_FREED_MEMORY=1`` fixes the threshold at
+1 MiB, so every larger tensor is a mapping of its own, unmapped when freed. Measured on the SmolLM2 demo
+(docs/performance.md): stage 3's peak 3.06 GB instead of 4.04, but every such allocation faults in fresh
+zeroed pages and the stages run at ~60 % of their speed (`make demo` 18 min 38 s) — hence opt-in.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
-# Set to "0" to leave glibc's allocator as it is (a user's own MALLOC_MMAP_THRESHOLD_ is always kept).
+# "1": fix the threshold (a user's own MALLOC_MMAP_THRESHOLD_ is always kept).
 ENV_VARIABLE = "MIXERDISTILL_RETURN_FREED_MEMORY"
 
 
 def return_freed_memory() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB for this process (Linux with glibc only); whether it was set.
-
-    Called once by the command line before any tensor is made."""
-    if not sys.platform.startswith("linux") or os.environ.get(ENV_VARIABLE) == "0":
+    """When ``MIXERDISTILL_RETURN_FREED_MEMORY=1``, fix glibc's mmap threshold at 1 MiB for this process
+    (Linux with glibc only); whether it was set. Called once by the command line before any tensor is made."""
+    if not sys.platform.startswith("linux") or os.environ.get(ENV_VARIABLE) != "1":
         return False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
