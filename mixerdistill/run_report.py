@@ -15,6 +15,7 @@ OPTIONAL = ("samples", "eval", "plots", "seconds", "peak_rss_gb")  # keys report
 # Figures of the unseen-domain evaluation (eval.domains): report.json holds them only when measured.
 DOMAIN_KEYS = ("domains", "domain_ratio_geomean", "domains_after_transfer", "domains_after", "mix")
 HYBRID_KEYS = ("keep_attention", "keep_attention_by")  # absent from reports of runs that kept no attention
+MEMORY_KEYS = ("peak_rss_gb",)  # absent from reports written before it was measured
 
 
 class _Figures(BaseModel):
@@ -118,12 +119,13 @@ class RunReport(_Figures):
 
 
 def _drop_unmeasured_domains(value):
-    """``value`` (report.json's content) without the keys of DOMAIN_KEYS and HYBRID_KEYS that hold None."""
+    """``value`` (report.json's content) without the keys of DOMAIN_KEYS, HYBRID_KEYS and MEMORY_KEYS that
+    hold None."""
     if isinstance(value, dict):
         return {
             key: _drop_unmeasured_domains(item)
             for key, item in value.items()
-            if not (key in DOMAIN_KEYS + HYBRID_KEYS and item is None)
+            if not (key in DOMAIN_KEYS + HYBRID_KEYS + MEMORY_KEYS and item is None)
         }
     if isinstance(value, list):
         return [_drop_unmeasured_domains(item) for item in value]

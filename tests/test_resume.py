@@ -43,11 +43,13 @@ def metrics_without_timings(run: Path) -> list[dict]:
 
 
 def comparable_report(run: Path) -> dict:
+    """report.json without what measures the machine (time, memory)."""
     report = json.loads((run / "report.json").read_text())
     for stage in report["stages"]:
-        for field in ("seconds", "tokens_per_second"):
+        for field in ("seconds", "tokens_per_second", "peak_rss_gb"):
             stage.pop(field)
     report.pop("seconds")
+    report.pop("peak_rss_gb")
     return report
 
 
