@@ -2,8 +2,8 @@
 
 Stage 3 trains every weight of the student, and AdamW's two moments are then the largest thing in the
 process (1.26 GB of the SmolLM2 demo's peak, docs/performance.md). ``BF16MomentAdamW`` keeps them in
-bfloat16 and does the arithmetic of each update in fp32, one parameter at a time, so no update allocates
-more than one parameter's worth of temporaries. Rounding the moments back to bf16 is stochastic (unbiased):
+bfloat16 and does the arithmetic of each update in fp32, a slice of ``SLICE`` elements at a time, so no
+update allocates more than a few 16 MB temporaries. Rounding the moments back to bf16 is stochastic (unbiased):
 with round-to-nearest, an EMA step smaller than half a bf16 ulp (2⁻⁸ of the value) would be lost every time.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SLICE = 1 << 22  # elements updated at once: 16 MB per fp32 temporary
 
 
 def build_optimizer(parameters: list[nn.Parameter], config) -> torch.optim.Optimizer:
@@ -65,9 +65,6 @@ class BF16MomentAdamW(torch.optim.Optimizer):
             exp_avg_sq_bf16.copy_(round_stochastically(exp_avg_sq))
             denom = exp_avg_sq.div_(1 - beta2**step).sqrt_().add_(group["eps"])
             weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-
-
-SLICE = 1 << 22  # elements updated at once: 16 MB per fp32 temporary
 
 
 def round_stochastically(value: torch.Tensor) -> torch.Tensor:
