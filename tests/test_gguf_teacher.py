@@ -98,6 +98,11 @@ def test_a_file_split_over_part_packages_is_joined_in_order_and_checked(tmp_path
     assert gguf_teacher._assemble(chunks, tmp_path / "m.gguf", sha256).read_bytes() == whole
     with pytest.raises(UserError, match="reinstall the part packages"):
         gguf_teacher._assemble(chunks[::-1], tmp_path / "m2.gguf", sha256)
+    # the conversion runs in a child process: a UserError there is the caller's UserError
+    monkeypatch.setenv("MIXERDISTILL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "fake_split" / "data" / "SHA256SUMS").write_text(f"{'0' * 64}  m.gguf\n")
+    with pytest.raises(UserError, match="join to a file with sha256 .* reinstall the part packages"):
+        load_gguf_package_teacher("fake-split", "m.gguf")
     (tmp_path / "fake_split_part2" / "data" / "m.gguf.part00").unlink()
     with pytest.raises(UserError, match=r"chunks of 'm.gguf' are missing: found parts \[1, 2\]"):
         gguf_package_file("fake-split", "m.gguf")
