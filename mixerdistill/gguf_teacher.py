@@ -17,8 +17,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
