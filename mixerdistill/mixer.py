@@ -145,13 +145,18 @@ class SequenceMixer(nn.Module):
     Config: ClassVar[type[MixerConfig]] = MixerConfig
     state_grows: ClassVar[bool] = False
     """True for mixers whose state grows with the tokens seen (softmax attention's KV cache)."""
-    export_refusal: ClassVar[str] = ""
-    """Why ``mixerdistill export`` cannot ship this mixer; empty when it can."""
 
     def __init__(self, geometry: AttentionGeometry, config: MixerConfig | None = None):
         super().__init__()
         self.geometry = geometry
         self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def part_classes(cls, config: MixerConfig) -> dict[str, type[SequenceMixer]]:
+        """The mixer classes, by registered name, that this mixer builds from its ``config`` (a composite's
+        parts; none for others). ``mixerdistill export`` ships their code and hands them back, as
+        ``config.mixer_classes``, to the exported model, which has no plugin registry."""
+        return {}
 
     # -- the fast path -------------------------------------------------------------------------
     def forward(

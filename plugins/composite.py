@@ -19,7 +19,8 @@ The mixing matrix is the scaled sum of the parts' matrices (exact when the parts
 projections, as they do right after transfer), so stage 1 compares Σ_p s_p M_p with the teacher's
 attention unchanged. The state's keys are the parts' keys prefixed with the part's index ("0.k", "1.ssm");
 parts whose state grows with the tokens (softmax attention's KV cache) are refused: use
-``window_attention``. Not exportable yet (``mixerdistill export`` says so).
+``window_attention``. An exported model builds the parts from the classes the export ships beside it
+(``part_classes``), without the plugin registry.
 """
 
 from __future__ import annotations
@@ -133,15 +134,29 @@ class SumMixer(SequenceMixer):
                 specs.append((mixer_cls, mixer_cls.Config.model_validate(options)))
             return specs
 
-        def initial_scales(self) -> list[float]:
-            return self.scales if self.scales is not None else [1.0] + [0.0] * (len(self.parts) - 1)
-
-    export_refusal = "the sum mixer builds its parts from the plugin registry, which an exported model lacks"
-
     def __init__(self, geometry: AttentionGeometry, config: Config | None = None):
         super().__init__(geometry, config)
-        self.parts = nn.ModuleList(part_cls(geometry, options) for part_cls, options in self.config.part_configs())
-        self.scales = nn.Parameter(torch.tensor(self.config.initial_scales()))
+        self.parts = nn.ModuleList(part_cls(geometry, options) for part_cls, options in self._part_specs())
+        scales = self.config.scales
+        self.scales = nn.Parameter(
+            torch.tensor(scales if scales is not None else [1.0] + [0.0] * (len(self.parts) - 1))
+        )
+
+    def _part_specs(self) -> list[tuple[type[SequenceMixer], Any]]:
+        """(mixer class, options) of every part: validated through the registry in mixerdistill; in an exported
+        model (plain options) from the classes the export shipped, ``config.mixer_classes``."""
+        if hasattr(self.config, "part_configs"):
+            return self.config.part_configs()
+        options_cls = type(self.config)
+        return [
+            (self.config.mixer_classes[part["name"]], options_cls(**{k: v for k, v in part.items() if k != "name"}))
+            for part in self.config.parts
+        ]
+
+    @classmethod
+    def part_classes(cls, config: Config) -> dict[str, type[SequenceMixer]]:
+        """Every part's mixer class by its registered name (what an export ships beside this one)."""
+        return {part["name"]: get_mixer(part["name"]) for part in config.parts}
 
     @staticmethod
     def _part_state(state: State | None, index: int) -> State | None:
@@ -222,7 +237,7 @@ class SumMixer(SequenceMixer):
         cls, weights: AttentionWeights, geometry: AttentionGeometry, config: Config | None = None
     ) -> SumMixer:
         """Every part from its own ``from_attention`` (a part that refuses refuses the whole); the scales
-        start at ``initial_scales``. The teacher's output bias is in every part, once in the sum at the
+        start at ``config.scales`` (default 1, 0, …). The teacher's output bias is in every part, once in the sum at the
         default scales (1, 0, …)."""
         mixer = cls(geometry, config)
         parts = [

@@ -33,16 +33,17 @@ FRESH_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers")
 
 
 def builtin_families() -> list[str]:
-    """Every mixer registered by mixerdistill's own plugins that export can ship (``sum`` says it cannot)."""
+    """Every mixer registered by mixerdistill's own plugins."""
     return [
-        name
-        for name in registry("mixers").names()
-        if get_mixer(name).__module__.startswith("mixerdistill_plugins.") and not get_mixer(name).export_refusal
+        name for name in registry("mixers").names() if get_mixer(name).__module__.startswith("mixerdistill_plugins.")
     ]
 
 
 def family_options(name: str) -> dict:
-    """Small chunks, so the tiny prompts cross chunk boundaries."""
+    """Small chunks, so the tiny prompts cross chunk boundaries; ``sum``: a 4-token window beside a Mamba-2."""
+    if name == "sum":
+        parts = [{"name": "window_attention", "window": 4}, {"name": "discrete_mamba2", "chunk_size": 4}]
+        return {"parts": parts, "scales": [0.8, 0.5]}
     fields = get_mixer(name).Config.model_fields
     options = {"chunk_size": 4} if "chunk_size" in fields else {}
     if "max_len" in fields:

@@ -156,12 +156,30 @@ def test_sum_parts_are_validated_with_their_paths(tmp_path):
     assert "window_attention" in problems["student.mixer.parts.1.name"]
 
 
-def test_export_says_it_cannot_ship_the_sum_mixer(tmp_path):
+def test_a_sum_student_exports_and_the_folder_computes_what_mixerdistill_does(tmp_path):
+    """The exported folder builds the parts from the classes shipped beside it (no plugin registry): same
+    logits and greedy tokens as mixerdistill's student, both parts contributing."""
+    from transformers import AutoModelForCausalLM
+
+    from mixerdistill.checkpoint import load_student
+    from mixerdistill.generation import stream_tokens
+    from mixerdistill.harness import find_checkpoint
     from mixerdistill.run import execute
 
+    # the folder has a name of its own: transformers caches remote code by folder name within a process
     recipe = tiny_recipe(tmp_path)
-    recipe["student"]["mixer"] = {"name": "sum", **SWA_MAMBA}
+    recipe["student"]["mixer"] = {"name": "sum", **SWA_MAMBA, "scales": [0.8, 0.5]}
     recipe["stages"] = []
     execute(load_recipe(write(tmp_path, recipe)), tmp_path / "run", show_progress=False)
-    code, output = cli_in_process("export", str(tmp_path / "run"), "--to", str(tmp_path / "export"))
-    assert code == 2 and "'sum' mixer cannot be exported" in output
+    code, output = cli_in_process("export", str(tmp_path / "run"), "--to", str(tmp_path / "sum_export"))
+    assert code == 0, output
+    modeling = (tmp_path / "sum_export" / "modeling_mixerdistill.py").read_text()
+    assert '"window_attention": _WindowAttention' in modeling and '"discrete_mamba2": _DiscreteMamba2' in modeling
+
+    student, _ = load_student(find_checkpoint(tmp_path / "run"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sum_export", trust_remote_code=True).eval()
+    ids = torch.randint(3, 200, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (exported(input_ids=ids).logits - student(input_ids=ids).logits).abs().max() <= 1e-5
+        greedy = exported.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, ids.shape[1] :]
+    assert torch.equal(greedy, torch.stack(list(stream_tokens(student.eval(), ids, 6)), dim=1))

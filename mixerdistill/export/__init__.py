@@ -52,6 +52,14 @@ def _import_as(name: str, alias: str, module: str = "transformers") -> str:
     return f"from {module} import {name} as {alias}"
 
 
+def _mixer_classes(classes: dict) -> str:
+    """The lines a template's ``MIXER_CLASSES`` becomes: each class imported from its exported module, then
+    the dict of them by registered name."""
+    imports = [_import_as(c.__name__, f"_{c.__name__}", f".{flat_name(c.__module__)}") for c in classes.values()]
+    entries = ", ".join(f'"{name}": _{c.__name__}' for name, c in classes.items())
+    return "\n".join([*imports, f"MIXER_CLASSES = {{{entries}}}"])
+
+
 def _fill_template(template: str, replacements: dict[str, str]) -> str:
     """A template file with each line marked ``# export: <what>`` replaced by ``replacements[<what>]``."""
     lines = []
@@ -111,9 +119,9 @@ def export_student(
     student, spec = load_student(checkpoint)
     student.to(DTYPES[dtype])
     mixer_cls = get_mixer(spec.mixer)
-    if mixer_cls.export_refusal:
-        raise UserError(f"the '{spec.mixer}' mixer cannot be exported: {mixer_cls.export_refusal}")
-    options = mixer_cls.Config.model_validate(spec.mixer_config).model_dump(mode="json")
+    validated = mixer_cls.Config.model_validate(spec.mixer_config)
+    options = validated.model_dump(mode="json")
+    part_classes = mixer_cls.part_classes(validated)
     mixer_layers = {
         path: asdict(module.mixer.geometry)
         for path, module in student.named_modules()
@@ -136,7 +144,8 @@ def export_student(
             teacher_model_type=student.config.model_type,
         )
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, source in export_sources(["mixerdistill.mixer_layer", mixer_cls.__module__]).items():
+        modules = ["mixerdistill.mixer_layer", mixer_cls.__module__, *(c.__module__ for c in part_classes.values())]
+        for name, source in export_sources(list(dict.fromkeys(modules))).items():
             (folder / name).write_text(source)
         (folder / CONFIGURATION_FILE).write_text(
             _fill_template(
@@ -152,6 +161,7 @@ def export_student(
                     "the student's mixer class": _import_as(
                         mixer_cls.__name__, "Mixer", f".{flat_name(mixer_cls.__module__)}"
                     ),
+                    "the mixer classes the student's mixer builds by name": _mixer_classes(part_classes),
                 },
             )
         )

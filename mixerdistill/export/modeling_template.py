@@ -2,7 +2,8 @@
 mixers in place of (some of) its attention modules.
 
 This file is copied into an exported model folder as ``modeling_mixerdistill.py``; the imports marked
-``export:`` are rewritten to the teacher's model class and the student's mixer class. Beside it, the
+``export:`` are rewritten to the teacher's model class, the student's mixer class and the classes of its
+parts (a composite mixer's). Beside it, the
 ``mixerdistill_*.py`` files hold the mixer code (PyTorch reference paths; fused kernels when mamba-ssm /
 flash-linear-attention / causal-conv1d are installed and the model is on CUDA). It needs only torch and
 transformers.
@@ -17,9 +18,14 @@ from .mixerdistill_mixer import AttentionGeometry
 from .mixerdistill_mixer_layer import MixerLayer
 from .mixerdistill_plugins_discrete_mamba2 import DiscreteMamba2 as Mixer  # export: the student's mixer class
 
+MIXER_CLASSES = {}  # export: the mixer classes the student's mixer builds by name
+
 
 class MixerOptions(SimpleNamespace):
-    """A mixer's options as attributes (what mixerdistill validates with the mixer's pydantic ``Config``)."""
+    """A mixer's options as attributes (what mixerdistill validates with the mixer's pydantic ``Config``);
+    ``mixer_classes``: the classes a composite mixer builds its parts from (mixerdistill's registry)."""
+
+    mixer_classes = MIXER_CLASSES
 
     def model_dump(self) -> dict:
         return dict(vars(self))

@@ -30,7 +30,8 @@ from pathlib import Path
 from mixerdistill.errors import UserError
 
 PACKAGES = ("mixerdistill", "mixerdistill_plugins")
-DROPPED_IMPORTS = ("mixerdistill.hookspecs", "pydantic")  # registration and recipe validation only
+# registration, the plugin registry and recipe validation only
+DROPPED_IMPORTS = ("mixerdistill.hookspecs", "mixerdistill.plugins", "pydantic", "pydantic_core")
 CONFIG_BASES = {"MixerConfig", "BaseModel"}
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
 
