@@ -56,14 +56,14 @@ def plot(groups: dict[str, list[dict[str, float]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 3.2))
+    figure, axis = plt.subplots(figsize=(8, 3.8))
     for position, runs in enumerate(groups.values()):
         values = [run["geomean"] for run in runs]
         axis.bar(position, statistics.fmean(values), color="tab:blue", alpha=0.5)
         axis.scatter([position] * len(values), values, color="black", s=12, zorder=3)
     axis.set_xticks(range(len(groups)), list(groups), rotation=20, ha="right")
     axis.axhline(1, color="grey", linewidth=0.8)
-    axis.set_ylabel("student / teacher perplexity\n(geometric mean, unseen domains)")
+    axis.set_ylabel("student / teacher perplexity\n(geomean, unseen domains)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
