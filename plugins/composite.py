@@ -237,12 +237,10 @@ class SumMixer(SequenceMixer):
         cls, weights: AttentionWeights, geometry: AttentionGeometry, config: Config | None = None
     ) -> SumMixer:
         """Every part from its own ``from_attention`` (a part that refuses refuses the whole); the scales
-        start at ``config.scales`` (default 1, 0, …). The teacher's output bias is in every part, once in the sum at the
+        start at ``config.scales``. The teacher's output bias is in every part, once in the sum at the
         default scales (1, 0, …)."""
         mixer = cls(geometry, config)
-        parts = [
-            part_cls.from_attention(weights, geometry, options) for part_cls, options in mixer.config.part_configs()
-        ]
+        parts = [part_cls.from_attention(weights, geometry, options) for part_cls, options in mixer._part_specs()]
         mixer.parts = nn.ModuleList(parts)
         return mixer
 

@@ -166,11 +166,11 @@ def test_a_sum_student_exports_and_the_folder_computes_what_mixerdistill_does(tm
     from mixerdistill.harness import find_checkpoint
     from mixerdistill.run import execute
 
-    # the folder has a name of its own: transformers caches remote code by folder name within a process
     recipe = tiny_recipe(tmp_path)
     recipe["student"]["mixer"] = {"name": "sum", **SWA_MAMBA, "scales": [0.8, 0.5]}
     recipe["stages"] = []
     execute(load_recipe(write(tmp_path, recipe)), tmp_path / "run", show_progress=False)
+    # a folder name of its own: transformers caches remote code by folder name within a process
     code, output = cli_in_process("export", str(tmp_path / "run"), "--to", str(tmp_path / "sum_export"))
     assert code == 0, output
     modeling = (tmp_path / "sum_export" / "modeling_mixerdistill.py").read_text()
