@@ -5,6 +5,10 @@ process (1.26 GB of the SmolLM2 demo's peak, docs/performance.md). ``BF16MomentA
 bfloat16 and does the arithmetic of each update in fp32, a slice of ``SLICE`` elements at a time, so no
 update allocates more than a few 16 MB temporaries. Rounding the moments back to bf16 is stochastic (unbiased):
 with round-to-nearest, an EMA step smaller than half a bf16 ulp (2⁻⁸ of the value) would be lost every time.
+The random bits are drawn once per step, one slice's worth per moment, and serve every slice of every
+parameter: each element still gets uniform bits (so the rounding stays unbiased), and drawing them was
+two thirds of the update's time when each slice drew its own (2.8 s against fp32 AdamW's 1.05 s per step
+for 179M parameters on 2 cores).
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ class BF16MomentAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("BF16MomentAdamW does not take a closure")
+        largest = max((p.numel() for g in self.param_groups for p in g["params"] if p.grad is not None), default=0)
+        noise = [torch.randint(0, 1 << 16, (min(largest, SLICE),), dtype=torch.int32) for _moment in range(2)]
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
-                    self._update(param, group)
+                    self._update(param, group, noise)
 
-    def _update(self, param: nn.Parameter, group: dict) -> None:
+    def _update(self, param: nn.Parameter, group: dict, noise: list[torch.Tensor]) -> None:
         state = self.state[param]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
@@ -61,15 +67,16 @@ class BF16MomentAdamW(torch.optim.Optimizer):
             grad = grad.float()
             exp_avg = exp_avg_bf16.float().lerp_(grad, 1 - beta1)
             exp_avg_sq = exp_avg_sq_bf16.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            exp_avg_bf16.copy_(round_stochastically(exp_avg))
-            exp_avg_sq_bf16.copy_(round_stochastically(exp_avg_sq))
+            exp_avg_bf16.copy_(round_stochastically(exp_avg, noise[0]))
+            exp_avg_sq_bf16.copy_(round_stochastically(exp_avg_sq, noise[1]))
             denom = exp_avg_sq.div_(1 - beta2**step).sqrt_().add_(group["eps"])
             weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 
-def round_stochastically(value: torch.Tensor) -> torch.Tensor:
-    """``value`` (fp32) rounded to bf16, up or down with probabilities that make it unbiased: random bits
-    are added below the 16 bits bf16 keeps, then cut off (exact, the cut bits being zero)."""
+def round_stochastically(value: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` (fp32, 1-D) rounded to bf16, up or down with probabilities that make it unbiased: random
+    bits are added below the 16 bits bf16 keeps, then cut off (exact, the cut bits being zero). ``noise``:
+    int32 uniform in [0, 2¹⁶), at least as long as ``value`` (drawn here when not given)."""
     bits = value.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
+    noise = torch.randint_like(bits, 0, 1 << 16) if noise is None else noise[: bits.numel()]
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)

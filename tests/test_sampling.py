@@ -13,6 +13,7 @@ from mixerdistill.domains import Domain, check_no_leak
 from mixerdistill.errors import UserError
 from mixerdistill.sampling import (
     BUILTIN_PROMPTS,
+    NUCLEUS_CANDIDATES,
     SampleSettings,
     TeacherSamples,
     cache_key,
@@ -21,6 +22,7 @@ from mixerdistill.sampling import (
     prompt_pool,
     repeated_ngram_share,
     sample_batch,
+    sample_next,
 )
 
 SETTINGS = {
@@ -66,6 +68,21 @@ def test_cached_sampling_equals_recomputing_without_cache():
         for _ in range(10):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
         assert continuation == ids[len(prompt) :]
+
+
+def test_nucleus_sampling_draws_only_from_the_nucleus_even_beyond_the_candidates():
+    vocab = NUCLEUS_CANDIDATES * 4
+    peaked = torch.full((vocab,), -30.0)
+    peaked[[5, 9, 2000]] = torch.tensor([3.0, 2.0, 0.5])  # nucleus at top_p 0.9: {5, 9}
+    flat = torch.zeros(vocab)
+    flat[: vocab // 2] = 5.0  # nucleus: 90 % of the 2048 raised tokens, more than the candidates
+    logits = torch.stack([peaked, flat]).repeat(200, 1)
+    tokens = sample_next(logits, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert set(tokens[0::2].tolist()) == {5, 9}
+    drawn_flat = tokens[1::2]
+    assert bool((drawn_flat < vocab // 2).all())
+    assert drawn_flat.unique().numel() > NUCLEUS_CANDIDATES // 8  # the whole nucleus, not the candidates' prefix
+    assert int(drawn_flat.max()) >= NUCLEUS_CANDIDATES  # ids past the first candidates are reached
 
 
 def test_samples_are_seeded_and_cached(cache):
