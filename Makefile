@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml examples/mixer_plugin/pyproject.toml examples/adapter_p
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/mixerdistill run recipes/smollm2_mamba.yaml --output runs/demo --overwrite
+	$(BIN)/mixerdistill run recipes/smollm2_swa_mamba.yaml --output runs/demo --overwrite
 
 # ruff: lint and format check (configuration in pyproject.toml); `ruff format .` fixes the format.
 lint: setup

