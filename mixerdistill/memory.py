@@ -28,38 +28,33 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 ENV_VARIABLE = "MIXERDISTILL_RETURN_FREED_MEMORY"
 
 
-def return_freed_memory() -> bool:
-    """When ``MIXERDISTILL_RETURN_FREED_MEMORY=1``, fix glibc's mmap threshold at 1 MiB for this process
-    (Linux with glibc only); whether it was set. Called once by the command line before any tensor is made."""
-    if not sys.platform.startswith("linux") or os.environ.get(ENV_VARIABLE) != "1":
-        return False
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc (musl, …)
-        return False
-
-
-def release_freed_memory() -> None:
-    """Give the free pages inside glibc's heap back to the system (``malloc_trim``); elsewhere nothing."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 def _glibc():
+    """glibc's C library with ``mallopt`` and ``malloc_trim``; None elsewhere (macOS, musl, …)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 — musl and others have no malloc_trim
+        libc.mallopt, libc.malloc_trim  # noqa: B018 — only glibc has both
     except (OSError, AttributeError):
         return None
     return libc
 
 
 _LIBC = _glibc()
+
+
+def return_freed_memory() -> bool:
+    """When ``MIXERDISTILL_RETURN_FREED_MEMORY=1``, fix glibc's mmap threshold at 1 MiB for this process
+    (Linux with glibc only); whether it was set. Called once by the command line before any tensor is made."""
+    if _LIBC is None or os.environ.get(ENV_VARIABLE) != "1" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def release_freed_memory() -> None:
+    """Give the free pages inside glibc's heap back to the system (``malloc_trim``); elsewhere nothing."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def peak_rss_gb(children: bool = False) -> float:
