@@ -1,10 +1,10 @@
-"""Hybrids at the demo's budget (docs/hybrids.md): runs grouped by configuration, seeds averaged.
+"""Runs at the demo's budget grouped by configuration, seeds averaged (docs/hybrids.md, docs/smollm2.md).
 
-    python benchmarks/hybrids.py "all-SSM=runs/a_s0,runs/a_s1" "uniform K=7=runs/u7_s0,runs/u7_s1" …
+    python benchmarks/hybrids.py [--name hybrids] "all-SSM=runs/a_s0,runs/a_s1" "uniform K=7=runs/u7_s0,runs/u7_s1" …
 
 Each argument is ``LABEL=RUN[,RUN…]`` (the runs of one configuration, one per seed). Prints a markdown table
 of student/teacher perplexity per unseen domain and their geometric mean — the mean over seeds ± half the
-spread (max − min) — and writes benchmarks/results/hybrids.json and hybrids.png (geometric mean per
+spread (max − min) — and writes benchmarks/results/NAME.json and NAME.png (geometric mean per
 configuration, one dot per seed).
 """
 
@@ -35,8 +35,10 @@ def summary(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="+", help="LABEL=RUN[,RUN…]")
+    parser.add_argument("--name", default="hybrids", help="results/NAME.json and NAME.png")
+    arguments = parser.parse_args()
     groups = {}
-    for argument in parser.parse_args().groups:
+    for argument in arguments.groups:
         label, _, runs = argument.rpartition("=")  # labels may hold "=" (K=7), paths do not
         groups[label] = [figures(Path(run)) for run in runs.split(",")]
     columns = list(next(iter(groups.values()))[0])
@@ -46,8 +48,8 @@ def main() -> None:
         cells = [summary([run[column] for run in runs]) for column in columns]
         print(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hybrids.json").write_text(json.dumps(groups, indent=2) + "\n")
-    plot(groups, RESULTS / "hybrids.png")
+    (RESULTS / f"{arguments.name}.json").write_text(json.dumps(groups, indent=2) + "\n")
+    plot(groups, RESULTS / f"{arguments.name}.png")
 
 
 def plot(groups: dict[str, list[dict[str, float]]], path: Path) -> None:
