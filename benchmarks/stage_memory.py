@@ -4,7 +4,8 @@
                                       [--keep-gradients] [--teacher-bf16] VARIANT
 
 One variant per process (peak RSS only grows): load the cached teacher, build the student (every layer a
-discrete Mamba-2, or with ``--student swa_mamba`` the demo's 64-token window attention + discrete Mamba-2),
+discrete Mamba-2 as in recipes/smollm2_mamba.yaml, or with ``--student swa_mamba`` the demo's 64-token window
+attention + discrete Mamba-2 of recipes/smollm2_swa_mamba.yaml),
 run two AdamW steps of the stage at 4 × 256 tokens and print the peak. ``stage1_plain`` and
 ``stage1_recompute`` are the materialised matrix loss with every layer's intermediates kept or each layer
 rebuilt in the backward (the default). ``stage3_whole``
@@ -28,6 +29,7 @@ from mixerdistill.gguf_teacher import load_gguf_package_teacher
 from mixerdistill.memory import ENV_VARIABLE, peak_rss_gb, return_freed_memory
 from mixerdistill.optimizers import build_optimizer
 from mixerdistill.plugins import get_mixer, get_stage
+from mixerdistill.recipe import load_recipe
 from mixerdistill.stages import StageContext
 from mixerdistill.student import build_student, mixer_layers
 from mixerdistill.teacher import find_adapter
@@ -52,17 +54,9 @@ TEACHERS = {  # the offline GGUF packages of recipes/smollm2_mamba.yaml and reci
 }
 
 
-STUDENTS = {  # mixer name and Config fields: recipes/smollm2_mamba.yaml's and recipes/smollm2_swa_mamba.yaml's
-    "mamba": ("discrete_mamba2", {"chunk_size": 64, "bc_transfer": "average"}),
-    "swa_mamba": (
-        "sum",
-        {
-            "parts": [
-                {"name": "window_attention", "window": 64},
-                {"name": "discrete_mamba2", "chunk_size": 64, "bc_transfer": "average"},
-            ]
-        },
-    ),
+STUDENTS = {  # the student of each recipe, built with its mixer settings
+    "mamba": "smollm2_mamba.yaml",
+    "swa_mamba": "smollm2_swa_mamba.yaml",
 }
 
 
@@ -97,9 +91,9 @@ def main() -> None:
     torch.set_num_threads(2)
     teacher, _ = load_gguf_package_teacher(*TEACHERS[args.teacher])
     adapter = find_adapter(teacher.config)
-    mixer_name, mixer_settings = STUDENTS[args.student]
-    mixer = get_mixer(mixer_name)
-    student = build_student(teacher, adapter, mixer, mixer.Config(**mixer_settings), []).train()  # as stages run it
+    mixer_spec = load_recipe(STUDENTS[args.student]).student.mixer
+    mixer = get_mixer(mixer_spec.name)
+    student = build_student(teacher, adapter, mixer, mixer_spec.config, []).train()  # as the stage loop runs it
     if args.teacher_bf16:
         teacher.to(torch.bfloat16)
     context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
