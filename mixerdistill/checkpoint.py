@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from mixerdistill import faults
@@ -168,11 +168,28 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     problem = checkpoint_problem(directory)
     if problem is not None:
         raise CheckpointDamaged(f"checkpoint {directory} is damaged: {problem}")
-    missing, unexpected = load_model(model, str(Path(directory) / MODEL_FILE), strict=False)
-    if unexpected or [m for m in missing if not _is_tied(model, m)]:
-        raise UserError(
-            f"{directory}: weights do not fit the student (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+    try:
+        assign_weights(model, load_file(Path(directory) / MODEL_FILE))
+    except ValueError as error:
+        raise UserError(f"{directory}: weights do not fit the student ({error})") from None
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Set ``model``'s parameters and buffers to ``state``'s tensors (tied names may be absent) by rebinding
+    each one's ``.data``, never writing into the tensor it had: a student's untrained parts lie on the
+    teacher's storage (mixerdistill.student); a tensor equal to the one it has is left as it is."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state and not _is_tied(model, name)]
+    unexpected = [name for name in state if name not in expected]
+    wrong = [name for name in state if name in expected and state[name].shape != expected[name].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}, of another shape {wrong[:5]}")
+    for name, value in state.items():
+        module_name, _, attribute = name.rpartition(".")
+        target = getattr(model.get_submodule(module_name), attribute)
+        value = value.to(device=target.device, dtype=target.dtype)
+        if not torch.equal(value, target.data):
+            target.data = value.clone()  # load_file's tensors lie on a mapping of the file
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:

@@ -70,8 +70,14 @@ def test_stage_loss_falls(tmp_path, name, options):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     losses = [__import__("json").loads(line)["loss"] for line in lines]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
-    # The teacher never changes.
+    # The teacher never changes; what did not learn still lies on its storage, what learned has its own.
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    learned = {id(p) for p in stage.trainable_parameters()} | {
+        id(p) for mixer in context.mixers.values() for p in mixer.parameters()
+    }
+    for parameter in context.student.parameters():
+        assert (parameter.untyped_storage().data_ptr() in teacher_storage) == (id(parameter) not in learned)
 
 
 def test_stage_trainable_groups():

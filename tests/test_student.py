@@ -70,8 +70,12 @@ def test_surgery(setup):
         prefix = f"model.layers.{idx}."
         for name, param in student_params.items():
             if name.startswith(prefix):
-                assert torch.equal(param, teacher_params[name])
-                assert param.data_ptr() != teacher_params[name].data_ptr()  # a copy, not shared
+                assert param is not teacher_params[name]
+                assert param.data_ptr() == teacher_params[name].data_ptr()  # on the teacher's storage
+    # the mixers own their weights, whatever views of the teacher's q/k/v/o their transfer took
+    teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    for mixer in mixer_layers(student, adapter).values():
+        assert not any(p.untyped_storage().data_ptr() in teacher_storage for p in mixer.parameters())
     # everything that is not a replaced attention layer is copied unchanged
     replaced = tuple(f"model.layers.{idx}.self_attn." for idx in REPLACED)
     assert {n for n in student_params if not n.startswith(replaced)} == {
@@ -102,3 +106,30 @@ def test_generate_with_and_without_cache(setup):
     assert expected.shape == (2, 14)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, expected)
+
+
+def test_loading_weights_leaves_the_teacher_and_shares_what_is_unchanged(tmp_path):
+    """A checkpoint is loaded by rebinding tensors: the teacher, whose storage the student's untrained parts
+    share, stays as it was; a part the checkpoint changed gets its own tensor, an unchanged one stays shared."""
+    from mixerdistill.checkpoint import load_weights, save_checkpoint
+    from mixerdistill.student import StudentSpec
+
+    torch.manual_seed(0)
+    build, adapter, *_ = FAMILIES["llama"]
+    teacher = build().eval()
+    before = {name: p.clone() for name, p in teacher.state_dict().items()}
+    trained = build_student(teacher, adapter, AttentionMixer, AttentionMixer.Config(), keep_attention=KEEP)
+    mlp = adapter.mlp(adapter.layers(trained)[0]).down_proj.weight
+    mlp.data = mlp.data + 1.0
+    save_checkpoint(trained, StudentSpec(mixer="attention", mixer_config={}), tmp_path / "checkpoint")
+
+    student = build_student(teacher, adapter, AttentionMixer, AttentionMixer.Config(), keep_attention=KEEP)
+    load_weights(student, tmp_path / "checkpoint")
+    assert all(torch.equal(teacher.state_dict()[name], value) for name, value in before.items())
+    loaded = adapter.mlp(adapter.layers(student)[0]).down_proj.weight
+    assert torch.equal(loaded, mlp) and loaded.data_ptr() != teacher.model.layers[0].mlp.down_proj.weight.data_ptr()
+    up = adapter.mlp(adapter.layers(student)[0]).up_proj.weight
+    assert up.data_ptr() == teacher.model.layers[0].mlp.up_proj.weight.data_ptr()
+    with torch.no_grad():
+        input_ids = torch.randint(3, 256, (1, 8))
+        assert torch.equal(student(input_ids).logits, trained(input_ids).logits)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixerdistill.checkpoint import assign_weights
 from mixerdistill.distributed.world import World
 from mixerdistill.errors import RecipeError, UserError
 from mixerdistill.stages import Stage
@@ -400,7 +401,7 @@ class FullyShardedStage(SingleProcess):
         # cpu_offload gathers the full tensors on rank 0 only; every rank needs them.
         payload = [full if self.world.main else None]
         dist.broadcast_object_list(payload, src=0, device=torch.device(self.world.collective_device))
-        model.load_state_dict(payload[0], strict=False)
+        assign_weights(model, payload[0])  # never writes into the teacher's storage (mixerdistill.student)
 
     def evaluation_model(self, model):
         return self.running.module
