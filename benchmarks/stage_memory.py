@@ -1,7 +1,8 @@
 """Peak resident memory of one stage on the SmolLM2 demo student (docs/performance.md, "Memory of the stages").
 
     python benchmarks/stage_memory.py [--teacher gemma3] [--student swa_mamba] [--return-freed-memory]
-                                      [--keep-gradients] [--teacher-bf16] [--heap] VARIANT
+                                      [--keep-gradients] [--teacher-bf16]
+                                      [--batch N] [--bf16-moments] VARIANT
 
 One variant per process (peak RSS only grows): load the cached teacher, build the student (every layer a
 discrete Mamba-2 as in recipes/smollm2_mamba.yaml, or with ``--student swa_mamba`` the demo's 64-token window
@@ -15,15 +16,14 @@ recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [e
 ``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings);
 ``stage3_mixers_only`` bf16 moments with ``freeze: [mlp, embeddings]`` (the demos' stage 3: the frozen parts stay
 on the teacher's storage). As in a run, what learns gets its own storage first and freed heap pages go back
-after every optimizer step (``mixerdistill.memory.release_freed_memory``), and stage 1 maps its large
-allocations (``large_allocations_mapped``; ``--heap``: not).
+after every optimizer step (``mixerdistill.memory.release_freed_memory``). ``--batch`` sets the sequences per
+step (4), ``--bf16-moments`` AdamW's moments in bf16 in any stage.
 ``--return-freed-memory`` fixes glibc's mmap threshold as ``MIXERDISTILL_RETURN_FREED_MEMORY=1`` does;
 ``--keep-gradients`` zeroes the gradients in place instead of freeing them; ``--teacher-bf16`` casts the
 teacher to bfloat16 once the student is built (two ways to lower the peak that the recipes do not take).
 """
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -31,13 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerdistill.gguf_teacher import load_gguf_package_teacher
-from mixerdistill.memory import (
-    ENV_VARIABLE,
-    large_allocations_mapped,
-    peak_rss_gb,
-    release_freed_memory,
-    return_freed_memory,
-)
+from mixerdistill.memory import ENV_VARIABLE, peak_rss_gb, release_freed_memory, return_freed_memory
 from mixerdistill.optimizers import build_optimizer
 from mixerdistill.plugins import get_mixer, get_stage
 from mixerdistill.recipe import load_recipe
@@ -96,7 +90,8 @@ def main() -> None:
     )
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2", help="the demo's or Gemma 3's")
     parser.add_argument("--student", choices=sorted(STUDENTS), default="mamba", help="the student's mixer")
-    parser.add_argument("--heap", action="store_true", help="stage 1 without its large allocations mapped")
+    parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
+    parser.add_argument("--bf16-moments", action="store_true", help="AdamW's moments in bf16 in any stage")
     parser.add_argument("--keep-gradients", action="store_true", help="zero the gradients in place between steps")
     parser.add_argument("--teacher-bf16", action="store_true", help="the teacher in bfloat16 once the student is built")
     args = parser.parse_args()
@@ -113,7 +108,9 @@ def main() -> None:
     if args.teacher_bf16:
         teacher.to(torch.bfloat16)
     context = StageContext(teacher=teacher, student=student, adapter=adapter, mixers=mixer_layers(student, adapter))
-    input_ids = torch.randint(0, teacher.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(
+        0, teacher.config.vocab_size, (args.batch, 256), generator=torch.Generator().manual_seed(0)
+    )
     print(f"{variant}: peak RSS after setup {peak_rss_gb():.2f} GB", flush=True)
     if variant.startswith("stage1"):
         stage_cls = get_stage("matrix_orientation")
@@ -142,19 +139,19 @@ def main() -> None:
     student.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
+    if args.bf16_moments:
+        config = config.model_copy(
+            update={"optimizer": config.optimizer.model_copy(update={"state_dtype": "bfloat16"})}
+        )
     optimizer = build_optimizer(parameters, config.optimizer)
     start = time.time()
-    with large_allocations_mapped() if stage.large_temporaries and not args.heap else contextlib.nullcontext():
-        for step in range(2):
-            if variant == "stage3_whole":
-                loss = whole_logits_kd(teacher, student, input_ids)
-            else:
-                loss = stage.loss(input_ids)[0]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=not args.keep_gradients)
-            release_freed_memory()
-            print(f"{variant}: step {step} loss {loss.item():.4f}", flush=True)
+    for step in range(2):
+        loss = whole_logits_kd(teacher, student, input_ids) if variant == "stage3_whole" else stage.loss(input_ids)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not args.keep_gradients)
+        release_freed_memory()
+        print(f"{variant}: step {step} loss {loss.item():.4f}", flush=True)
     print(f"{variant}: peak RSS {peak_rss_gb():.2f} GB ({time.time() - start:.0f} s for two steps)", flush=True)
 
 

@@ -56,11 +56,16 @@ def chunk_kd(
     ``temperature``, Σ cross-entropy of the student on ``targets``)."""
     student_logits = logits_from_hidden(student, student_hidden).float()
     with torch.no_grad():
-        teacher_log_probs = F.log_softmax(logits_from_hidden(teacher, teacher_hidden).float() / temperature, dim=-1)
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+        teacher_log_probs = F.log_softmax(_scaled(logits_from_hidden(teacher, teacher_hidden).float(), temperature), -1)
+    student_log_probs = F.log_softmax(_scaled(student_logits, temperature), dim=-1)
     kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
     plain_log_probs = student_log_probs if temperature == 1 else F.log_softmax(student_logits, dim=-1)
     return kl, F.nll_loss(plain_log_probs, targets, reduction="sum", ignore_index=-100)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``; at temperature 1 the logits themselves (no (n, V) copy, 67 MB for Gemma 3)."""
+    return logits if temperature == 1 else logits / temperature
 
 
 def chunked_distillation_loss(

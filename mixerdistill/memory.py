@@ -12,27 +12,21 @@ What every run does instead is ``release_freed_memory``: glibc's ``malloc_trim``
 the heap back to the system after every optimizer step. It takes 0.1 s on a 4 GB heap; on the demo's
 window-attention + Mamba-2 student it brings stage 3's peak from 5.52 to 5.06 GB and the resident memory
 between stages from 4.2–4.7 GB to 2.3–2.9 GB (docs/performance.md). Trimming between forward and
-backward as well did not lower any stage's peak.
-
-Stage 1 is the exception that trimming between steps does not cure: within one step the materialised matrix
-loss makes and frees a few (B, H, T, T) tensors of about 10 MB per layer, and the heap kept 2 GB of such holes
-at once (the demo's student: 4.43 GB peak). Its stage runs inside ``large_allocations_mapped`` (the 1 MiB
-threshold, then 32 MiB, the ceiling of glibc's own dynamic threshold, for the rest of the run): 2.20 GB, at
-the same speed — its allocations are few and large.
+backward as well did not lower any stage's peak. The run also trims between its phases (before each stage,
+the final evaluation and lm-eval): what a phase leaves in the heap (a stage's evaluation, its checkpoint
+write) would otherwise be the next phase's floor — 1.9–2.8 GB instead of 1.4 GB in a traced demo run.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import resource
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
-DYNAMIC_THRESHOLD_CEILING_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 # "1": fix the threshold (a user's own MALLOC_MMAP_THRESHOLD_ is always kept).
 ENV_VARIABLE = "MIXERDISTILL_RETURN_FREED_MEMORY"
 
@@ -60,24 +54,11 @@ def return_freed_memory() -> bool:
     return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
-@contextmanager
-def large_allocations_mapped() -> Iterator[None]:
-    """Within the block, every allocation of 1 MiB or more is a mapping of its own, given back when freed;
-    afterwards the threshold stays fixed at 32 MiB (glibc cannot make it dynamic again). Nothing changes
-    where the threshold is already the user's (``MALLOC_MMAP_THRESHOLD_``, ``MIXERDISTILL_RETURN_FREED_MEMORY``)
-    or there is no glibc."""
-    if _LIBC is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get(ENV_VARIABLE) == "1":
-        yield
-        return
-    _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    try:
-        yield
-    finally:
-        _LIBC.mallopt(M_MMAP_THRESHOLD, DYNAMIC_THRESHOLD_CEILING_BYTES)
-
-
-def release_freed_memory() -> None:
-    """Give the free pages inside glibc's heap back to the system (``malloc_trim``); elsewhere nothing."""
+def release_freed_memory(collect: bool = False) -> None:
+    """Give the free pages inside glibc's heap back to the system (``malloc_trim``); elsewhere nothing.
+    ``collect``: first free what only reference cycles still hold (``gc.collect``; between phases of a run)."""
+    if collect:
+        gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

@@ -41,7 +41,7 @@ from mixerdistill.domains import DomainEvaluation, domain_table
 from mixerdistill.errors import UserError, writing
 from mixerdistill.evaluation import greedy_continuation, perplexity
 from mixerdistill.lock import output_lock
-from mixerdistill.memory import peak_rss_gb
+from mixerdistill.memory import peak_rss_gb, release_freed_memory
 from mixerdistill.mixture import MixedData, build_data
 from mixerdistill.plots import write_run_plots
 from mixerdistill.plugins import get_mixer, get_stage
@@ -80,7 +80,9 @@ def execute(
             )
             run.setup()
             for index in range(1, len(recipe.stages) + 1):
+                release_freed_memory(collect=True)  # the last phase's leftovers are not the next one's floor
                 run.run_stage(index)
+            release_freed_memory(collect=True)
             run.evaluate()
             return run.finish()
     finally:
@@ -460,6 +462,7 @@ class Distillation:
             batch_size=benchmarks.batch_size,
             num_fewshot=benchmarks.num_fewshot,
         )
+        release_freed_memory(collect=True)
         report.eval = evaluate_pair(
             self.student, self.teacher if benchmarks.with_teacher else None, self.tokenizer, settings
         )

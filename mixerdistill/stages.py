@@ -145,9 +145,6 @@ class Stage:
     # Layer-local: the loss is a sum of per-layer terms, each depending only on its own layer's parameters
     # and the teacher (so `distributed.layer_parallel` may train the layers on different ranks).
     layer_local: ClassVar[bool] = False
-    # Large temporaries: each step makes and frees tensors of several MiB per layer, which glibc's heap would
-    # keep as holes; the stage runs with such allocations mapped on their own (mixerdistill.memory).
-    large_temporaries: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, context: StageContext):
         self.config = config

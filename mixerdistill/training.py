@@ -27,7 +27,7 @@ from mixerdistill.console import stderr_console
 from mixerdistill.distributed.plans import Plan, SingleProcess
 from mixerdistill.distributed.world import SINGLE, World
 from mixerdistill.errors import UserError, writing
-from mixerdistill.memory import large_allocations_mapped, release_freed_memory
+from mixerdistill.memory import release_freed_memory
 from mixerdistill.optimizers import build_optimizer
 from mixerdistill.stages import Stage
 from mixerdistill.student import own_storage
@@ -123,8 +123,7 @@ def train_stage(
     previous = train_only(model, parameters)
     try:
         loop = StageLoop(stage, name, model, parameters, placement, reporting, checkpointing or Checkpointing())
-        with large_allocations_mapped() if stage.large_temporaries else contextlib.nullcontext():
-            return loop.run(batches)
+        return loop.run(batches)
     finally:
         for p, flag in previous.items():
             p.requires_grad_(flag)

@@ -34,7 +34,6 @@ class MatrixOrientation(Stage):
     """Stage 1: match each teacher attention matrix with the student mixer's materialised matrix."""
 
     layer_local = True
-    large_temporaries = True  # the (B, H, T, T) matrices of every layer
 
     class Config(StageConfig):
         # Weight decay defaults to 0 here: projection rows that do not shape the matrix get no
