@@ -13,7 +13,7 @@ rebuilt in the backward (the default). ``stage3_whole``
 is the KD loss over whole (B·T, V) logits, as stage 3 computed it before ``mixerdistill.logits``;
 ``stage3_chunked`` the chunked loss keeping every block's activations; ``stage3_recompute`` the default (blocks
 recomputed in the backward); ``stage3_frozen_embeddings`` that with ``freeze: [embeddings]``;
-``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (and frozen embeddings);
+``stage3_bf16_moments`` with ``optimizer.state_dtype: bfloat16`` (``…_frozen_embeddings``: and frozen embeddings);
 ``stage3_mixers_only`` bf16 moments with ``freeze: [mlp, embeddings]`` (the demos' stage 3: the frozen parts stay
 on the teacher's storage). As in a run, what learns gets its own storage first and freed heap pages go back
 after every optimizer step (``mixerdistill.memory.release_freed_memory``). ``--batch`` sets the sequences per

@@ -84,6 +84,7 @@ def execute(
                 run.run_stage(index)
             release_freed_memory(collect=True)
             run.evaluate()
+            release_freed_memory(collect=True)  # before the plots: matplotlib's figures on lm-eval's leftovers
             return run.finish()
     finally:
         worlds.stop(world)
