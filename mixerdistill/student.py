@@ -117,16 +117,13 @@ def _copy_on_shared_storage(teacher: nn.Module) -> nn.Module:
     return copy.deepcopy(teacher, memo)
 
 
-def own_storage(parameters: Iterable[nn.Parameter], teacher: nn.Module) -> int:
+def own_storage(parameters: Iterable[nn.Parameter], teacher: nn.Module) -> None:
     """Give each of ``parameters`` that still lies on ``teacher``'s storage (or a view of it) a copy of its
-    own, so that training it leaves the teacher as it is; returns how many were copied."""
+    own, so that training it leaves the teacher as it is."""
     shared = {p.untyped_storage().data_ptr() for p in teacher.parameters() if p.numel()}
-    copied = 0
     for p in parameters:
         if p.numel() and p.untyped_storage().data_ptr() in shared:
             p.data = p.data.clone()
-            copied += 1
-    return copied
 
 
 def mixer_layers(student: nn.Module, adapter: TeacherAdapter) -> dict[int, SequenceMixer]:
