@@ -38,6 +38,7 @@ from mixerdistill.recipe import load_recipe
 from mixerdistill.stages import StageContext
 from mixerdistill.student import build_student, mixer_layers, own_storage
 from mixerdistill.teacher import find_adapter
+from mixerdistill.training import train_only
 
 VARIANTS = (
     "stage1_plain",
@@ -136,9 +137,7 @@ def main() -> None:
     stage = stage_cls(config, context)
     parameters = stage.trainable_parameters()
     own_storage(parameters, teacher)
-    student.requires_grad_(False)
-    for parameter in parameters:
-        parameter.requires_grad_(True)
+    train_only(student, parameters)
     if args.bf16_moments:
         config = config.model_copy(
             update={"optimizer": config.optimizer.model_copy(update={"state_dtype": "bfloat16"})}

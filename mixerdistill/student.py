@@ -94,6 +94,7 @@ def build_student(
     check_transfer(teacher, adapter, set(range(count)) - set(keep_attention))
     student = _copy_on_shared_storage(teacher)
     layers = adapter.layers(student)
+    mixers = []
     for idx, layer in enumerate(layers):
         if idx in keep_attention:
             continue
@@ -105,8 +106,9 @@ def build_student(
             mixer = mixer_cls(geometry, mixer_config)
         reference = next(attention.parameters())
         mixer.to(device=reference.device, dtype=reference.dtype)
-        own_storage(mixer.parameters(), teacher)  # a mixer may hold views of the teacher's q/k/v/o
+        mixers.append(mixer)
         adapter.set_attention(layer, MixerLayer(mixer, idx))
+    own_storage((p for mixer in mixers for p in mixer.parameters()), teacher)  # transfers may take views of q/k/v/o
     return student
 
 
