@@ -69,12 +69,13 @@ def load_tokenizer(checkpoint: Path):
     from transformers import AutoTokenizer
 
     from mixerdistill.data import BYTE_TOKENIZER_FILE, ByteTokenizer
+    from mixerdistill.teacher_sources import compact_tokenizer
 
     for folder in (checkpoint / "tokenizer", checkpoint.parent / "tokenizer"):
         if (folder / BYTE_TOKENIZER_FILE).is_file():
             return ByteTokenizer().to_transformers()
         if folder.is_dir():
-            return AutoTokenizer.from_pretrained(folder)
+            return compact_tokenizer(AutoTokenizer.from_pretrained(folder))
     raise UserError(f"no tokenizer/ folder beside {checkpoint}: evaluate a checkpoint inside its run directory")
 
 
