@@ -115,3 +115,22 @@ def test_stage3_recompute_gives_the_same_loss_and_gradients(family):
     assert saved_a < saved_b / 2, (saved_a, saved_b)  # the blocks' activations were not kept
     assert torch.allclose(loss_a, loss_b, rtol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads_a, grads_b))
+
+
+def test_compacted_tokenizer_encodes_and_saves_as_before(tmp_path):
+    from transformers import AutoTokenizer
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from mixerdistill.teacher_sources import compact_tokenizer
+
+    def gemma_like():
+        pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", "t", "h", "e", "▁t", "he", "▁the", "a"]
+        merges = [("▁", "t"), ("h", "e"), ("▁t", "he")]
+        return GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges)
+
+    plain, compact = gemma_like(), compact_tokenizer(gemma_like())
+    assert "_merges" in vars(plain) and "_merges" not in vars(compact) and "_vocab" not in vars(compact)
+    text = "the hat, the tea"
+    assert compact(text)["input_ids"] == plain(text)["input_ids"]
+    compact.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == plain(text)["input_ids"]
