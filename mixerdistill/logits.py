@@ -3,16 +3,17 @@
 A (4·256, 262,144) fp32 logits tensor (Gemma 3) is 1 GB, and a loss over it keeps several of its size
 (log-softmax of student and teacher, the gradient). Here the model runs up to its final norm once, and
 the LM head, the family's logit scaling and the loss run on a chunk of tokens at a time (256, fewer for
-vocabularies above 65,536); for the student's gradient each chunk is recomputed in the backward pass
-(activation checkpointing), so the peak holds a few (chunk, V) tensors of at most 64 MB whatever B·T is.
+vocabularies above 65,536); each chunk's gradient is computed with its loss and its logits freed, so the
+peak holds a few (chunk, V) tensors of at most 64 MB whatever B·T is.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 CHUNK_ELEMENTS = 1 << 24  # one (chunk, V) fp32 tensor: 64 MB
 MAX_CHUNK_TOKENS = 256
@@ -68,39 +69,78 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1 else logits / temperature
 
 
+class DistillationLoss(NamedTuple):
+    """``loss`` = kd_weight · kl + ce_weight · ce, with the student's gradient; ``kl`` (KL(teacher ‖ student)
+    per token × temperature²) and ``ce`` (next-token cross-entropy per predicted token) detached, for metrics."""
+
+    loss: torch.Tensor
+    kl: torch.Tensor
+    ce: torch.Tensor
+
+
 def chunked_distillation_loss(
     student: nn.Module,
     teacher: nn.Module,
     input_ids: torch.Tensor,
     temperature: float,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
     chunk_tokens: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids → (KL(teacher ‖ student) per token × temperature², next-token cross-entropy per predicted
-    token), both scalars with the student's gradient, the vocabulary handled ``chunk_tokens`` at a time
-    (default: ``chunk_tokens_for`` the vocabulary)."""
+) -> DistillationLoss:
+    """(B, T) ids → the distillation loss, the vocabulary handled ``chunk_tokens`` at a time (default:
+    ``chunk_tokens_for`` the vocabulary).
+
+    With gradients, each chunk's gradient (for the final hidden states and a trainable LM head) is computed
+    as soon as its loss is, and the chunk's logits are freed: the backward pass only hands the stored
+    gradients on. Recomputing each chunk in the backward (activation checkpointing) would need the same
+    memory and two more (chunk, V) matmuls per chunk, the teacher's and the student's LM head again."""
     targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # the last token predicts nothing
+    predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    kl_scale, ce_scale = temperature**2 / len(targets), 1 / predicted
     if _fully_sharded(student):
-        return _whole_logits_loss(student, teacher, input_ids, targets, temperature)
+        kl, ce = _whole_logits_loss(student, teacher, input_ids, targets, temperature)
+        kl, ce = kl * kl_scale, ce * ce_scale
+        return DistillationLoss(kd_weight * kl + ce_weight * ce, kl.detach(), ce.detach())
     with torch.no_grad():
         teacher_hidden = final_hidden(teacher, input_ids).flatten(0, 1)
     student_hidden = final_hidden(student, input_ids).flatten(0, 1)  # (B·T, D)
+    head = [p for p in student.get_output_embeddings().parameters() if p.requires_grad and torch.is_grad_enabled()]
+    differentiable = student_hidden.requires_grad or bool(head)
+    hidden_grad = torch.zeros_like(student_hidden) if differentiable else None
+    head_grads: list[torch.Tensor | None] = [None] * len(head)
     chunk_tokens = chunk_tokens or chunk_tokens_for(student.config.vocab_size)
-    kl = ce = student_hidden.new_zeros(())
+    kl = ce = 0.0
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        chunk_kl, chunk_ce = checkpoint(
-            chunk_kd,
-            student,
-            teacher,
-            student_hidden[piece],
-            teacher_hidden[piece],
-            targets[piece],
-            temperature,
-            use_reentrant=False,
-        )
-        kl, ce = kl + chunk_kl, ce + chunk_ce
-    predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    return kl * temperature**2 / len(targets), ce / predicted
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            hidden = student_hidden[piece].detach().requires_grad_(differentiable)
+            chunk_kl, chunk_ce = chunk_kd(student, teacher, hidden, teacher_hidden[piece], targets[piece], temperature)
+            if differentiable:
+                objective = kd_weight * kl_scale * chunk_kl + ce_weight * ce_scale * chunk_ce
+                grads = torch.autograd.grad(objective, [hidden, *head])
+                hidden_grad[piece] = grads[0]
+                head_grads = [g if total is None else total.add_(g) for total, g in zip(head_grads, grads[1:])]
+        kl, ce = kl + chunk_kl.detach(), ce + chunk_ce.detach()
+    kl, ce = kl * kl_scale, ce * ce_scale
+    value = kd_weight * kl + ce_weight * ce
+    if differentiable:
+        value = _WithGradients.apply(value, [hidden_grad, *head_grads], student_hidden, *head)
+    return DistillationLoss(value, kl, ce)
+
+
+class _WithGradients(torch.autograd.Function):
+    """A scalar whose gradients for ``inputs`` were computed with it: the backward hands them on, scaled by
+    the incoming gradient (autograd.Function: ``apply(value, gradients, *inputs)``)."""
+
+    @staticmethod
+    def forward(ctx, value, gradients, *inputs):
+        ctx.gradients = gradients
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gradients, ctx.gradients = ctx.gradients, None  # handed on once: no second copy of an LM head's gradient
+        return (None, None, *(g.mul_(grad_output) if g is not None else None for g in gradients))
 
 
 def _fully_sharded(model: nn.Module) -> bool:
@@ -114,8 +154,8 @@ def _fully_sharded(model: nn.Module) -> bool:
 def _whole_logits_loss(
     student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """chunked_distillation_loss for fully sharded models: both go through their own forward, (B·T, V)
-    logits at once (the memory the chunks save is spread over the ranks' shards instead)."""
+    """(Σ KL, Σ cross-entropy) as ``chunk_kd`` gives them, for fully sharded models: both go through their own
+    forward, (B·T, V) logits at once (the memory the chunks save is spread over the ranks' shards instead)."""
     with torch.no_grad():
         teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
     student_logits = student(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
@@ -123,9 +163,7 @@ def _whole_logits_loss(
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
     plain_log_probs = student_log_probs if temperature == 1 else F.log_softmax(student_logits.float(), dim=-1)
-    ce = F.nll_loss(plain_log_probs, targets, reduction="sum", ignore_index=-100)
-    predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    return kl * temperature**2 / len(targets), ce / predicted
+    return kl, F.nll_loss(plain_log_probs, targets, reduction="sum", ignore_index=-100)
 
 
 @torch.no_grad()

@@ -250,13 +250,18 @@ class KnowledgeDistillation(Stage):
         cross-entropy on the text; the vocabulary is handled a chunk of tokens at a time (mixerdistill.logits)."""
         context = self.context
         with block_recompute(context.student, self.config.recompute):
-            kl, ce = chunked_distillation_loss(context.student, context.teacher, input_ids, self.config.temperature)
-        metrics = {"kl": kl.detach()}
-        total = self.config.kd_weight * kl
+            loss = chunked_distillation_loss(
+                context.student,
+                context.teacher,
+                input_ids,
+                self.config.temperature,
+                kd_weight=self.config.kd_weight,
+                ce_weight=self.config.ce_weight,
+            )
+        metrics = {"kl": loss.kl}
         if self.config.ce_weight > 0:
-            metrics["ce"] = ce.detach()
-            total = total + self.config.ce_weight * ce
-        return total, metrics
+            metrics["ce"] = loss.ce
+        return loss.loss, metrics
 
 
 @contextmanager
