@@ -109,7 +109,7 @@ def chunked_distillation_loss(
     hidden_grad = torch.zeros_like(student_hidden) if differentiable else None
     head_grads: list[torch.Tensor | None] = [None] * len(head)
     chunk_tokens = chunk_tokens or chunk_tokens_for(student.config.vocab_size)
-    kl = ce = 0.0
+    kl = ce = student_hidden.new_zeros(())
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         with torch.enable_grad() if differentiable else torch.no_grad():
