@@ -58,6 +58,14 @@ def chunk_kd(
     student_logits = logits_from_hidden(student, student_hidden).float()
     with torch.no_grad():
         teacher_log_probs = F.log_softmax(_scaled(logits_from_hidden(teacher, teacher_hidden).float(), temperature), -1)
+    return _kd_sums(student_logits, teacher_log_probs, targets, temperature)
+
+
+def _kd_sums(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) fp32 student logits, the teacher's (n, V) log-probabilities at ``temperature`` and (n,) next
+    tokens → (Σ KL(teacher ‖ student) at ``temperature``, Σ cross-entropy of the student on ``targets``)."""
     student_log_probs = F.log_softmax(_scaled(student_logits, temperature), dim=-1)
     kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
     plain_log_probs = student_log_probs if temperature == 1 else F.log_softmax(student_logits, dim=-1)
@@ -104,7 +112,9 @@ def chunked_distillation_loss(
     with torch.no_grad():
         teacher_hidden = final_hidden(teacher, input_ids).flatten(0, 1)
     student_hidden = final_hidden(student, input_ids).flatten(0, 1)  # (B·T, D)
-    head = [p for p in student.get_output_embeddings().parameters() if p.requires_grad and torch.is_grad_enabled()]
+    head = (
+        [p for p in student.get_output_embeddings().parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    )
     differentiable = student_hidden.requires_grad or bool(head)
     hidden_grad = torch.zeros_like(student_hidden) if differentiable else None
     head_grads: list[torch.Tensor | None] = [None] * len(head)
@@ -157,13 +167,10 @@ def _whole_logits_loss(
     """(Σ KL, Σ cross-entropy) as ``chunk_kd`` gives them, for fully sharded models: both go through their own
     forward, (B·T, V) logits at once (the memory the chunks save is spread over the ranks' shards instead)."""
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
-    student_logits = student(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
-    plain_log_probs = student_log_probs if temperature == 1 else F.log_softmax(student_logits.float(), dim=-1)
-    return kl, F.nll_loss(plain_log_probs, targets, reduction="sum", ignore_index=-100)
+        teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits.flatten(0, 1).float()
+        teacher_log_probs = F.log_softmax(_scaled(teacher_logits, temperature), -1)
+    student_logits = student(input_ids=input_ids, use_cache=False).logits.flatten(0, 1).float()
+    return _kd_sums(student_logits, teacher_log_probs, targets, temperature)
 
 
 @torch.no_grad()
