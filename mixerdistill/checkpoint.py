@@ -179,7 +179,9 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     each one's ``.data``, never writing into the tensor it had: a student's untrained parts lie on the
     teacher's storage (mixerdistill.student); a tensor equal to the one it has is left as it is."""
     expected = model.state_dict()
-    missing = [name for name in expected if name not in state and not _is_tied(model, name)]
+    given = {_tensor_key(expected[name]) for name in state if name in expected}
+    # A tied tensor is written once, under one of its names (safetensors keeps lm_head.weight of a tied embedding).
+    missing = [name for name in expected if name not in state and _tensor_key(expected[name]) not in given]
     unexpected = [name for name in state if name not in expected]
     wrong = [name for name in state if name in expected and state[name].shape != expected[name].shape]
     if missing or unexpected or wrong:
@@ -192,9 +194,11 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             target.data = value.clone()  # load_file's tensors lie on a mapping of the file
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return name in tied
+def _tensor_key(tensor: torch.Tensor) -> tuple:
+    """What two names of one tied tensor have in common (storage, offset, shape); never equal for two tensors."""
+    if not tensor.numel():
+        return (id(tensor),)
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
 
 
 def load_student(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, StudentSpec]:
@@ -202,6 +206,7 @@ def load_student(directory: Path, device: str | torch.device = "cpu") -> tuple[n
     from transformers import AutoModelForCausalLM
 
     from mixerdistill.plugins import get_mixer
+    from mixerdistill.q8 import q8_structure
     from mixerdistill.student import build_student
     from mixerdistill.teacher import find_adapter
     from mixerdistill.teacher_sources import DTYPES, config_from_dict
@@ -216,6 +221,8 @@ def load_student(directory: Path, device: str | torch.device = "cpu") -> tuple[n
     config = config_from_dict(model_type, values)
     dtype = DTYPES[spec.teacher.get("dtype", "float32")]
     skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if spec.teacher.get("embedding_storage") == "q8_0":
+        q8_structure(skeleton)
     adapter = find_adapter(config, spec.adapter or None)
     mixer_cls = get_mixer(spec.mixer)
     student = build_student(

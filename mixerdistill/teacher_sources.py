@@ -52,7 +52,9 @@ def load_teacher(spec):
     elif spec.source == "gguf_package":
         from mixerdistill.gguf_teacher import load_gguf_package_teacher
 
-        model, tokenizer = load_gguf_package_teacher(spec.package, spec.file, dtype=dtype)
+        model, tokenizer = load_gguf_package_teacher(
+            spec.package, spec.file, dtype=dtype, q8_embedding=spec.embedding_storage == "q8_0"
+        )
     else:  # the schema admits no other source
         raise AssertionError(spec.source)
     model.eval().requires_grad_(False)

@@ -56,7 +56,13 @@ def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> dict[nn.Para
     previous = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    names = {p: name for name, p in model.named_parameters()}
     for p in parameters:
+        if not p.is_floating_point():
+            raise UserError(
+                f"{names.get(p, 'a parameter')} is stored as {p.dtype} codes and cannot be trained "
+                "(teacher.embedding_storage: q8_0 needs the stage to freeze embeddings)"
+            )
         p.requires_grad_(True)
     return previous
 

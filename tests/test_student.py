@@ -133,3 +133,28 @@ def test_loading_weights_leaves_the_teacher_and_shares_what_is_unchanged(tmp_pat
     with torch.no_grad():
         input_ids = torch.randint(3, 256, (1, 8))
         assert torch.equal(student(input_ids).logits, trained(input_ids).logits)
+
+
+def test_a_tied_students_checkpoint_loads_with_its_embedding(tmp_path):
+    """safetensors writes a tied embedding once, as lm_head.weight: loading finds model.embed_tokens.weight there
+    (and a checkpoint that lacks a tensor still fails)."""
+    from safetensors.torch import load_file, save_file
+
+    from mixerdistill.checkpoint import MODEL_FILE, assign_weights, load_weights, save_checkpoint
+    from mixerdistill.student import StudentSpec
+    from mixerdistill.testing import tiny_model
+
+    teacher = tiny_model("llama", tie_word_embeddings=True)
+    trained = build_student(teacher, LlamaAdapter(), AttentionMixer, AttentionMixer.Config(), keep_attention=[])
+    trained.get_input_embeddings().weight.data = trained.get_input_embeddings().weight.data + 0.5
+    save_checkpoint(trained, StudentSpec(mixer="attention", mixer_config={}), tmp_path / "checkpoint")
+    assert "model.embed_tokens.weight" not in load_file(tmp_path / "checkpoint" / MODEL_FILE)
+    student = build_student(teacher, LlamaAdapter(), AttentionMixer, AttentionMixer.Config(), keep_attention=[])
+    load_weights(student, tmp_path / "checkpoint")
+    assert torch.equal(student.get_input_embeddings().weight, trained.get_input_embeddings().weight)
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    state = load_file(tmp_path / "checkpoint" / MODEL_FILE)
+    del state["lm_head.weight"]
+    save_file(state, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['model.embed_tokens.weight', 'lm_head.weight'\]"):
+        assign_weights(student, load_file(tmp_path / "partial.safetensors"))

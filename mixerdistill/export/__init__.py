@@ -108,6 +108,7 @@ def export_student(
     from mixerdistill.harness import find_checkpoint, load_tokenizer
     from mixerdistill.mixer_layer import MixerLayer
     from mixerdistill.plugins import get_mixer
+    from mixerdistill.q8 import float_embedding
     from mixerdistill.run_directory import RECIPE_FILE
 
     if dtype not in DTYPES:
@@ -117,6 +118,7 @@ def export_student(
     checkpoint = find_checkpoint(run, stage)
     run_dir = checkpoint.parent if (checkpoint.parent / RECIPE_FILE).is_file() else None
     student, spec = load_student(checkpoint)
+    float_embedding(student)  # a Q8 embedding becomes the family's own again
     student.to(DTYPES[dtype])
     mixer_cls = get_mixer(spec.mixer)
     validated = mixer_cls.Config.model_validate(spec.mixer_config)
