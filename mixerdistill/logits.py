@@ -4,7 +4,8 @@ A (4·256, 262,144) fp32 logits tensor (Gemma 3) is 1 GB, and a loss over it kee
 (log-softmax of student and teacher, the gradient). Here the model runs up to its final norm once, and
 the LM head, the family's logit scaling and the loss run on a chunk of tokens at a time (256, fewer for
 vocabularies above 65,536); each chunk's gradient is computed with its loss and its logits freed, so the
-peak holds a few (chunk, V) tensors of at most 64 MB whatever B·T is.
+peak holds a few (chunk, V) tensors of at most 64 MB whatever B·T is (scoring without gradients: two of at
+most 256 MB).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 CHUNK_ELEMENTS = 1 << 24  # one (chunk, V) fp32 tensor: 64 MB
+# Scoring without gradients holds two such tensors (logits, log-softmax) instead of several: chunks 4× larger,
+# which read the LM head a quarter as often (Gemma 3's 8-bit head: an evaluation 1.3× faster).
+EVAL_CHUNK_ELEMENTS = 1 << 26
 MAX_CHUNK_TOKENS = 256
 
 
-def chunk_tokens_for(vocab_size: int) -> int:
-    """Tokens per chunk: 256, or fewer where (256, V) would exceed 2²⁴ elements (Gemma 3's 262,144: 64)."""
-    return max(1, min(MAX_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_size))
+def chunk_tokens_for(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Tokens per chunk: 256, or fewer where (256, V) would exceed ``elements`` (Gemma 3's 262,144: 64 when
+    training, 256 when scoring)."""
+    return max(1, min(MAX_CHUNK_TOKENS, elements // vocab_size))
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -181,7 +186,7 @@ def next_token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int 
         logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].flatten(0, 1).float()
         return F.cross_entropy(logits, targets, reduction="sum").item()
     hidden = final_hidden(model, input_ids)[:, :-1].flatten(0, 1)
-    chunk_tokens = chunk_tokens or chunk_tokens_for(model.config.vocab_size)
+    chunk_tokens = chunk_tokens or chunk_tokens_for(model.config.vocab_size, EVAL_CHUNK_ELEMENTS)
     total = 0.0
     for start in range(0, len(targets), chunk_tokens):
         logits = logits_from_hidden(model, hidden[start : start + chunk_tokens]).float()

@@ -151,10 +151,18 @@ def keep_q8_embedding(model: nn.Module, safetensors_file, tensor_name: str) -> N
             if exact is None:
                 raise UserError(
                     f"teacher.embedding_storage: q8_0: the embedding's rows {start}…{start + ROWS - 1} are not "
-                    "8-bit blocks (int8 × one scale per 32 values) exactly; keep embedding_storage: float32"
+                    "8-bit blocks (int8 × one scale per 32 values) exactly; keep embedding_storage: float"
                 )
             codes[start : start + ROWS], scales[start : start + ROWS] = exact
-    _install(model, codes, scales)
+    probe = torch.tensor([0, rows // 2, rows - 1])
+    with torch.no_grad():
+        expected = embedding(probe)  # three rows of the mapped file
+        _install(model, codes, scales)
+        if not torch.equal(model.get_input_embeddings()(probe), expected):
+            raise UserError(
+                f"teacher.embedding_storage: q8_0: {type(embedding).__name__} computes more than a (scaled) "
+                "lookup; keep embedding_storage: float"
+            )
 
 
 def q8_structure(model: nn.Module) -> None:

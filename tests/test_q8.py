@@ -121,7 +121,7 @@ def test_checkpoint_reloads_as_q8_and_export_gets_the_float_embedding_back(gemma
     assert torch.equal(exported, reference.get_input_embeddings().weight)
 
 
-def test_q8_embedding_refuses_to_train_and_non_q8_weights(gemma3, tmp_path):
+def test_q8_embedding_refuses_to_train_and_what_it_cannot_reproduce(gemma3, tmp_path):
     model, _ = gemma3
     with pytest.raises(UserError, match=r"model\.embed_tokens\.codes is stored as torch\.int8"):
         train_only(model, list(model.parameters()))
@@ -130,6 +130,13 @@ def test_q8_embedding_refuses_to_train_and_non_q8_weights(gemma3, tmp_path):
     save_file({EMBEDDING: other.get_input_embeddings().weight.data.clone()}, file)
     with pytest.raises(UserError, match="not 8-bit blocks"):
         q8.keep_q8_embedding(other, file, EMBEDDING)
+    shifted = tiny_model("gemma3_text")
+    shifted.get_input_embeddings().weight.data.copy_(q8_values(256, 64))
+    save_file({EMBEDDING: shifted.get_input_embeddings().weight.data.clone()}, file)
+    lookup = shifted.get_input_embeddings().forward
+    shifted.get_input_embeddings().forward = lambda ids: lookup(ids) + 1.0  # a family whose embedding adds more
+    with pytest.raises(UserError, match="computes more than a"):
+        q8.keep_q8_embedding(shifted, file, EMBEDDING)
     untied = tiny_model("llama", tie_word_embeddings=False)
     with pytest.raises(UserError, match="tied"):
         q8.keep_q8_embedding(untied, file, EMBEDDING)
