@@ -129,6 +129,9 @@ def _install(model: nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> Non
     q8_embedding = Q8Embedding(codes, scales, embedding)
     model.set_input_embeddings(q8_embedding)
     model.set_output_embeddings(Q8LMHead(q8_embedding, head))
+    # The head has no weight to tie any more: transformers' tie_weights (which lm-eval calls) must find no pair.
+    model._tied_weights_keys = {}
+    model.all_tied_weights_keys = {}
 
 
 def keep_q8_embedding(model: nn.Module, safetensors_file, tensor_name: str) -> None:
@@ -183,3 +186,5 @@ def float_embedding(model: nn.Module) -> None:
     head.float_module.weight = q8.float_module.weight
     model.set_input_embeddings(q8.float_module)
     model.set_output_embeddings(head.float_module)
+    del model._tied_weights_keys  # the class's pairs again
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)

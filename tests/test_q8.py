@@ -61,6 +61,8 @@ def test_q8_model_computes_the_float_models_logits_and_gradients(gemma3, monkeyp
     monkeypatch.setattr(q8, "ROWS", 100)  # the head in three slices of rows: 100, 100, 56
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
+    model.tie_weights()  # as lm-eval's HFLM does: nothing to tie, nothing changes
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
     hidden = torch.randn(2, 5, 64, requires_grad=True)
     grad = torch.randn(2, 5, 256)
     (model.get_output_embeddings()(hidden) * grad).sum().backward()
@@ -115,6 +117,8 @@ def test_checkpoint_reloads_as_q8_and_export_gets_the_float_embedding_back(gemma
         assert type(embedding) is type(reference.get_input_embeddings())
         assert torch.equal(embedding.weight, reference.get_input_embeddings().weight)
         assert loaded.get_output_embeddings().weight is embedding.weight
+        loaded.tie_weights()
+        assert loaded.get_output_embeddings().weight is embedding.weight
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
     loaded.save_pretrained(tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").get_input_embeddings().weight
@@ -161,3 +165,18 @@ def test_recipe_with_a_q8_embedding_must_freeze_it_and_not_shard_it():
     message = str(error.value)
     assert "stages.1.freeze: add 'embeddings'" in message and "distributed.strategy: fsdp" in message
     assert "stages.0" not in message
+
+
+def test_lm_eval_wraps_a_q8_model_and_scores_it_as_the_float_one(gemma3):
+    from mixerdistill.data import ByteTokenizer
+    from mixerdistill.harness import MixerdistillLM
+
+    model, reference = gemma3
+    requests = [("It is a truth", " universally acknowledged")]
+    scores = [
+        MixerdistillLM(m, tokenizer=ByteTokenizer(), device="cpu").loglikelihood(
+            [type("Request", (), {"args": r})() for r in requests], disable_tqdm=True
+        )
+        for m in (model, reference)
+    ]
+    assert scores[0][0][0] == pytest.approx(scores[1][0][0], abs=1e-4)
