@@ -25,8 +25,7 @@ ROWS = 1024  # rows dequantised at a time: 1024 × 640 float32 is 2.6 MB, which 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(…, D) int8 codes and (…, D / BLOCK) float32 scales → (…, D) float32 values."""
-    blocks = codes.float().unflatten(-1, (-1, BLOCK))
-    return (blocks * scales.unsqueeze(-1)).flatten(-2)
+    return _dequantize_into(torch.empty(codes.shape), codes, scales)
 
 
 def quantize_exactly(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -65,7 +64,8 @@ class Q8Embedding(nn.Module):
 
 
 def _dequantize_into(buffer: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``dequantize(codes, scales)`` written into the first rows of ``buffer`` (no allocation); those rows."""
+    """code × scale of (n, …, D) ``codes`` and (n, …, D / BLOCK) ``scales``, written into the first n rows of
+    ``buffer`` (no allocation); those rows. The one place the Q8_0 formula is written."""
     weight = buffer[: len(codes)]
     weight.copy_(codes)
     weight.unflatten(-1, (-1, BLOCK)).mul_(scales.unsqueeze(-1))
